@@ -1,0 +1,13 @@
+"""Errors of the hybrid strategy, each naming what went wrong and what to do."""
+
+
+class HybridSGDError(RuntimeError):
+    """Base class: a hybrid parameter-server run cannot go on."""
+
+
+class PeerLostError(HybridSGDError):
+    """A worker or the parameter server stopped answering or its connection closed."""
+
+
+class ProtocolError(HybridSGDError):
+    """A message broke the parameter-server protocol (wrong kind, size, dtype or version)."""

@@ -1,0 +1,284 @@
+"""The parameter server: master parameters, the optimizer, and K-threshold aggregation.
+
+Pure torch and thread-safe, so it can be driven in one process (tests) or by the transport's
+receiver threads. Semantics (``shared/DESIGN.md`` section 1):
+
+* pushed gradients collect in a pending set P; once ``|P| >= K`` one optimizer step applies
+  their mean, the version rises by one, and every worker in P is answered;
+* the staleness of a gradient is ``version - worker_version`` at the moment it is applied;
+* a *drain* is a barrier: a draining worker pushes nothing until every active worker drains;
+  then pending gradients are applied (even fewer than K) and all receive the latest parameters;
+* a worker that *leaves* no longer counts: K is capped at the number of active workers;
+* gradients holding NaN or Inf are rejected and counted; the master weights are untouched.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_hybrid.errors import ProtocolError
+from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.staleness import StalenessStats
+
+
+@dataclass(frozen=True)
+class GradientClipping:
+    """Clipping of the aggregated gradient, as DDP clips the averaged one: by ``"norm"`` or ``"value"``."""
+
+    value: float
+    algorithm: str = "norm"
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient clipping algorithm must be 'norm' or 'value', got {self.algorithm!r}")
+        if not self.value > 0:
+            raise ValueError(f"gradient clipping value must be positive, got {self.value}")
+
+    def apply(self, params: Sequence[Tensor]) -> None:
+        if self.algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, self.value)
+        else:
+            torch.nn.utils.clip_grad_value_(params, self.value)
+
+
+@dataclass(frozen=True)
+class Release:
+    """Workers to answer now, and the master parameters they receive."""
+
+    workers: tuple[int, ...]
+    version: int
+    params: list[Tensor]
+    drained: bool = False
+    rejected: tuple[int, ...] = ()
+    staleness: dict[int, int] = field(default_factory=dict)
+
+
+def clone_optimizer(optimizer: Optimizer, params: Sequence[Tensor]) -> Optimizer:
+    """A new optimizer of the same class and hyperparameters over ``params``, grouped as ``optimizer``'s are.
+
+    ``params`` are matched to ``optimizer``'s parameters in group order.
+    """
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        count = len(group["params"])
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(params[start : start + count])})
+        start += count
+    if start != len(params):
+        raise ValueError(f"the optimizer holds {start} parameters but {len(params)} were given")
+    try:
+        return type(optimizer)(groups, **optimizer.defaults)
+    except TypeError as err:
+        raise TypeError(
+            f"cannot build a server-side copy of {type(optimizer).__name__} from its `defaults` ({err}); "
+            "hybrid_sgd needs an optimizer whose constructor takes its own `defaults` as keyword arguments, "
+            "as every torch.optim optimizer does"
+        ) from err
+
+
+class ParameterServer:
+    """Holds the master parameters and applies one optimizer step per K pushed gradients."""
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        make_optimizer: Callable[[list[Tensor]], Optimizer],
+        num_workers: int,
+        threshold: int,
+        *,
+        gradient_clipping: Optional[GradientClipping] = None,
+        hyperparameters: Optional[Callable[[], Sequence[Mapping[str, Any]]]] = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """``hyperparameters`` returns param groups whose values (e.g. a scheduled ``lr``) the server copies
+        into its own optimizer before every step."""
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+        device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+        self.layout = FlatLayout.of(params)
+        self.num_workers = num_workers
+        self._master = self.layout.allocate(device)
+        self._grad = self.layout.allocate(device)
+        with torch.no_grad():
+            self.layout.pack([p.detach() for p in params], self._master)
+        self.parameters = [torch.nn.Parameter(v) for v in self.layout.views(self._master)]
+        for param, grad in zip(self.parameters, self.layout.views(self._grad)):
+            param.grad = grad
+        self.optimizer = make_optimizer(self.parameters)
+        self._gradient_clipping = gradient_clipping
+        self._hyperparameters = hyperparameters
+        self._lock = threading.RLock()
+        self._threshold = self._checked_threshold(threshold)
+        self._version = 0
+        self._pending: dict[int, int] = {}
+        self._draining: set[int] = set()
+        self._active: set[int] = set(range(num_workers))
+        self.stats = StalenessStats()
+        self.rejected: Counter = Counter()
+        self.update_sizes: Counter = Counter()
+        self.stop_flags = 0
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def device(self) -> torch.device:
+        return self._master[0].device if self._master else torch.device("cpu")
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def threshold(self) -> int:
+        return self._threshold
+
+    @property
+    def active_workers(self) -> frozenset[int]:
+        return frozenset(self._active)
+
+    @property
+    def pending_workers(self) -> frozenset[int]:
+        return frozenset(self._pending)
+
+    # ------------------------------------------------------------------ events
+    def push(self, worker: int, gradient: Sequence[Tensor], version: int, *, drain: bool = False) -> list[Release]:
+        """A worker's gradient, computed on parameters at ``version``; with ``drain`` it also starts draining."""
+        with self._lock:
+            self._check_waitable(worker)
+            self._check_gradient(worker, gradient)
+            if not 0 <= version <= self._version:
+                raise ProtocolError(
+                    f"worker {worker} pushed a gradient for version {version}, but the server is at version "
+                    f"{self._version}: versions lie in [0, current]"
+                )
+            if drain:
+                self._draining.add(worker)
+            if not all(bool(torch.isfinite(g).all()) for g in gradient):
+                self.rejected[worker] += 1
+                if drain:
+                    return self._settle()
+                return [self._release((worker,), rejected=(worker,))] + self._settle()
+            for total, g in zip(self._grad, gradient):
+                total.add_(g.to(total.device))
+            self._pending[worker] = version
+            return self._settle()
+
+    def drain(self, worker: int) -> list[Release]:
+        """The worker pushes nothing more until every active worker has drained."""
+        with self._lock:
+            self._check_waitable(worker)
+            self._draining.add(worker)
+            return self._settle()
+
+    def leave(self, worker: int) -> list[Release]:
+        """The worker is done (or gone): it is no longer waited for. A pending gradient of it is still applied."""
+        with self._lock:
+            self._check_worker(worker)
+            self._active.discard(worker)
+            self._draining.discard(worker)
+            return self._settle()
+
+    def set_threshold(self, threshold: int) -> list[Release]:
+        """Change K; it takes effect now: lowering it below ``|P|`` applies the pending update at once."""
+        with self._lock:
+            self._threshold = self._checked_threshold(threshold)
+            return self._settle()
+
+    def request_stop(self, flags: int) -> None:
+        """Remember stop signals (e.g. SIGTERM, time up) so that every answer carries them to all workers."""
+        with self._lock:
+            self.stop_flags |= flags
+
+    # ------------------------------------------------------------------ state
+    def progress_state(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "version": self._version,
+                "threshold": self._threshold,
+                "staleness": self.stats.state_dict(),
+                "rejected": dict(self.rejected),
+                "update_sizes": dict(self.update_sizes),
+            }
+
+    def load_progress_state(self, state: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._version = int(state["version"])
+            self._threshold = self._checked_threshold(int(state["threshold"]))
+            self.stats.load_state_dict(state["staleness"])
+            self.rejected = Counter({int(k): v for k, v in state["rejected"].items()})
+            self.update_sizes = Counter({int(k): v for k, v in state["update_sizes"].items()})
+
+    def load_parameters(self, params: Sequence[Tensor]) -> None:
+        with self._lock, torch.no_grad():
+            self.layout.pack([p.detach() for p in params], self._master)
+
+    # ------------------------------------------------------------------ internals
+    def _checked_threshold(self, threshold: int) -> int:
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= self.num_workers:
+            raise ValueError(
+                f"threshold K={threshold!r} must be an int in [1, {self.num_workers}] for {self.num_workers} workers"
+            )
+        return threshold
+
+    def _check_worker(self, worker: int) -> None:
+        if not 0 <= worker < self.num_workers:
+            raise ProtocolError(f"unknown worker {worker}: workers are 0..{self.num_workers - 1}")
+
+    def _check_waitable(self, worker: int) -> None:
+        self._check_worker(worker)
+        if worker not in self._active:
+            raise ProtocolError(f"worker {worker} has left and cannot push or drain any more")
+        if worker in self._pending or worker in self._draining:
+            raise ProtocolError(f"worker {worker} sent a message while it still waits for its answer")
+
+    def _check_gradient(self, worker: int, gradient: Sequence[Tensor]) -> None:
+        shapes = [(g.dtype, g.numel()) for g in gradient]
+        expected = list(zip(self.layout.dtypes, self.layout.sizes))
+        if shapes != expected or any(g.dim() != 1 for g in gradient):
+            raise ProtocolError(
+                f"worker {worker} pushed gradient buffers {shapes}, expected flat buffers {expected}: "
+                "every rank must build the same model (same parameter shapes and dtypes, same order)"
+            )
+
+    def _settle(self) -> list[Release]:
+        releases = []
+        if self._pending:
+            quorum = min(self._threshold, max(len(self._active), 1))
+            everyone_waits = self._active <= (set(self._pending) | self._draining)
+            if len(self._pending) >= quorum or everyone_waits:
+                releases.append(self._apply())
+        if self._draining and self._active <= self._draining:
+            releases.append(self._release(tuple(sorted(self._draining)), drained=True))
+            self._draining.clear()
+        return [r for r in releases if r.workers]
+
+    def _apply(self) -> Release:
+        count = len(self._pending)
+        for total in self._grad:
+            total.div_(count)
+        if self._hyperparameters is not None:
+            for mine, theirs in zip(self.optimizer.param_groups, self._hyperparameters()):
+                mine.update({k: v for k, v in theirs.items() if k != "params"})
+        if self._gradient_clipping is not None:
+            self._gradient_clipping.apply(self.parameters)
+        self.optimizer.step()
+        for total in self._grad:
+            total.zero_()
+        staleness = {worker: self._version - version for worker, version in self._pending.items()}
+        for worker, value in staleness.items():
+            self.stats.record(worker, value)
+        self.update_sizes[count] += 1
+        self._version += 1
+        answered = tuple(w for w in sorted(self._pending) if w not in self._draining and w in self._active)
+        self._pending.clear()
+        return self._release(answered, staleness=staleness)
+
+    def _release(self, workers: tuple[int, ...], **kwargs: Any) -> Release:
+        params = [b.clone() for b in self._master] if workers else []
+        return Release(workers=workers, version=self._version, params=params, **kwargs)

@@ -1,0 +1,547 @@
+"""``HybridSGDStrategy``: Lightning glue for hybrid synchronous/asynchronous parameter-server SGD.
+
+Processes are launched and the default process group is set up exactly as Lightning's DDP does
+(so ``torchrun``, SLURM and ``num_nodes > 1`` work, the DistributedSampler is injected and
+``barrier``/``broadcast``/metric syncs keep working). What changes is the optimizer step: each
+worker runs the closure (forward, backward, accumulation, precision) as Lightning does, pushes its
+gradient to the parameter server on global rank 0, waits for the answer and loads the new
+parameters. Workers never step the optimizer themselves.
+
+Rules a user can rely on:
+
+* The server applies a copy of the optimizer ``configure_optimizers`` returns, with the
+  hyperparameters (e.g. a scheduled ``lr``) of rank 0's optimizer at the moment of each update.
+* Gradient clipping (``Trainer(gradient_clip_val=...)``) applies on the server to the averaged
+  gradient, as DDP clips the averaged one.
+* Buffers (BatchNorm statistics) stay local while training; at every drain (validation, checkpoint,
+  end of every epoch and of fit) every rank takes rank 0's, as DDP's ``broadcast_buffers`` does.
+* Drains keep every rank on the same, latest model for validation, checkpoints and the end of fit.
+* Per-step collectives that would chain workers together are replaced: SIGTERM and the ``max_time``
+  budget travel in the server's answers, and ``self.log(..., sync_dist=True)`` inside
+  ``training_step`` is not synchronised across ranks (epoch-level values still are).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import Counter
+from datetime import timedelta
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning_fabric.strategies import _StrategyRegistry
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from lightning_fabric.utilities.types import _PATH, ReduceOp
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.overrides.distributed import _sync_module_states
+from pytorch_lightning.plugins.precision import Precision
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.model_helpers import is_overridden
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+from lightning_hybrid.errors import HybridSGDError
+from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.server import GradientClipping, ParameterServer, clone_optimizer
+from lightning_hybrid.staleness import StalenessStats
+from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec, resolve_threshold
+from lightning_hybrid.transport import (
+    SERVER_RANK,
+    STOP_FLAGS,
+    AbortCode,
+    Flag,
+    RemoteServerLink,
+    Reply,
+    ServerEndpoint,
+    ServerLink,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "hybrid_sgd"
+
+
+class _PushingOptimizer:
+    """Stands in for the user's optimizer in Lightning's precision plugin: ``step`` runs the closure,
+    then pushes the gradient instead of stepping. Everything else is the user's optimizer."""
+
+    def __init__(self, optimizer: Optimizer, push: Callable[[Any], None]) -> None:
+        self._optimizer = optimizer
+        self._push = push
+
+    def step(self, closure: Callable[[], Any], **_: Any) -> Any:
+        loss = closure()
+        self._push(loss)
+        return loss
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)
+
+
+class HybridSGDStrategy(DDPStrategy):
+    """Hybrid parameter-server SGD: an update per ``threshold`` (K) gradients, from async (K=1) to sync (K=N).
+
+    Args:
+        threshold: K, how many gradients the server waits for before one update: an int in ``[1, N]``,
+            ``"sync"`` (N), ``"async"`` (1) or a percentage of the N workers such as ``"50%"``
+            (``ceil(p/100 * N)``). Can be changed while training runs through :attr:`threshold`.
+        peer_timeout: seconds a worker waits for the server's answer before it fails with a clear error
+            (a hung or lost peer). Raise it when stragglers are legitimately slower.
+        timeout: timeout of the process groups (Lightning's default group and the server's channels).
+        start_method: ``"popen"`` (default: a script launched per process, like DDP; works with torchrun
+            and SLURM) or ``"spawn"``/``"fork"``/``"forkserver"``.
+    """
+
+    strategy_name = "hybrid_sgd"
+
+    def __init__(
+        self,
+        threshold: ThresholdSpec = "50%",
+        peer_timeout: float = 600.0,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        check_threshold_spec(threshold)
+        if not peer_timeout > 0:
+            raise ValueError(f"peer_timeout must be a positive number of seconds, got {peer_timeout!r}")
+        self._threshold_spec = threshold
+        self._peer_timeout = float(peer_timeout)
+        self._channels: Optional[dict[int, dist.ProcessGroup]] = None
+        self._reset_session()
+
+    def _reset_session(self) -> None:
+        self._endpoint: Optional[ServerEndpoint] = None
+        self._link: Optional[ServerLink] = None
+        self._params: list[Tensor] = []
+        self._buffers: list[Tensor] = []
+        self._layout: Optional[FlatLayout] = None
+        self._buffer_layout: Optional[FlatLayout] = None
+        self._gradient: list[Tensor] = []
+        self._version = 0
+        self._threshold: Optional[int] = None
+        self._threshold_request = 0
+        self._stop_flags = Flag.NONE
+        self._in_training_step = False
+        self._restore: list[Callable[[], None]] = []
+        self.worker_staleness = StalenessStats()
+        self.steps = 0
+        self.wait_seconds = 0.0
+        self.rejected_gradients = 0
+        self._update_sizes: Counter = Counter()
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def threshold(self) -> int:
+        """K, the gradients per update. Setting it on any rank takes effect at the server's next event."""
+        if self._endpoint is not None:
+            return self._endpoint.server.threshold
+        if self._threshold is not None:
+            return self._threshold
+        return resolve_threshold(self._threshold_spec, self.world_size)
+
+    @threshold.setter
+    def threshold(self, value: ThresholdSpec) -> None:
+        k = resolve_threshold(value, self.world_size)
+        self._threshold = k
+        if self._endpoint is not None:
+            self._endpoint.apply_requests(Flag.NONE, k)
+        elif self._link is not None:
+            self._threshold_request = k
+        else:
+            self._threshold_spec = k
+
+    @property
+    def version(self) -> int:
+        """Updates applied by the server: exact on the server's rank, as of the last answer elsewhere."""
+        return self._endpoint.server.version if self._endpoint is not None else self._version
+
+    @property
+    def staleness(self) -> StalenessStats:
+        """Staleness of applied gradients: all workers' on the server's rank (0), this worker's own elsewhere."""
+        return self._endpoint.server.stats if self._endpoint is not None else self.worker_staleness
+
+    @property
+    def update_sizes(self) -> Counter:
+        """How many updates held each number of gradients (global rank 0 only; empty elsewhere)."""
+        return self._endpoint.server.update_sizes if self._endpoint is not None else self._update_sizes
+
+    @property
+    def server(self) -> Optional[ParameterServer]:
+        """The parameter server while ``fit`` runs, on global rank 0 only."""
+        return self._endpoint.server if self._endpoint is not None else None
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self._channels is None:
+            # new_group is collective: every rank creates every channel, in the same order.
+            self._channels = {}
+            for worker in range(1, self.world_size):
+                group = dist.new_group([SERVER_RANK, worker], backend="gloo", timeout=self._timeout)
+                if self.global_rank in (SERVER_RANK, worker):
+                    self._channels[worker] = group
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self._check_trainer(trainer)
+        super().setup(trainer)
+        if fitting:
+            self._start_session(trainer)
+
+    @override
+    def configure_ddp(self) -> None:
+        """No DDP wrapper: check that every rank built the same model, then start from rank 0's weights."""
+        self._check_same_model_everywhere()
+        _sync_module_states(self.model)
+
+    def _check_trainer(self, trainer: "pl.Trainer") -> None:
+        module = trainer.lightning_module
+        fix = "use strategy='ddp' for it"
+        if not module.automatic_optimization:
+            raise MisconfigurationException(
+                "hybrid_sgd applies every update on the parameter server and supports automatic optimization only: "
+                f"remove `self.automatic_optimization = False`, or {fix}."
+            )
+        if is_overridden("configure_gradient_clipping", module):
+            raise MisconfigurationException(
+                "hybrid_sgd clips the aggregated gradient on the parameter server, so a custom "
+                "`configure_gradient_clipping` cannot run: remove it and set `Trainer(gradient_clip_val=..., "
+                f"gradient_clip_algorithm=...)`, or {fix}."
+            )
+        if self._layer_sync is not None:
+            raise MisconfigurationException(
+                "SyncBatchNorm synchronises every forward pass and would chain asynchronous workers together: "
+                "remove `Trainer(sync_batchnorm=True)` (hybrid_sgd shares rank 0's BatchNorm statistics at every drain)."
+            )
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise MisconfigurationException(
+                "precision='16-mixed' uses a GradScaler that steps the local optimizer, which hybrid_sgd never does: "
+                "use precision='bf16-mixed' or '32-true'."
+            )
+
+    def _check_same_model_everywhere(self) -> None:
+        params = list(self.model.parameters())
+        signature = repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode()
+        mine = torch.tensor([len(params), sum(p.numel() for p in params), zlib.crc32(signature)], device=self.root_device)
+        everyone = self.all_gather(mine).reshape(self.world_size, 3).cpu()
+        for rank, theirs in enumerate(everyone.tolist()):
+            if theirs != everyone[0].tolist():
+                raise MisconfigurationException(
+                    f"rank {rank} built a model with {theirs[0]} parameter tensors ({theirs[1]} elements) but rank 0 "
+                    f"built {int(everyone[0, 0])} ({int(everyone[0, 1])} elements), or their shapes or dtypes differ: "
+                    "build the same model on every rank (no rank-dependent layers; call seed_everything first)."
+                )
+
+    def _start_session(self, trainer: "pl.Trainer") -> None:
+        if len(self.optimizers) != 1:
+            raise MisconfigurationException(
+                f"hybrid_sgd serves exactly one optimizer, but configure_optimizers returned {len(self.optimizers)}: "
+                "return a single optimizer (use parameter groups for different settings)."
+            )
+        optimizer = self.optimizers[0]
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not self._params:
+            raise MisconfigurationException("the optimizer holds no parameters: nothing for hybrid_sgd to train.")
+        self._buffers = list(self.lightning_module.buffers())
+        self._layout = FlatLayout.of(self._params)
+        self._buffer_layout = FlatLayout.of(self._buffers)
+        self._gradient = self._layout.allocate(self.root_device)
+        self._threshold = resolve_threshold(self._threshold_spec, self.world_size)
+        if self.global_rank == SERVER_RANK:
+            server = ParameterServer(
+                self._params,
+                lambda master: clone_optimizer(optimizer, master),
+                num_workers=self.world_size,
+                threshold=self._threshold,
+                gradient_clipping=self._take_gradient_clipping(trainer),
+                hyperparameters=lambda: optimizer.param_groups,
+                device=self.root_device,
+            )
+            self._endpoint = ServerEndpoint(
+                server,
+                self._channels or {},
+                self._buffer_layout,
+                read_buffers=lambda out: self._buffer_layout.pack(self._buffers, out),
+                peer_timeout=self._peer_timeout,
+            )
+            self._endpoint.start()
+            self._link = self._endpoint.link(SERVER_RANK)
+        else:
+            self._take_gradient_clipping(trainer)
+            assert self._channels is not None
+            self._link = RemoteServerLink(
+                self.global_rank,
+                self._channels[self.global_rank],
+                self._layout,
+                self._buffer_layout,
+                self._peer_timeout,
+                pin_memory=self.root_device.type == "cuda",
+            )
+        self._replace_lockstep_checks(trainer)
+
+    def _take_gradient_clipping(self, trainer: "pl.Trainer") -> Optional[GradientClipping]:
+        """Move clipping from the workers' local gradients to the server's aggregated one."""
+        value, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+        if not value:
+            return None
+        trainer.gradient_clip_val = None
+
+        def restore() -> None:
+            trainer.gradient_clip_val = value
+
+        self._restore.append(restore)
+        return GradientClipping(float(value), str(algorithm or "norm"))
+
+    def _replace_lockstep_checks(self, trainer: "pl.Trainer") -> None:
+        """Lightning broadcasts rank 0's SIGTERM flag (and a step-interval Timer its verdict) on every step;
+        here those signals ride on the server's answers instead, so no rank waits for another."""
+        epoch_loop = trainer.fit_loop.epoch_loop
+        epoch_loop._broadcast_sigterm_tensor = self._raise_on_stop_signal
+        self._restore.append(lambda: vars(epoch_loop).pop("_broadcast_sigterm_tensor", None))
+        for callback in trainer.callbacks:
+            if isinstance(callback, Timer) and callback._interval == "step":
+                timer = callback
+                timer._check_time_remaining = lambda _trainer, timer=timer: self._check_time_budget(timer)
+                self._restore.append(lambda timer=timer: vars(timer).pop("_check_time_remaining", None))
+
+    def _raise_on_stop_signal(self) -> None:
+        if self._stop_flags & Flag.SIGTERM:
+            raise SIGTERMException()
+
+    def _check_time_budget(self, timer: Timer) -> None:
+        if timer._duration is not None and timer.time_elapsed() >= timer._duration:
+            self._stop_flags |= Flag.TIME_UP
+
+    # ------------------------------------------------------------------ the step
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._in_training_step = True
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self._in_training_step = False
+
+    @override
+    def reduce(
+        self, tensor: Tensor, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
+    ) -> Tensor:
+        if self._in_training_step and self._link is not None:
+            rank_zero_warn(
+                "hybrid_sgd: `sync_dist=True` inside training_step would make every worker wait for the others on "
+                "every step; the per-step value is logged unsynchronised (epoch-level values are still synced).",
+                category=UserWarning,
+            )
+            return tensor
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        if self._link is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        pushing = _PushingOptimizer(optimizer, self._exchange)
+        return self.precision_plugin.optimizer_step(pushing, model=model or self.lightning_module, closure=closure, **kwargs)
+
+    def _exchange(self, loss: Any) -> None:
+        """Push this worker's gradient, wait for the server's answer and load the new parameters."""
+        assert self._link is not None and self._layout is not None
+        flags = self._outgoing_flags()
+        final = self._is_final_step_of_epoch()
+        if final:
+            flags |= Flag.DRAIN
+        started = time.perf_counter()
+        if loss is None:  # training_step returned None: Lightning skips the step, so no gradient
+            reply = self._link.drain(flags & ~Flag.DRAIN, self._take_threshold_request()) if final else None
+        else:
+            self._layout.pack([p.grad for p in self._params], self._gradient)
+            reply = self._link.push(self._gradient, self._version, flags, self._take_threshold_request())
+        if reply is not None:
+            self._absorb(reply)
+            if reply.flags & STOP_FLAGS and not final:
+                self._absorb(self._link.drain())
+        self.wait_seconds += time.perf_counter() - started
+        self.steps += 1
+
+    def _is_final_step_of_epoch(self) -> bool:
+        """True when no step of this rank follows in this epoch: then the push also drains, so that no
+        gradient stays pending while ranks enter epoch-end collectives."""
+        trainer = self.lightning_module.trainer
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop._num_ready_batches_reached():
+            return True
+        return trainer.max_steps >= 0 and trainer.global_step + 1 >= trainer.max_steps
+
+    def _outgoing_flags(self) -> Flag:
+        flags = self._stop_flags & STOP_FLAGS
+        if self.lightning_module.trainer.received_sigterm:
+            flags |= Flag.SIGTERM
+        return flags
+
+    def _take_threshold_request(self) -> int:
+        request, self._threshold_request = self._threshold_request, 0
+        return request
+
+    def _absorb(self, reply: Reply) -> None:
+        assert self._layout is not None and self._buffer_layout is not None
+        self._layout.unpack(reply.params, self._params)
+        if reply.buffers is not None:
+            self._buffer_layout.unpack(reply.buffers, self._buffers)
+        self._version = reply.version
+        self._threshold = reply.threshold
+        if reply.staleness is not None:
+            self.worker_staleness.record(self.global_rank, reply.staleness)
+        if reply.flags & Flag.REJECTED:
+            self.rejected_gradients += 1
+            log.warning(
+                "hybrid_sgd: rank %d's gradient held NaN or Inf and was rejected; the master weights are untouched "
+                "(%d rejected on this rank so far)",
+                self.global_rank,
+                self.rejected_gradients,
+            )
+        self._stop_flags |= reply.flags & STOP_FLAGS
+        if reply.flags & Flag.TIME_UP:
+            self.lightning_module.trainer.should_stop = True
+
+    def drain(self) -> None:
+        """Apply pending gradients and give every rank the latest parameters and rank 0's buffers."""
+        if self._link is not None:
+            self._absorb(self._link.drain(self._outgoing_flags(), self._take_threshold_request()))
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def on_validation_start(self) -> None:
+        self.drain()
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self.drain()
+        return super().lightning_module_state_dict()
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if self._endpoint is None:
+            return super().optimizer_state(optimizer)
+        state = self._endpoint.server.optimizer.state_dict()
+        for saved, local in zip(state["param_groups"], optimizer.param_groups):
+            saved.update({k: v for k, v in local.items() if k != "params"})
+        return state
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
+    ) -> None:
+        if self.is_global_zero:
+            checkpoint[CHECKPOINT_KEY] = self._progress_state()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def _progress_state(self) -> dict[str, Any]:
+        if self._endpoint is not None:
+            return self._endpoint.server.progress_state()
+        return {"version": self._version, "threshold": self.threshold, "staleness": self.staleness.state_dict()}
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        super().load_optimizer_state_dict(checkpoint)
+        progress = checkpoint.get(CHECKPOINT_KEY)
+        if progress is not None:
+            self._version = int(progress["version"])
+            self._threshold = int(progress["threshold"])
+        if self._endpoint is None:
+            return
+        server = self._endpoint.server
+        server.optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+        if progress is not None:
+            server.load_progress_state(progress)
+        for optimizer in self.optimizers:
+            optimizer.state.clear()  # the server's copy is the one that steps
+
+    @override
+    def on_train_end(self) -> None:
+        self._end_session()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        self._end_session(error=None if isinstance(exception, SIGTERMException) else exception)
+
+    def _end_session(self, error: Optional[BaseException] = None, clean: bool = True) -> None:
+        """Final drain, then this worker leaves; rank 0 keeps the server optimizer's final state.
+
+        After an ``error`` the other ranks are told at once (rather than waiting for ``peer_timeout``)."""
+        link, self._link = self._link, None
+        if link is None:
+            return
+        try:
+            if error is not None and self._endpoint is not None:
+                self._endpoint.abort(AbortCode.SERVER_FAILED, SERVER_RANK, f": rank 0 raised {type(error).__name__}")
+            elif error is not None:
+                link.leave(Flag.FAILED)
+            else:
+                if clean:
+                    self._absorb(link.drain())
+                link.leave()
+        except HybridSGDError:
+            if error is None and clean:
+                raise
+            log.debug("hybrid_sgd: could not leave cleanly", exc_info=True)
+        if self._endpoint is not None:
+            self._endpoint.close(timeout=self._peer_timeout if error is None and clean else 1.0)
+            server = self._endpoint.server
+            self.optimizers[0].load_state_dict(self.optimizer_state(self.optimizers[0]))
+            self._version, self._threshold = server.version, server.threshold
+            self.worker_staleness = server.stats
+            self._update_sizes = server.update_sizes
+            self._endpoint = None
+
+    @override
+    def teardown(self) -> None:
+        self._end_session(clean=False)
+        for restore in reversed(self._restore):
+            restore()
+        self._restore = []
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(
+                cls.strategy_name,
+                cls,
+                description="Hybrid synchronous/asynchronous parameter-server SGD (K-of-N gradients per update)",
+            )

@@ -1,0 +1,423 @@
+"""Tensor messages between workers and the parameter server over torch.distributed point-to-point.
+
+Every remote worker talks to the server rank over its own two-member gloo group, so its traffic
+never collides with Lightning's collectives on the default group nor with other workers'. A
+message is a fixed int64 header and, for some kinds, flat payload buffers (one per dtype) whose
+sizes both sides know from the model: nothing is ever pickled. GPU tensors are staged through
+(pinned) host memory, since gloo moves host memory.
+
+The worker rank that shares the server's process talks to it in memory (:class:`LocalServerLink`);
+every other rank uses :class:`RemoteServerLink`. Both answer ``push``/``drain``/``leave`` alike.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_hybrid.errors import PeerLostError, ProtocolError
+from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.server import ParameterServer, Release
+
+log = logging.getLogger(__name__)
+
+SERVER_RANK = 0
+
+
+class Kind(enum.IntEnum):
+    PUSH = 1  # worker -> server: a gradient (payload), maybe with Flag.DRAIN
+    DRAIN = 2  # worker -> server: wait until every active worker drains
+    LEAVE = 3  # worker -> server: no more messages from this worker
+    REPLY = 11  # server -> worker: parameters (payload), maybe buffers (Flag.BUFFERS)
+    ABORT = 12  # server -> worker: the run cannot go on (Header.detail names the lost rank)
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    SIGTERM = 1  # a rank received SIGTERM: every rank stops
+    TIME_UP = 2  # a rank's time budget (max_time) ran out: every rank stops
+    DRAIN = 4  # on PUSH: drain right after this gradient
+    BUFFERS = 8  # on REPLY: module buffers (rank 0's) follow the parameters
+    REJECTED = 16  # on REPLY: the pushed gradient held NaN/Inf and was not applied
+    FAILED = 32  # on LEAVE: the worker raised an exception; the run stops everywhere
+
+
+STOP_FLAGS = Flag.SIGTERM | Flag.TIME_UP
+
+
+class AbortCode(enum.IntEnum):
+    WORKER_LOST = 1
+    PROTOCOL = 2
+    SERVER_FAILED = 3
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fixed part of every message, sent as 8 int64 values."""
+
+    kind: int
+    rank: int = 0
+    version: int = 0
+    flags: int = 0
+    threshold: int = 0  # PUSH: requested K (0: none); REPLY: the server's K
+    numel: int = 0  # payload elements, a check against the layout
+    detail: int = 0  # REPLY: staleness of the worker's gradient (-1: none); ABORT: the lost rank
+    code: int = 0  # ABORT: AbortCode
+
+    SIZE = 8
+
+    def to_tensor(self) -> Tensor:
+        return torch.tensor(
+            [self.kind, self.rank, self.version, self.flags, self.threshold, self.numel, self.detail, self.code],
+            dtype=torch.int64,
+        )
+
+    @classmethod
+    def from_tensor(cls, tensor: Tensor) -> Header:
+        return cls(*(int(v) for v in tensor.tolist()))
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a worker learns from the server's answer."""
+
+    version: int
+    threshold: int
+    flags: Flag
+    params: list[Tensor]
+    buffers: Optional[list[Tensor]] = None
+    staleness: Optional[int] = None
+
+
+def _abort_message(code: int, rank: int, why: str = "") -> str:
+    if code == AbortCode.WORKER_LOST:
+        return (
+            f"hybrid_sgd: worker rank {rank} was lost (its process died or its connection closed){why}; "
+            f"the run stops on every rank. Check rank {rank}'s log, then resume from the last checkpoint "
+            "with `trainer.fit(model, ckpt_path=...)`."
+        )
+    if code == AbortCode.PROTOCOL:
+        return f"hybrid_sgd: worker rank {rank} broke the parameter-server protocol{why}; the run stops on every rank."
+    return f"hybrid_sgd: the parameter server failed{why}; the run stops on every rank."
+
+
+class _Waiter:
+    """One worker's wait for its answer, in the server's process."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._reply: Optional[Reply] = None
+        self._error: Optional[BaseException] = None
+
+    def set(self, reply: Optional[Reply] = None, error: Optional[BaseException] = None) -> None:
+        self._reply, self._error = reply, error
+        self._event.set()
+
+    def wait(self, timeout: float) -> Reply:
+        if not self._event.wait(timeout):
+            raise PeerLostError(_timeout_message(timeout))
+        self._event.clear()
+        if self._error is not None:
+            raise self._error
+        assert self._reply is not None
+        return self._reply
+
+
+def _timeout_message(timeout: float) -> str:
+    return (
+        f"hybrid_sgd: no answer from the parameter server within {timeout:g} s. A worker is hung, lost or "
+        "slower than that; if stragglers are legitimately this slow, raise "
+        "`HybridSGDStrategy(peer_timeout=...)`."
+    )
+
+
+class ServerEndpoint:
+    """Runs the parameter server on its rank: one receiver thread per remote worker."""
+
+    def __init__(
+        self,
+        server: ParameterServer,
+        channels: dict[int, dist.ProcessGroup],
+        buffer_layout: FlatLayout,
+        read_buffers: Callable[[list[Tensor]], None],
+        peer_timeout: float,
+    ) -> None:
+        """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain)."""
+        self.server = server
+        self._channels = channels
+        self._buffer_layout = buffer_layout
+        self._read_buffers = read_buffers
+        self._peer_timeout = peer_timeout
+        self._local = _Waiter()
+        self._send_locks = {rank: threading.Lock() for rank in channels}
+        self._threads: list[threading.Thread] = []
+        self._failure: Optional[BaseException] = None
+        self._closing = threading.Event()
+
+    def start(self) -> None:
+        for rank in self._channels:
+            thread = threading.Thread(target=self._serve, args=(rank,), name=f"hybrid-sgd-server-{rank}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait for the receiver threads, which end when their worker leaves or is lost."""
+        self._closing.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    # ------------------------------------------------------------------ local worker (same process)
+    def link(self, rank: int) -> LocalServerLink:
+        return LocalServerLink(self, rank)
+
+    def _local_call(self, event: Callable[[], list[Release]]) -> Reply:
+        if self._failure is not None:
+            raise self._failure
+        self._dispatch(event())
+        return self._local.wait(self._peer_timeout)
+
+    def abort(self, code: AbortCode, rank: int, why: str = "") -> None:
+        """Tell every remote worker and the local one that the run cannot go on."""
+        error_type = ProtocolError if code == AbortCode.PROTOCOL else PeerLostError
+        self._failure = self._failure or error_type(_abort_message(code, rank, why))
+        self._local.set(error=self._failure)
+        header = Header(Kind.ABORT, SERVER_RANK, self.server.version, detail=rank, code=int(code)).to_tensor()
+        for worker, group in self._channels.items():
+            if worker == rank:
+                continue
+            try:
+                with self._send_locks[worker]:
+                    dist.send(header, dst=worker, group=group)
+            except RuntimeError:
+                log.debug("could not tell rank %d about the abort", worker, exc_info=True)
+
+    # ------------------------------------------------------------------ remote workers
+    def _serve(self, rank: int) -> None:
+        group = self._channels[rank]
+        gradient = self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
+        header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
+        try:
+            while True:
+                dist.recv(header_buffer, src=rank, group=group)
+                header = Header.from_tensor(header_buffer)
+                if header.rank != rank:
+                    raise ProtocolError(f"a message on rank {rank}'s channel claims to come from rank {header.rank}")
+                if header.kind == Kind.PUSH:
+                    if header.numel != self.server.layout.numel:
+                        raise ProtocolError(
+                            f"rank {rank} announced a gradient of {header.numel} elements, the model has "
+                            f"{self.server.layout.numel}: every rank must build the same model"
+                        )
+                    for buffer in gradient:
+                        dist.recv(buffer, src=rank, group=group)
+                self._handle(rank, header, gradient)
+                if header.kind == Kind.LEAVE:
+                    return
+        except ProtocolError as err:
+            log.error("%s", err)
+            self.abort(AbortCode.PROTOCOL, rank, f": {err}")
+        except (RuntimeError, OSError) as err:
+            if self._failure is None:
+                log.error("hybrid_sgd: lost worker rank %d: %s", rank, err)
+                self.abort(AbortCode.WORKER_LOST, rank)
+        except BaseException as err:  # the server itself failed: nobody may wait forever
+            log.exception("hybrid_sgd: the parameter server failed while serving rank %d", rank)
+            self.abort(AbortCode.SERVER_FAILED, rank, f": {type(err).__name__}: {err}")
+
+    def _handle(self, rank: int, header: Header, gradient: list[Tensor]) -> None:
+        if header.kind not in (Kind.PUSH, Kind.DRAIN, Kind.LEAVE):
+            raise ProtocolError(f"rank {rank} sent a message of unknown kind {header.kind}")
+        self.apply_requests(header.flags, header.threshold)
+        if header.kind == Kind.PUSH:
+            releases = self.server.push(rank, gradient, header.version, drain=bool(header.flags & Flag.DRAIN))
+        elif header.kind == Kind.DRAIN:
+            releases = self.server.drain(rank)
+        else:
+            releases = self.server.leave(rank)
+            if header.flags & Flag.FAILED:
+                self.abort(AbortCode.WORKER_LOST, rank, ": it raised an exception (see its log)")
+                return
+        self._dispatch(releases)
+
+    def apply_requests(self, flags: int, threshold: int) -> None:
+        """Stop signals and a threshold change that a worker's message carries."""
+        if flags & STOP_FLAGS:
+            self.server.request_stop(int(flags & STOP_FLAGS))
+        if threshold:
+            self._dispatch(self.server.set_threshold(threshold))
+
+    def _dispatch(self, releases: list[Release]) -> None:
+        for release in releases:
+            buffers = None
+            if release.drained and self._buffer_layout.numel:
+                buffers = self._buffer_layout.allocate()
+                self._read_buffers(buffers)
+            host_params = None
+            for worker in release.workers:
+                if worker == SERVER_RANK:
+                    self._local.set(self._reply(release, worker, release.params, buffers))
+                    continue
+                if host_params is None:
+                    host_params = [p.cpu() for p in release.params]
+                self._send_reply(worker, release, host_params, buffers)
+
+    def _reply(self, release: Release, worker: int, params: list[Tensor], buffers: Optional[list[Tensor]]) -> Reply:
+        return Reply(
+            version=release.version,
+            threshold=self.server.threshold,
+            flags=self._reply_flags(release, worker, buffers),
+            params=params,
+            buffers=buffers,
+            staleness=release.staleness.get(worker),
+        )
+
+    def _reply_flags(self, release: Release, worker: int, buffers: Optional[list[Tensor]]) -> Flag:
+        flags = Flag(self.server.stop_flags)
+        if buffers is not None:
+            flags |= Flag.BUFFERS
+        if worker in release.rejected:
+            flags |= Flag.REJECTED
+        return flags
+
+    def _send_reply(self, worker: int, release: Release, params: list[Tensor], buffers: Optional[list[Tensor]]) -> None:
+        header = Header(
+            Kind.REPLY,
+            SERVER_RANK,
+            release.version,
+            flags=int(self._reply_flags(release, worker, buffers)),
+            threshold=self.server.threshold,
+            numel=self.server.layout.numel,
+            detail=release.staleness.get(worker, -1),
+        )
+        group = self._channels[worker]
+        with self._send_locks[worker]:
+            dist.send(header.to_tensor(), dst=worker, group=group)
+            for tensor in params + (buffers or []):
+                dist.send(tensor, dst=worker, group=group)
+
+
+class LocalServerLink:
+    """The server rank's own worker: calls the server in memory, no copy through the network."""
+
+    def __init__(self, endpoint: ServerEndpoint, rank: int) -> None:
+        self._endpoint = endpoint
+        self._rank = rank
+
+    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+        endpoint = self._endpoint
+        endpoint.apply_requests(flags, threshold)
+        drain = bool(flags & Flag.DRAIN)
+        return endpoint._local_call(lambda: endpoint.server.push(self._rank, gradient, version, drain=drain))
+
+    def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+        self._endpoint.apply_requests(flags, threshold)
+        return self._endpoint._local_call(lambda: self._endpoint.server.drain(self._rank))
+
+    def leave(self, flags: Flag = Flag.NONE) -> None:
+        self._endpoint.apply_requests(flags, 0)
+        self._endpoint._dispatch(self._endpoint.server.leave(self._rank))
+
+
+class RemoteServerLink:
+    """A worker's connection to the server rank over its own process group."""
+
+    def __init__(
+        self,
+        rank: int,
+        group: dist.ProcessGroup,
+        layout: FlatLayout,
+        buffer_layout: FlatLayout,
+        peer_timeout: float,
+        pin_memory: bool = False,
+    ) -> None:
+        self._rank = rank
+        self._group = group
+        self._layout = layout
+        self._buffer_layout = buffer_layout
+        self._timeout = timedelta(seconds=peer_timeout)
+        self._params = layout.allocate("cpu", pin_memory=pin_memory)
+        self._buffers = buffer_layout.allocate("cpu", pin_memory=pin_memory)
+        self._staging = layout.allocate("cpu", pin_memory=pin_memory) if pin_memory else []
+        self._header = torch.empty(Header.SIZE, dtype=torch.int64)
+
+    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+        header = Header(Kind.PUSH, self._rank, version, int(flags), threshold, numel=self._layout.numel)
+        if gradient and gradient[0].device.type != "cpu":
+            for staged, tensor in zip(self._staging, gradient):
+                staged.copy_(tensor)
+            gradient = self._staging
+        self._send(header, gradient)
+        return self._receive()
+
+    def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+        self._send(Header(Kind.DRAIN, self._rank, flags=int(flags), threshold=threshold), [])
+        return self._receive()
+
+    def leave(self, flags: Flag = Flag.NONE) -> None:
+        self._send(Header(Kind.LEAVE, self._rank, flags=int(flags)), [])
+
+    def _send(self, header: Header, payload: Sequence[Tensor]) -> None:
+        try:
+            dist.send(header.to_tensor(), dst=SERVER_RANK, group=self._group)
+            for tensor in payload:
+                dist.send(tensor, dst=SERVER_RANK, group=self._group)
+        except RuntimeError as err:
+            raise PeerLostError(
+                f"hybrid_sgd: rank {self._rank} cannot reach the parameter server (rank {SERVER_RANK}): {err}"
+            ) from err
+
+    def _recv(self, tensor: Tensor) -> None:
+        try:
+            dist.irecv(tensor, src=SERVER_RANK, group=self._group).wait(self._timeout)
+        except RuntimeError as err:
+            if "Timed out" in str(err):
+                raise PeerLostError(_timeout_message(self._timeout.total_seconds())) from err
+            raise PeerLostError(
+                f"hybrid_sgd: rank {self._rank} lost the parameter server (rank {SERVER_RANK}): its process died or "
+                f"its connection closed ({err}). Check rank {SERVER_RANK}'s log, then resume from the last checkpoint."
+            ) from err
+
+    def _receive(self) -> Reply:
+        self._recv(self._header)
+        header = Header.from_tensor(self._header)
+        if header.kind == Kind.ABORT:
+            error_type = ProtocolError if header.code == AbortCode.PROTOCOL else PeerLostError
+            raise error_type(_abort_message(header.code, header.detail))
+        if header.kind != Kind.REPLY or header.numel != self._layout.numel:
+            raise ProtocolError(
+                f"hybrid_sgd: rank {self._rank} got a message of kind {header.kind} with {header.numel} elements "
+                f"from the server, expected a reply of {self._layout.numel}"
+            )
+        for tensor in self._params:
+            self._recv(tensor)
+        flags = Flag(header.flags)
+        buffers = None
+        if flags & Flag.BUFFERS:
+            for tensor in self._buffers:
+                self._recv(tensor)
+            buffers = self._buffers
+        return Reply(
+            version=header.version,
+            threshold=header.threshold,
+            flags=flags,
+            params=self._params,
+            buffers=buffers,
+            staleness=header.detail if header.detail >= 0 else None,
+        )
+
+
+def _pin(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+ServerLink = LocalServerLink | RemoteServerLink
