@@ -123,6 +123,7 @@ class ParameterServer:
         self.stats = StalenessStats()
         self.rejected: Counter = Counter()
         self.update_sizes: Counter = Counter()
+        self.flushed_updates = 0  # updates of fewer than K gradients: nobody else would push before a drain
         self.stop_flags = 0
 
     # ------------------------------------------------------------------ queries
@@ -204,15 +205,18 @@ class ParameterServer:
                 "staleness": self.stats.state_dict(),
                 "rejected": dict(self.rejected),
                 "update_sizes": dict(self.update_sizes),
+                "flushed_updates": self.flushed_updates,
             }
 
     def load_progress_state(self, state: Mapping[str, Any]) -> None:
         with self._lock:
             self._version = int(state["version"])
             self._threshold = self._checked_threshold(int(state["threshold"]))
-            self.stats.load_state_dict(state["staleness"])
-            self.rejected = Counter({int(k): v for k, v in state["rejected"].items()})
-            self.update_sizes = Counter({int(k): v for k, v in state["update_sizes"].items()})
+            self.stats = StalenessStats()
+            self.stats.load_state_dict(state.get("staleness", {"counts": {}, "per_worker": {}}))
+            self.rejected = Counter({int(k): v for k, v in state.get("rejected", {}).items()})
+            self.update_sizes = Counter({int(k): v for k, v in state.get("update_sizes", {}).items()})
+            self.flushed_updates = int(state.get("flushed_updates", 0))
 
     def load_parameters(self, params: Sequence[Tensor]) -> None:
         with self._lock, torch.no_grad():
@@ -252,6 +256,8 @@ class ParameterServer:
             quorum = min(self._threshold, max(len(self._active), 1))
             everyone_waits = self._active <= (set(self._pending) | self._draining)
             if len(self._pending) >= quorum or everyone_waits:
+                if len(self._pending) < quorum:
+                    self.flushed_updates += 1
                 releases.append(self._apply())
         if self._draining and self._active <= self._draining:
             releases.append(self._release(tuple(sorted(self._draining)), drained=True))

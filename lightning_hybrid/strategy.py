@@ -153,8 +153,9 @@ class HybridSGDStrategy(DDPStrategy):
         self.worker_staleness = StalenessStats()
         self.steps = 0
         self.wait_seconds = 0.0
-        self.rejected_gradients = 0
+        self._rejected: Counter = Counter()
         self._update_sizes: Counter = Counter()
+        self._final_progress: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ public state
     @property
@@ -191,6 +192,19 @@ class HybridSGDStrategy(DDPStrategy):
     def update_sizes(self) -> Counter:
         """How many updates held each number of gradients (global rank 0 only; empty elsewhere)."""
         return self._endpoint.server.update_sizes if self._endpoint is not None else self._update_sizes
+
+    @property
+    def rejected(self) -> Counter:
+        """Gradients rejected for NaN/Inf, per worker: all workers' on rank 0, this worker's own elsewhere."""
+        if self._endpoint is not None:
+            return self._endpoint.server.rejected
+        return self._rejected
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        """The server's counters (version, threshold, staleness, rejected, update sizes, flushed updates):
+        live on global rank 0 while fitting and kept after; other ranks know their version and K only."""
+        return self._progress_state()
 
     @property
     def server(self) -> Optional[ParameterServer]:
@@ -426,12 +440,12 @@ class HybridSGDStrategy(DDPStrategy):
         if reply.staleness is not None:
             self.worker_staleness.record(self.global_rank, reply.staleness)
         if reply.flags & Flag.REJECTED:
-            self.rejected_gradients += 1
+            self._rejected[self.global_rank] += 1
             log.warning(
                 "hybrid_sgd: rank %d's gradient held NaN or Inf and was rejected; the master weights are untouched "
                 "(%d rejected on this rank so far)",
                 self.global_rank,
-                self.rejected_gradients,
+                self._rejected[self.global_rank],
             )
         self._stop_flags |= reply.flags & STOP_FLAGS
         if reply.flags & Flag.TIME_UP:
@@ -472,7 +486,7 @@ class HybridSGDStrategy(DDPStrategy):
     def _progress_state(self) -> dict[str, Any]:
         if self._endpoint is not None:
             return self._endpoint.server.progress_state()
-        return {"version": self._version, "threshold": self.threshold, "staleness": self.staleness.state_dict()}
+        return self._final_progress or {"version": self._version, "threshold": self.threshold}
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
@@ -520,12 +534,14 @@ class HybridSGDStrategy(DDPStrategy):
                 raise
             log.debug("hybrid_sgd: could not leave cleanly", exc_info=True)
         if self._endpoint is not None:
-            self._endpoint.close(timeout=self._peer_timeout if error is None and clean else 1.0)
+            self._endpoint.close(timeout=self._peer_timeout if error is None else 1.0)
             server = self._endpoint.server
             self.optimizers[0].load_state_dict(self.optimizer_state(self.optimizers[0]))
             self._version, self._threshold = server.version, server.threshold
             self.worker_staleness = server.stats
             self._update_sizes = server.update_sizes
+            self._rejected = server.rejected
+            self._final_progress = server.progress_state()
             self._endpoint = None
 
     @override

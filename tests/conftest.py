@@ -1,0 +1,33 @@
+"""Shared helpers: launch a scenario of ``tests/scenarios.py`` as a real multi-process run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+SCENARIOS = Path(__file__).with_name("scenarios.py")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    env.update(WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def launch(scenario: str, out: Path, *args: Any, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one scenario; its Lightning launcher starts the other ranks as processes of their own."""
+    command = [sys.executable, str(SCENARIOS), scenario, "--out", str(out), *map(str, args)]
+    result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"{scenario} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def results(out: Path, ranks: int) -> list[dict[str, Any]]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(ranks)]

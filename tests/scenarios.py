@@ -1,0 +1,256 @@
+"""Training runs that the multi-process tests launch as real scripts.
+
+Lightning's launcher starts every other rank by re-running this script, exactly as a user's
+script runs, so each scenario is a plain function of the command line. Each rank writes what
+the test checks into ``--out`` (``rank{r}.pt``) and the test process reads it back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+import lightning_hybrid
+from lightning_hybrid.data import DigitsDataModule
+from lightning_hybrid.models import MLPClassifier
+
+
+def trainer(strategy: Any, devices: int, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return pl.Trainer(strategy=strategy, **options)
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save(out: Path, rank: int, **results: Any) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+class StepClock(Callback):
+    """Per-rank wall time of every training step, slowed by ``delay`` seconds on ``slow_rank``."""
+
+    def __init__(self, slow_rank: int = -1, delay: float = 0.0, nan_at: int = -1) -> None:
+        self.slow_rank, self.delay, self.nan_at = slow_rank, delay, nan_at
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._start = time.perf_counter()
+        if trainer.global_rank == self.slow_rank:
+            time.sleep(self.delay)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        self.durations.append(time.perf_counter() - self._start)
+
+
+class NaNOnce(MLPClassifier):
+    """Rank ``nan_rank`` returns a NaN loss on its global step ``nan_step``."""
+
+    def __init__(self, nan_rank: int, nan_step: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.nan_rank, self.nan_step = nan_rank, nan_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == self.nan_rank and self.trainer.global_step == self.nan_step:
+            loss = loss * float("nan")
+        return loss
+
+
+class ModelAtEvaluation(Callback):
+    """Records the parameters every rank evaluates with (after the strategy's drain)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[torch.Tensor]] = {}
+
+    def _record(self, stage: str, module: pl.LightningModule) -> None:
+        self.seen.setdefault(stage, []).append(torch.cat([p.detach().flatten() for p in module.parameters()]))
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if args[1] == 0:
+            self._record("validate", module)
+
+    def on_test_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if args[1] == 0:
+            self._record("test", module)
+
+    def on_predict_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if args[1] == 0:
+            self._record("predict", module)
+
+
+# --------------------------------------------------------------------------- scenarios
+def ddp_equivalence(args: argparse.Namespace) -> None:
+    """Lightning DDP, then hybrid_sgd with K = N, from the same seed and data."""
+    model_kwargs: dict[str, Any] = dict(optimizer=args.optimizer, lr=args.lr, lr_step=1, batch_norm=args.batch_norm)
+    fit_kwargs: dict[str, Any] = dict(max_epochs=args.epochs, limit_train_batches=args.batches)
+    if args.optimizer == "sgd":
+        fit_kwargs.update(gradient_clip_val=0.5, accumulate_grad_batches=2)
+    results = {}
+    for name in ("ddp", "hybrid_sgd"):
+        pl.seed_everything(args.seed)
+        strategy = "ddp" if name == "ddp" else lightning_hybrid.HybridSGDStrategy(threshold="sync")
+        run = trainer(strategy, args.devices, **fit_kwargs)
+        model = MLPClassifier(**model_kwargs)
+        run.fit(model, datamodule=DigitsDataModule(seed=args.seed))
+        results[name] = weights(model)
+        results[f"{name}_lr"] = run.optimizers[0].param_groups[0]["lr"]
+        if name == "hybrid_sgd":
+            results["version"] = strategy.version
+            results["update_sizes"] = dict(strategy.update_sizes)
+    save(args.out, int(os.environ.get("LOCAL_RANK", 0)), **results)
+
+
+def straggler(args: argparse.Namespace) -> None:
+    """One slowed worker under threshold K; optionally a NaN gradient and a max_time budget."""
+    pl.seed_everything(args.seed)
+    clock = StepClock(slow_rank=args.slow_rank, delay=args.delay)
+    evaluation = ModelAtEvaluation()
+    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, peer_timeout=60)
+    extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}
+    run = trainer(
+        strategy,
+        args.devices,
+        max_epochs=args.epochs,
+        limit_train_batches=args.batches,
+        callbacks=[clock, evaluation],
+        **extra,
+    )
+    model = NaNOnce(nan_rank=args.nan_rank, nan_step=args.nan_step, lr=args.lr)
+    data = DigitsDataModule(seed=args.seed)
+    started = time.perf_counter()
+    run.fit(model, datamodule=data)
+    fit_seconds = time.perf_counter() - started
+    run.test(model, datamodule=data, verbose=False)
+    run.predict(model, datamodule=data)
+    save(
+        args.out,
+        run.global_rank,
+        durations=clock.durations,
+        fit_seconds=fit_seconds,
+        version=strategy.version,
+        threshold=strategy.threshold,
+        update_sizes=dict(strategy.update_sizes),
+        progress=strategy.progress,
+        staleness=strategy.staleness.state_dict(),
+        worker_staleness=strategy.worker_staleness.state_dict(),
+        rejected=dict(strategy.rejected),
+        evaluated=evaluation.seen,
+        weights=weights(model),
+        global_step=run.global_step,
+    )
+
+
+def resume(args: argparse.Namespace) -> None:
+    """Checkpoints: ``--phase full`` trains straight through; ``first`` trains and saves; ``second`` resumes
+    and trains on; ``restore`` only restores (its epochs are done) and saves again."""
+    pl.seed_everything(args.seed)
+    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold)
+    run = trainer(strategy, args.devices, max_epochs=args.epochs, limit_train_batches=args.batches)
+    model = MLPClassifier(optimizer="sgd", lr=args.lr, lr_step=1, batch_norm=True)
+    ckpt = args.out / "epoch1.ckpt"
+    resuming = args.phase in ("second", "restore")
+    run.fit(model, datamodule=DigitsDataModule(seed=args.seed), ckpt_path=ckpt if resuming else None)
+    if args.phase in ("first", "restore"):
+        run.save_checkpoint(ckpt if args.phase == "first" else args.out / "restored.ckpt")
+    save(
+        args.out / args.phase,
+        run.global_rank,
+        weights=weights(model),
+        version=strategy.version,
+        threshold=strategy.threshold,
+        lr=run.optimizers[0].param_groups[0]["lr"],
+        optimizer=run.optimizers[0].state_dict() if run.is_global_zero else None,
+    )
+
+
+def mismatched_model(args: argparse.Namespace) -> None:
+    """Every rank builds a different model: setup must refuse it."""
+    run = trainer(lightning_hybrid.HybridSGDStrategy(), args.devices, max_epochs=1)
+    run.fit(MLPClassifier(hidden=16 + run.global_rank), datamodule=DigitsDataModule())
+
+
+def lost_worker(args: argparse.Namespace) -> None:
+    """Rank ``--slow-rank`` kills itself with SIGKILL in the middle of the first epoch."""
+
+    class Killer(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *rest: Any) -> None:
+            if trainer.global_rank == args.slow_rank and trainer.global_step == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    run = trainer(
+        lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, peer_timeout=args.peer_timeout),
+        args.devices,
+        max_epochs=args.epochs,
+        callbacks=[Killer()],
+    )
+    run.fit(MLPClassifier(), datamodule=DigitsDataModule())
+
+
+def nodes(args: argparse.Namespace) -> None:
+    """Launched once per node (by torchrun or by hand): ``num_nodes`` x ``devices`` workers."""
+    pl.seed_everything(args.seed)
+    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold)
+    run = trainer(strategy, args.devices, num_nodes=args.num_nodes, max_epochs=args.epochs, limit_train_batches=args.batches)
+    model = MLPClassifier(lr=args.lr)
+    run.fit(model, datamodule=DigitsDataModule(seed=args.seed))
+    save(
+        args.out,
+        run.global_rank,
+        world_size=run.world_size,
+        node_rank=run.node_rank,
+        version=strategy.version,
+        update_sizes=dict(strategy.update_sizes),
+        weights=weights(model),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--batch-norm", action="store_true")
+    parser.add_argument("--threshold", default="sync")
+    parser.add_argument("--slow-rank", type=int, default=-1)
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--nan-rank", type=int, default=-1)
+    parser.add_argument("--nan-step", type=int, default=-1)
+    parser.add_argument("--max-time", default=None)
+    parser.add_argument("--phase", default="full")
+    parser.add_argument("--peer-timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    if args.threshold.isdigit():
+        args.threshold = int(args.threshold)
+    torch.set_num_threads(1)
+    globals()[args.scenario](args)
+
+
+if __name__ == "__main__":
+    main()

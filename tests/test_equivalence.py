@@ -1,0 +1,32 @@
+"""K = N is synchronous SGD: the weights equal Lightning DDP's on the same seeds and data."""
+
+import pytest
+
+from conftest import launch, results
+
+pytestmark = pytest.mark.multiprocess
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_sgd_momentum_steplr_clipping_accumulation_batchnorm_match_ddp(tmp_path) -> None:
+    # 3 epochs of 8 batches, accumulate 2 -> 12 updates; StepLR halves lr every epoch.
+    launch("ddp_equivalence", tmp_path, "--devices", 2, "--epochs", 3, "--batches", 8, "--batch-norm")
+    for rank in results(tmp_path, 2):
+        assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
+        assert rank["version"] == 12 and rank["update_sizes"] in ({2: 12}, {})
+        assert rank["ddp_lr"] == rank["hybrid_sgd_lr"] == pytest.approx(0.05 / 8)
+    rank0, rank1 = results(tmp_path, 2)
+    assert rank0["update_sizes"] == {2: 12}
+    # every rank ends with the same, latest model
+    assert max_difference(rank0["hybrid_sgd"], rank1["hybrid_sgd"]) == 0.0
+
+
+def test_adam_matches_ddp_with_three_workers(tmp_path) -> None:
+    launch("ddp_equivalence", tmp_path, "--devices", 3, "--epochs", 2, "--batches", 6, "--optimizer", "adam", "--lr", 0.01)
+    for rank in results(tmp_path, 3):
+        assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
+        assert rank["version"] == 12

@@ -1,0 +1,212 @@
+"""The parameter server in one process: scripted arrival orders, threshold changes, drains and leaves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_hybrid.errors import ProtocolError
+from lightning_hybrid.server import GradientClipping, ParameterServer, clone_optimizer
+
+
+def make_server(workers: int = 3, threshold: int = 2, lr: float = 1.0, **kwargs) -> ParameterServer:
+    params = [torch.zeros(2, 2), torch.zeros(3)]
+    return ParameterServer(
+        params, lambda master: torch.optim.SGD(master, lr=lr), num_workers=workers, threshold=threshold, **kwargs
+    )
+
+
+def grad(value: float) -> list[torch.Tensor]:
+    return [torch.full((7,), float(value))]
+
+
+def master(server: ParameterServer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in server.parameters])
+
+
+def test_updates_wait_for_k_gradients_and_average_them() -> None:
+    server = make_server(workers=3, threshold=2)
+    assert server.push(0, grad(1), version=0) == []
+    (release,) = server.push(2, grad(3), version=0)
+    assert release.workers == (0, 2)
+    assert release.version == server.version == 1
+    assert release.staleness == {0: 0, 2: 0}
+    # SGD with lr=1 on the mean gradient (1 + 3) / 2 = 2
+    assert torch.equal(master(server), torch.full((7,), -2.0))
+    assert torch.equal(release.params[0], master(server))
+    assert server.update_sizes == {2: 1}
+
+
+def test_staleness_is_version_gap_at_application() -> None:
+    server = make_server(workers=3, threshold=1)
+    server.push(0, grad(1), version=0)  # v -> 1, staleness 0
+    server.push(1, grad(1), version=1)  # v -> 2, staleness 0
+    (release,) = server.push(2, grad(1), version=0)  # computed on v0, applied at v2
+    assert release.staleness == {2: 2}
+    assert server.version == 3
+    assert server.stats.counts == {0: 2, 2: 1}
+    assert server.stats.per_worker[2] == {2: 1}
+    assert server.stats.mean == pytest.approx(2 / 3)
+    assert server.stats.max == 2
+    assert server.stats.quantile(0.5) == 0 and server.stats.quantile(1.0) == 2
+
+
+def test_k_equal_n_is_synchronous_sgd() -> None:
+    server = make_server(workers=3, threshold=3, lr=0.5)
+    for step in range(4):
+        for worker in (2, 0):
+            assert server.push(worker, grad(worker + step), version=step) == []
+        (release,) = server.push(1, grad(1 + step), version=step)
+        assert release.workers == (0, 1, 2) and release.version == step + 1
+    expected = -0.5 * sum((0 + 1 + 2) / 3 + s for s in range(4))
+    assert torch.allclose(master(server), torch.full((7,), expected))
+    assert server.stats.counts == {0: 12}
+
+
+def test_lowering_threshold_applies_pending_at_once_and_raising_waits() -> None:
+    server = make_server(workers=4, threshold=4)
+    server.push(0, grad(1), version=0)
+    server.push(1, grad(1), version=0)
+    (release,) = server.set_threshold(2)
+    assert release.workers == (0, 1) and server.version == 1
+    assert server.set_threshold(3) == []
+    server.push(0, grad(1), version=1)
+    assert server.push(3, grad(1), version=0) == []
+    (release,) = server.push(2, grad(1), version=0)
+    assert release.workers == (0, 2, 3)
+    assert release.staleness == {0: 0, 2: 1, 3: 1}
+
+
+def test_drain_is_a_barrier_that_flushes_partial_updates() -> None:
+    server = make_server(workers=3, threshold=3)
+    assert server.push(0, grad(3), version=0) == []
+    assert server.drain(1) == []
+    # worker 2 drains too: everyone waits, so the pending gradient of worker 0 is applied alone ...
+    (partial,) = server.drain(2)
+    assert partial.workers == (0,) and not partial.drained and server.version == 1
+    assert server.flushed_updates == 1
+    assert torch.equal(master(server), torch.full((7,), -3.0))
+    # ... and worker 0 continues; its drain completes the barrier for all three
+    (done,) = server.drain(0)
+    assert done.drained and done.workers == (0, 1, 2) and done.version == 1
+
+
+def test_push_with_drain_waits_for_the_barrier() -> None:
+    server = make_server(workers=2, threshold=1)
+    assert server.push(0, grad(1), version=0, drain=True) == []  # applied, but 0 waits for the barrier
+    assert server.version == 1
+    (done,) = server.push(1, grad(1), version=0, drain=True)  # applied; now everyone drains
+    assert done.drained and done.workers == (0, 1)
+    assert server.version == 2
+
+
+def test_leave_caps_threshold_at_active_workers() -> None:
+    server = make_server(workers=3, threshold=3)
+    server.push(0, grad(1), version=0)
+    server.push(1, grad(1), version=0)
+    (release,) = server.leave(2)
+    assert release.workers == (0, 1) and server.version == 1
+    with pytest.raises(ProtocolError, match="has left"):
+        server.push(2, grad(1), version=1)
+
+
+def test_non_finite_gradient_is_rejected_and_master_untouched() -> None:
+    server = make_server(workers=2, threshold=2)
+    before = master(server).clone()
+    (release,) = server.push(1, [torch.tensor([1.0, float("nan"), 0, 0, 0, 0, float("inf")])], version=0)
+    assert release.rejected == (1,) and release.workers == (1,) and release.version == 0
+    assert torch.equal(master(server), before)
+    assert server.rejected == {1: 1} and server.version == 0
+    server.push(0, grad(1), version=0)
+    (release,) = server.push(1, grad(1), version=0)
+    assert release.workers == (0, 1) and torch.isfinite(master(server)).all()
+
+
+def test_protocol_errors_name_the_problem() -> None:
+    server = make_server(workers=2, threshold=2)
+    with pytest.raises(ProtocolError, match="version 5"):
+        server.push(0, grad(1), version=5)
+    with pytest.raises(ProtocolError, match="unknown worker 7"):
+        server.push(7, grad(1), version=0)
+    with pytest.raises(ProtocolError, match="same model"):
+        server.push(0, [torch.zeros(6)], version=0)
+    with pytest.raises(ProtocolError, match="same model"):
+        server.push(0, [torch.zeros(7, dtype=torch.float64)], version=0)
+    server.push(0, grad(1), version=0)
+    with pytest.raises(ProtocolError, match="still waits"):
+        server.push(0, grad(1), version=0)
+    with pytest.raises(ValueError, match=r"\[1, 2\]"):
+        server.set_threshold(3)
+
+
+def test_clipping_applies_to_the_aggregated_gradient() -> None:
+    server = make_server(workers=2, threshold=2, gradient_clipping=GradientClipping(1.0, "norm"))
+    server.push(0, grad(4), version=0)
+    server.push(1, grad(0), version=0)
+    # mean gradient 2 per element, norm 2 * sqrt(7) -> clipped to norm 1
+    assert master(server).norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_hyperparameters_follow_the_reference_optimizer() -> None:
+    groups = [{"lr": 0.25}]
+    server = make_server(workers=1, threshold=1, hyperparameters=lambda: groups)
+    server.push(0, grad(1), version=0)
+    assert torch.allclose(master(server), torch.full((7,), -0.25))
+    assert server.optimizer.param_groups[0]["lr"] == 0.25
+
+
+def test_progress_state_round_trip() -> None:
+    server = make_server(workers=2, threshold=1)
+    server.push(0, grad(1), version=0)
+    server.push(1, grad(1), version=0)
+    copy = make_server(workers=2, threshold=2)
+    copy.load_progress_state(server.progress_state())
+    assert copy.progress_state() == server.progress_state()
+    assert copy.version == 2 and copy.threshold == 1
+
+
+def test_clone_optimizer_keeps_groups_and_hyperparameters() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2}], lr=0.3, momentum=0.9)
+    clone = clone_optimizer(optimizer, [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))])
+    assert [g["lr"] for g in clone.param_groups] == [0.1, 0.2]
+    assert all(g["momentum"] == 0.9 for g in clone.param_groups)
+    with pytest.raises(ValueError, match="holds 2 parameters"):
+        clone_optimizer(optimizer, [torch.nn.Parameter(torch.ones(2))])
+
+
+def test_server_is_thread_safe_under_concurrent_pushes() -> None:
+    import threading
+
+    server = make_server(workers=4, threshold=2)
+    versions = {w: 0 for w in range(4)}
+    answered = threading.Semaphore(0)
+    lock = threading.Lock()
+    events = {w: threading.Event() for w in range(4)}
+
+    def deliver(releases) -> None:
+        for release in releases:
+            for w in release.workers:
+                with lock:
+                    versions[w] = release.version
+                events[w].set()
+
+    def worker(w: int) -> None:
+        for _ in range(50):
+            events[w].clear()
+            deliver(server.push(w, grad(1), versions[w], drain=False))
+            events[w].wait(5)
+        events[w].clear()
+        deliver(server.drain(w))
+        events[w].wait(5)
+        answered.release()
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sum(server.update_sizes.values()) == server.version
+    assert sum(k * n for k, n in server.update_sizes.items()) == 200
+    assert server.stats.total == 200
+    assert not server.pending_workers
