@@ -24,6 +24,7 @@ Rules a user can rely on:
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 import zlib
 from collections import Counter
@@ -46,6 +47,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.model_helpers import is_overridden
@@ -512,6 +514,23 @@ class HybridSGDStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
         self._end_session(error=None if isinstance(exception, SIGTERMException) else exception)
+        if isinstance(exception, HybridSGDError):
+            log.error("[rank %d] %s", self.global_rank, exception)
+            self._stop_local_children()
+
+    def _stop_local_children(self, grace: float = 3.0) -> None:
+        """A hung worker must not outlive the run: the processes this rank launched get ``grace`` seconds
+        to exit after the abort, then SIGKILL (Lightning's own observer only acts on children that exit)."""
+        launcher = self._launcher
+        if not isinstance(launcher, _SubprocessScriptLauncher):
+            return
+        deadline = time.monotonic() + grace
+        for process in launcher.procs:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("hybrid_sgd: killing worker process %d, which did not stop after the abort", process.pid)
+                process.kill()
 
     def _end_session(self, error: Optional[BaseException] = None, clean: bool = True) -> None:
         """Final drain, then this worker leaves; rank 0 keeps the server optimizer's final state.

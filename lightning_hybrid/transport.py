@@ -187,17 +187,24 @@ class ServerEndpoint:
         return self._local.wait(self._peer_timeout)
 
     def abort(self, code: AbortCode, rank: int, why: str = "") -> None:
-        """Tell every remote worker and the local one that the run cannot go on."""
+        """Tell every remote worker and the local one that the run cannot go on.
+
+        Only the first abort counts. The notices are sent from a daemon thread: a worker that stopped
+        reading must not block the caller, and the server serves nobody after an abort."""
+        if self._failure is not None:
+            return
         error_type = ProtocolError if code == AbortCode.PROTOCOL else PeerLostError
-        self._failure = self._failure or error_type(_abort_message(code, rank, why))
+        self._failure = error_type(_abort_message(code, rank, why))
         self._local.set(error=self._failure)
         header = Header(Kind.ABORT, SERVER_RANK, self.server.version, detail=rank, code=int(code)).to_tensor()
-        for worker, group in self._channels.items():
-            if worker == rank:
-                continue
+        notify = [worker for worker in self._channels if worker != rank]
+        threading.Thread(target=self._notify_abort, args=(notify, header), name="hybrid-sgd-abort", daemon=True).start()
+
+    def _notify_abort(self, workers: list[int], header: Tensor) -> None:
+        for worker in workers:
             try:
                 with self._send_locks[worker]:
-                    dist.send(header, dst=worker, group=group)
+                    dist.send(header, dst=worker, group=self._channels[worker])
             except RuntimeError:
                 log.debug("could not tell rank %d about the abort", worker, exc_info=True)
 
@@ -207,7 +214,7 @@ class ServerEndpoint:
         gradient = self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
         header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
         try:
-            while True:
+            while self._failure is None:
                 dist.recv(header_buffer, src=rank, group=group)
                 header = Header.from_tensor(header_buffer)
                 if header.rank != rank:
@@ -257,6 +264,8 @@ class ServerEndpoint:
             self._dispatch(self.server.set_threshold(threshold))
 
     def _dispatch(self, releases: list[Release]) -> None:
+        if self._failure is not None:
+            return
         for release in releases:
             buffers = None
             if release.drained and self._buffer_layout.numel:
@@ -349,6 +358,7 @@ class RemoteServerLink:
         self._buffers = buffer_layout.allocate("cpu", pin_memory=pin_memory)
         self._staging = layout.allocate("cpu", pin_memory=pin_memory) if pin_memory else []
         self._header = torch.empty(Header.SIZE, dtype=torch.int64)
+        self._broken = False  # after an abort, a timeout or a lost connection: send nothing more
 
     def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
         header = Header(Kind.PUSH, self._rank, version, int(flags), threshold, numel=self._layout.numel)
@@ -364,36 +374,44 @@ class RemoteServerLink:
         return self._receive()
 
     def leave(self, flags: Flag = Flag.NONE) -> None:
-        self._send(Header(Kind.LEAVE, self._rank, flags=int(flags)), [])
+        if not self._broken:
+            self._send(Header(Kind.LEAVE, self._rank, flags=int(flags)), [])
 
     def _send(self, header: Header, payload: Sequence[Tensor]) -> None:
+        if self._broken:
+            raise PeerLostError(f"hybrid_sgd: rank {self._rank}'s connection to the parameter server is closed")
         try:
             dist.send(header.to_tensor(), dst=SERVER_RANK, group=self._group)
             for tensor in payload:
                 dist.send(tensor, dst=SERVER_RANK, group=self._group)
         except RuntimeError as err:
-            raise PeerLostError(
-                f"hybrid_sgd: rank {self._rank} cannot reach the parameter server (rank {SERVER_RANK}): {err}"
-            ) from err
+            self._broken = True
+            raise self._server_lost(err) from err
 
     def _recv(self, tensor: Tensor) -> None:
         try:
             dist.irecv(tensor, src=SERVER_RANK, group=self._group).wait(self._timeout)
         except RuntimeError as err:
+            self._broken = True
             if "Timed out" in str(err):
                 raise PeerLostError(_timeout_message(self._timeout.total_seconds())) from err
-            raise PeerLostError(
-                f"hybrid_sgd: rank {self._rank} lost the parameter server (rank {SERVER_RANK}): its process died or "
-                f"its connection closed ({err}). Check rank {SERVER_RANK}'s log, then resume from the last checkpoint."
-            ) from err
+            raise self._server_lost(err) from err
+
+    def _server_lost(self, err: RuntimeError) -> PeerLostError:
+        return PeerLostError(
+            f"hybrid_sgd: rank {self._rank} lost the parameter server (rank {SERVER_RANK}): its process died or "
+            f"its connection closed ({err}). Check rank {SERVER_RANK}'s log, then resume from the last checkpoint."
+        )
 
     def _receive(self) -> Reply:
         self._recv(self._header)
         header = Header.from_tensor(self._header)
         if header.kind == Kind.ABORT:
+            self._broken = True
             error_type = ProtocolError if header.code == AbortCode.PROTOCOL else PeerLostError
             raise error_type(_abort_message(header.code, header.detail))
         if header.kind != Kind.REPLY or header.numel != self._layout.numel:
+            self._broken = True
             raise ProtocolError(
                 f"hybrid_sgd: rank {self._rank} got a message of kind {header.kind} with {header.numel} elements "
                 f"from the server, expected a reply of {self._layout.numel}"

@@ -191,12 +191,15 @@ def mismatched_model(args: argparse.Namespace) -> None:
 
 
 def lost_worker(args: argparse.Namespace) -> None:
-    """Rank ``--slow-rank`` kills itself with SIGKILL in the middle of the first epoch."""
+    """Rank ``--slow-rank`` kills itself with SIGKILL at its step 5 (``--delay 0``) or hangs for ``--delay`` s."""
 
     class Killer(Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, *rest: Any) -> None:
             if trainer.global_rank == args.slow_rank and trainer.global_step == 5:
-                os.kill(os.getpid(), signal.SIGKILL)
+                if args.delay:
+                    time.sleep(args.delay)
+                else:
+                    os.kill(os.getpid(), signal.SIGKILL)
 
     run = trainer(
         lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, peer_timeout=args.peer_timeout),

@@ -1,0 +1,95 @@
+"""Bad configuration is refused at setup with a message that names the fix (one process, in pytest)."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+import lightning_hybrid
+from lightning_hybrid import HybridSGDStrategy
+from lightning_hybrid.data import DigitsDataModule
+from lightning_hybrid.models import MLPClassifier
+
+
+def fit(model: pl.LightningModule, strategy="hybrid_sgd", **kwargs) -> pl.Trainer:
+    trainer = pl.Trainer(
+        strategy=strategy, accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )
+    trainer.fit(model, datamodule=DigitsDataModule())
+    return trainer
+
+
+def test_registered_name_builds_the_strategy_and_trains() -> None:
+    trainer = fit(MLPClassifier())
+    assert isinstance(trainer.strategy, HybridSGDStrategy)
+    assert trainer.strategy.threshold == 1 and trainer.strategy.version == 3
+    assert pl.strategies.StrategyRegistry.get("hybrid_sgd").__class__ is HybridSGDStrategy
+
+
+def test_threshold_above_n_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"threshold=2 is outside \[1, 1\]"):
+        fit(MLPClassifier(), strategy=HybridSGDStrategy(threshold=2))
+
+
+@pytest.mark.parametrize("threshold", [0, -1, 0.5, "most"])
+def test_malformed_threshold_is_refused_at_construction(threshold) -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        HybridSGDStrategy(threshold=threshold)
+
+
+def test_bad_peer_timeout_is_refused() -> None:
+    with pytest.raises(ValueError, match="peer_timeout"):
+        HybridSGDStrategy(peer_timeout=0)
+
+
+class Manual(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class TwoOptimizers(MLPClassifier):
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+
+
+class CustomClipping(MLPClassifier):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (Manual(), "automatic optimization only"),
+        (CustomClipping(), "gradient_clip_val"),
+    ],
+)
+def test_unsupported_modules_are_refused_with_the_fix(model, message) -> None:
+    with pytest.raises(MisconfigurationException, match=message):
+        fit(model)
+
+
+def test_several_optimizers_are_refused() -> None:
+    # Lightning refuses them under automatic optimization, and hybrid_sgd refuses manual optimization
+    with pytest.raises(RuntimeError, match="multiple optimizers is only supported with manual optimization"):
+        fit(TwoOptimizers())
+
+
+def test_sync_batchnorm_is_refused() -> None:
+    with pytest.raises(MisconfigurationException, match="sync_batchnorm"):
+        fit(MLPClassifier(batch_norm=True), sync_batchnorm=True)
+
+
+def test_threshold_can_be_read_and_set_while_training() -> None:
+    seen = []
+
+    class Raise(pl.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            seen.append((trainer.strategy.threshold, trainer.strategy.version))
+            trainer.strategy.threshold = "sync"
+
+    fit(MLPClassifier(), callbacks=[Raise()])
+    assert seen == [(1, 0), (1, 1), (1, 2)]
+    assert lightning_hybrid.__version__
