@@ -149,7 +149,8 @@ class HybridSGDStrategy(DDPStrategy):
         self._version = 0
         self._threshold: Optional[int] = None
         self._threshold_request = 0
-        self._stop_flags = Flag.NONE
+        self._local_stop = Flag.NONE  # stop signals raised on this rank, sent with every message
+        self._server_stop = Flag.NONE  # stop signals the server relayed: every rank acts on them alike
         self._in_training_step = False
         self._restore: list[Callable[[], None]] = []
         self.worker_staleness = StalenessStats()
@@ -339,24 +340,33 @@ class HybridSGDStrategy(DDPStrategy):
         return GradientClipping(float(value), str(algorithm or "norm"))
 
     def _replace_lockstep_checks(self, trainer: "pl.Trainer") -> None:
-        """Lightning broadcasts rank 0's SIGTERM flag (and a step-interval Timer its verdict) on every step;
-        here those signals ride on the server's answers instead, so no rank waits for another."""
+        """Lightning broadcasts rank 0's SIGTERM flag on every step and from its SIGTERM handler, and a
+        step-interval Timer broadcasts its verdict; here those signals ride on the server's answers
+        instead, so no rank waits for another. (Signal handlers are registered after ``setup``.)"""
         epoch_loop = trainer.fit_loop.epoch_loop
-        epoch_loop._broadcast_sigterm_tensor = self._raise_on_stop_signal
+        epoch_loop._broadcast_sigterm_tensor = lambda: None
         self._restore.append(lambda: vars(epoch_loop).pop("_broadcast_sigterm_tensor", None))
+        connector = trainer._signal_connector
+        connector._sigterm_notifier_fn = lambda signum, frame: self._note_sigterm(connector, signum)
+        self._restore.append(lambda: vars(connector).pop("_sigterm_notifier_fn", None))
         for callback in trainer.callbacks:
             if isinstance(callback, Timer) and callback._interval == "step":
                 timer = callback
                 timer._check_time_remaining = lambda _trainer, timer=timer: self._check_time_budget(timer)
                 self._restore.append(lambda timer=timer: vars(timer).pop("_check_time_remaining", None))
 
-    def _raise_on_stop_signal(self) -> None:
-        if self._stop_flags & Flag.SIGTERM:
-            raise SIGTERMException()
+    def _note_sigterm(self, connector: Any, signum: int) -> None:
+        """Lightning's SIGTERM notifier minus its broadcast: forward the signal to the processes this rank
+        launched and send it with the next message. Lightning's own checks are told only when the server
+        relays it (see :meth:`_act_on_stop`), so that every rank stops at the same drain."""
+        log.info("[rank %d] received SIGTERM (%d)", self.global_rank, signum)
+        if not self._local_stop & Flag.SIGTERM and self.launcher is not None:
+            self.launcher.kill(signum)
+        self._local_stop |= Flag.SIGTERM
 
     def _check_time_budget(self, timer: Timer) -> None:
         if timer._duration is not None and timer.time_elapsed() >= timer._duration:
-            self._stop_flags |= Flag.TIME_UP
+            self._local_stop |= Flag.TIME_UP
 
     # ------------------------------------------------------------------ the step
     @override
@@ -408,10 +418,11 @@ class HybridSGDStrategy(DDPStrategy):
             reply = self._link.push(self._gradient, self._version, flags, self._take_threshold_request())
         if reply is not None:
             self._absorb(reply)
-            if reply.flags & STOP_FLAGS and not final:
-                self._absorb(self._link.drain())
+            if self._server_stop and not final:
+                self._absorb(self._link.drain(self._local_stop))
         self.wait_seconds += time.perf_counter() - started
         self.steps += 1
+        self._act_on_stop()
 
     def _is_final_step_of_epoch(self) -> bool:
         """True when no step of this rank follows in this epoch: then the push also drains, so that no
@@ -423,10 +434,13 @@ class HybridSGDStrategy(DDPStrategy):
         return trainer.max_steps >= 0 and trainer.global_step + 1 >= trainer.max_steps
 
     def _outgoing_flags(self) -> Flag:
-        flags = self._stop_flags & STOP_FLAGS
-        if self.lightning_module.trainer.received_sigterm:
-            flags |= Flag.SIGTERM
-        return flags
+        return self._local_stop
+
+    def _act_on_stop(self) -> None:
+        """After a drain that brought a relayed SIGTERM, every rank stops here, as Lightning's DDP does."""
+        if self._server_stop & Flag.SIGTERM:
+            self.lightning_module.trainer._signal_connector.received_sigterm = True
+            raise SIGTERMException()
 
     def _take_threshold_request(self) -> int:
         request, self._threshold_request = self._threshold_request, 0
@@ -449,7 +463,7 @@ class HybridSGDStrategy(DDPStrategy):
                 self.global_rank,
                 self._rejected[self.global_rank],
             )
-        self._stop_flags |= reply.flags & STOP_FLAGS
+        self._server_stop |= reply.flags & STOP_FLAGS
         if reply.flags & Flag.TIME_UP:
             self.lightning_module.trainer.should_stop = True
 
@@ -457,6 +471,7 @@ class HybridSGDStrategy(DDPStrategy):
         """Apply pending gradients and give every rank the latest parameters and rank 0's buffers."""
         if self._link is not None:
             self._absorb(self._link.drain(self._outgoing_flags(), self._take_threshold_request()))
+            self._act_on_stop()
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -546,8 +561,8 @@ class HybridSGDStrategy(DDPStrategy):
                 link.leave(Flag.FAILED)
             else:
                 if clean:
-                    self._absorb(link.drain())
-                link.leave()
+                    self._absorb(link.drain(self._outgoing_flags()))
+                link.leave(self._outgoing_flags())
         except HybridSGDError:
             if error is None and clean:
                 raise

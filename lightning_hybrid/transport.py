@@ -214,7 +214,7 @@ class ServerEndpoint:
         gradient = self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
         header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
         try:
-            while self._failure is None:
+            while True:  # after an abort too: a worker blocked in a send must get through to read the ABORT
                 dist.recv(header_buffer, src=rank, group=group)
                 header = Header.from_tensor(header_buffer)
                 if header.rank != rank:
@@ -244,6 +244,8 @@ class ServerEndpoint:
     def _handle(self, rank: int, header: Header, gradient: list[Tensor]) -> None:
         if header.kind not in (Kind.PUSH, Kind.DRAIN, Kind.LEAVE):
             raise ProtocolError(f"rank {rank} sent a message of unknown kind {header.kind}")
+        if self._failure is not None:
+            return
         self.apply_requests(header.flags, header.threshold)
         if header.kind == Kind.PUSH:
             releases = self.server.push(rank, gradient, header.version, drain=bool(header.flags & Flag.DRAIN))

@@ -54,6 +54,12 @@ class StepClock(Callback):
         self.durations: list[float] = []
         self._start = 0.0
 
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        (Path(os.environ["SCENARIO_OUT"]) / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
+        (Path(os.environ["SCENARIO_OUT"]) / f"exception{trainer.global_rank}").write_text(type(exception).__name__)
+
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int) -> None:
         self._start = time.perf_counter()
         if trainer.global_rank == self.slow_rank:
@@ -252,6 +258,8 @@ def main() -> None:
     if args.threshold.isdigit():
         args.threshold = int(args.threshold)
     torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ["SCENARIO_OUT"] = str(args.out)
     globals()[args.scenario](args)
 
 

@@ -1,10 +1,14 @@
 """Lost and hung peers and bad models stop every rank with a clear message within a bounded time."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import launch
+from conftest import SCENARIOS, clean_env, launch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -48,3 +52,30 @@ def test_model_that_differs_across_ranks_is_refused_at_setup(tmp_path) -> None:
     output = run_failing(tmp_path, "mismatched_model", tmp_path, "--devices", 2, bound=60)
     assert "build the same model on every rank" in output
     assert "rank 1 built a model with 4 parameter tensors" in output
+
+
+def test_sigterm_on_one_rank_stops_every_rank_cleanly(tmp_path) -> None:
+    # K = 1 with a slow rank 1; SIGTERM reaches rank 1 only. Lightning would broadcast the flag from rank 0
+    # on every step; here it travels through the server, and every rank stops with SIGTERMException.
+    command = [
+        sys.executable, str(SCENARIOS), "straggler", "--out", str(tmp_path), "--devices", "3", "--threshold", "1",
+        "--epochs", "1000", "--slow-rank", "1", "--delay", "0.05",
+    ]
+    process = subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pid_file = tmp_path / "pid1"
+        deadline = time.monotonic() + 90
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        signalled = time.monotonic()
+        output = process.communicate(timeout=60)[0]
+    finally:
+        process.kill()
+    assert time.monotonic() - signalled < 30
+    # SIGTERMException is Lightning's graceful exit (a SystemExit): status 0, on every rank
+    assert process.returncode == 0, output[-3000:]
+    for rank in range(3):
+        assert (tmp_path / f"exception{rank}").read_text() == "SIGTERMException"
+    assert "Error" not in output and "Timed out" not in output
