@@ -15,6 +15,7 @@ receiver threads. Semantics (``shared/DESIGN.md`` section 1):
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ class ParameterServer:
         self.rejected: Counter = Counter()
         self.update_sizes: Counter = Counter()
         self.flushed_updates = 0  # updates of fewer than K gradients: nobody else would push before a drain
+        self.update_seconds = 0.0  # time spent applying updates (mean, clip, step, snapshot)
         self.stop_flags = 0
 
     # ------------------------------------------------------------------ queries
@@ -206,6 +208,7 @@ class ParameterServer:
                 "rejected": dict(self.rejected),
                 "update_sizes": dict(self.update_sizes),
                 "flushed_updates": self.flushed_updates,
+                "update_seconds": self.update_seconds,
             }
 
     def load_progress_state(self, state: Mapping[str, Any]) -> None:
@@ -217,6 +220,7 @@ class ParameterServer:
             self.rejected = Counter({int(k): v for k, v in state.get("rejected", {}).items()})
             self.update_sizes = Counter({int(k): v for k, v in state.get("update_sizes", {}).items()})
             self.flushed_updates = int(state.get("flushed_updates", 0))
+            self.update_seconds = float(state.get("update_seconds", 0.0))
 
     def load_parameters(self, params: Sequence[Tensor]) -> None:
         with self._lock, torch.no_grad():
@@ -265,6 +269,7 @@ class ParameterServer:
         return [r for r in releases if r.workers]
 
     def _apply(self) -> Release:
+        started = time.perf_counter()
         count = len(self._pending)
         for total in self._grad:
             total.div_(count)
@@ -283,7 +288,9 @@ class ParameterServer:
         self._version += 1
         answered = tuple(w for w in sorted(self._pending) if w not in self._draining and w in self._active)
         self._pending.clear()
-        return self._release(answered, staleness=staleness)
+        release = self._release(answered, staleness=staleness)
+        self.update_seconds += time.perf_counter() - started
+        return release
 
     def _release(self, workers: tuple[int, ...], **kwargs: Any) -> Release:
         params = [b.clone() for b in self._master] if workers else []

@@ -151,7 +151,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._threshold_request = 0
         self._local_stop = Flag.NONE  # stop signals raised on this rank, sent with every message
         self._server_stop = Flag.NONE  # stop signals the server relayed: every rank acts on them alike
-        self._in_training_step = False
+        self._drained = True  # nothing pushed since the last drain: every rank holds the latest model
         self._restore: list[Callable[[], None]] = []
         self.worker_staleness = StalenessStats()
         self.steps = 0
@@ -369,26 +369,47 @@ class HybridSGDStrategy(DDPStrategy):
             self._local_stop |= Flag.TIME_UP
 
     # ------------------------------------------------------------------ the step
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._in_training_step = True
-        try:
-            return super().training_step(*args, **kwargs)
-        finally:
-            self._in_training_step = False
+    # ------------------------------------------------------------------ collectives on the default group
+    # A rank blocked in the server waiting for K gradients cannot join a collective, so while fitting every
+    # collective is preceded by a drain (a no-op when nothing was pushed since the last one), except the
+    # per-step `sync_dist` reduction, which stays local instead of chaining workers together every step.
+    def _inside_training_batch(self) -> bool:
+        trainer = self.lightning_module.trainer
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return trainer.training and progress.ready > progress.completed
+
+    def _drain_before_collective(self) -> None:
+        if self._link is not None and not self._drained:
+            self.drain()
 
     @override
     def reduce(
         self, tensor: Tensor, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
     ) -> Tensor:
-        if self._in_training_step and self._link is not None:
+        if self._link is not None and isinstance(tensor, Tensor) and self._inside_training_batch():
             rank_zero_warn(
-                "hybrid_sgd: `sync_dist=True` inside training_step would make every worker wait for the others on "
-                "every step; the per-step value is logged unsynchronised (epoch-level values are still synced).",
+                "hybrid_sgd: a per-step `sync_dist=True` would make every worker wait for the others on every step; "
+                "the per-step value is logged unsynchronised (epoch-level values are still synced).",
                 category=UserWarning,
             )
             return tensor
+        self._drain_before_collective()
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        self._drain_before_collective()
+        super().barrier(*args, **kwargs)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        self._drain_before_collective()
+        return super().broadcast(obj, src)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        self._drain_before_collective()
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
 
     @override
     def optimizer_step(
@@ -415,11 +436,14 @@ class HybridSGDStrategy(DDPStrategy):
             reply = self._link.drain(flags & ~Flag.DRAIN, self._take_threshold_request()) if final else None
         else:
             self._layout.pack([p.grad for p in self._params], self._gradient)
+            self._drained = False
             reply = self._link.push(self._gradient, self._version, flags, self._take_threshold_request())
         if reply is not None:
             self._absorb(reply)
             if self._server_stop and not final:
                 self._absorb(self._link.drain(self._local_stop))
+            if final or self._server_stop:
+                self._drained = True
         self.wait_seconds += time.perf_counter() - started
         self.steps += 1
         self._act_on_stop()
@@ -471,6 +495,7 @@ class HybridSGDStrategy(DDPStrategy):
         """Apply pending gradients and give every rank the latest parameters and rank 0's buffers."""
         if self._link is not None:
             self._absorb(self._link.drain(self._outgoing_flags(), self._take_threshold_request()))
+            self._drained = True
             self._act_on_stop()
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 import lightning_hybrid
 from lightning_hybrid.data import DigitsDataModule
@@ -67,6 +67,17 @@ class StepClock(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         self.durations.append(time.perf_counter() - self._start)
+
+
+class BarrierEvery(Callback):
+    """A collective on the default group every ``steps`` steps, as user callbacks do."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step % self.steps == 0:
+            trainer.strategy.barrier()
 
 
 class NaNOnce(MLPClassifier):
@@ -134,12 +145,18 @@ def straggler(args: argparse.Namespace) -> None:
     evaluation = ModelAtEvaluation()
     strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, peer_timeout=60)
     extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}
+    callbacks: list[Callback] = [clock, evaluation]
+    if args.checkpoint_every:
+        # a checkpoint and a user's barrier (any collective) in the middle of an epoch
+        callbacks.append(ModelCheckpoint(args.out / "ckpts", every_n_train_steps=args.checkpoint_every, save_top_k=-1))
+        callbacks.append(BarrierEvery(args.checkpoint_every))
+        extra["enable_checkpointing"] = True
     run = trainer(
         strategy,
         args.devices,
         max_epochs=args.epochs,
         limit_train_batches=args.batches,
-        callbacks=[clock, evaluation],
+        callbacks=callbacks,
         **extra,
     )
     model = NaNOnce(nan_rank=args.nan_rank, nan_step=args.nan_step, lr=args.lr)
@@ -254,6 +271,7 @@ def main() -> None:
     parser.add_argument("--max-time", default=None)
     parser.add_argument("--phase", default="full")
     parser.add_argument("--peer-timeout", type=float, default=60.0)
+    parser.add_argument("--checkpoint-every", type=int, default=0)
     args = parser.parse_args()
     if args.threshold.isdigit():
         args.threshold = int(args.threshold)

@@ -43,11 +43,14 @@ def test_async_fast_worker_does_not_wait_for_slow_one(tmp_path) -> None:
 
 
 def test_hybrid_updates_hold_exactly_k_gradients(tmp_path) -> None:
-    # 3 workers x 10 batches per epoch = 30 gradients per epoch, an exact multiple of K = 2
+    # 3 workers x 10 batches per epoch = 30 gradients per epoch, an exact multiple of K = 2. A ModelCheckpoint
+    # and a barrier every 4 steps run collectives mid-epoch: the strategy drains first, so that no rank
+    # blocked in the server misses them (without that drain, the barrier deadlocks this run).
     launch(
         "straggler", tmp_path, "--devices", 3, "--threshold", 2, "--epochs", 2, "--batches", 10,
-        "--slow-rank", 2, "--delay", 0.03,
+        "--slow-rank", 2, "--delay", 0.03, "--checkpoint-every", 4,
     )
+    assert len(list((tmp_path / "ckpts").glob("*.ckpt"))) == 5  # global steps 4, 8, 12, 16, 20
     ranks = results(tmp_path, 3)
     server = ranks[0]
     # Every update holds K = 2 gradients, except flushes: once the two fast workers have finished their
