@@ -25,7 +25,7 @@ from lightning_hybrid.models import MLPClassifier
 
 def trainer(strategy: Any, devices: int, **kwargs: Any) -> pl.Trainer:
     options: dict[str, Any] = dict(
-        accelerator="cpu",
+        accelerator=os.environ.get("SCENARIO_ACCELERATOR", "cpu"),
         devices=devices,
         logger=False,
         enable_checkpointing=False,
@@ -272,12 +272,14 @@ def main() -> None:
     parser.add_argument("--phase", default="full")
     parser.add_argument("--peer-timeout", type=float, default=60.0)
     parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--accelerator", default="cpu")
     args = parser.parse_args()
     if args.threshold.isdigit():
         args.threshold = int(args.threshold)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["SCENARIO_OUT"] = str(args.out)
+    os.environ["SCENARIO_ACCELERATOR"] = args.accelerator
     globals()[args.scenario](args)
 
 
