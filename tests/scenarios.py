@@ -81,7 +81,8 @@ class BarrierEvery(Callback):
 
 
 class NaNOnce(MLPClassifier):
-    """Rank ``nan_rank`` returns a NaN loss on its global step ``nan_step``."""
+    """Rank ``nan_rank`` returns a NaN loss on its global step ``nan_step``. It also logs a per-step
+    ``sync_dist=True`` value, which must not make workers wait for each other."""
 
     def __init__(self, nan_rank: int, nan_step: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -89,6 +90,7 @@ class NaNOnce(MLPClassifier):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
+        self.log("loss_synced", loss, on_step=True, on_epoch=True, sync_dist=True)
         if self.global_rank == self.nan_rank and self.trainer.global_step == self.nan_step:
             loss = loss * float("nan")
         return loss
