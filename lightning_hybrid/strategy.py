@@ -139,6 +139,8 @@ class HybridSGDStrategy(DDPStrategy):
         self._reset_session()
 
     def _reset_session(self) -> None:
+        """Per-``fit`` state: each fit starts a new server at version 0 (a checkpoint restores it), as
+        Lightning builds new optimizers for each fit."""
         self._endpoint: Optional[ServerEndpoint] = None
         self._link: Optional[ServerLink] = None
         self._params: list[Tensor] = []
@@ -154,8 +156,8 @@ class HybridSGDStrategy(DDPStrategy):
         self._drained = True  # nothing pushed since the last drain: every rank holds the latest model
         self._restore: list[Callable[[], None]] = []
         self.worker_staleness = StalenessStats()
-        self.steps = 0
-        self.wait_seconds = 0.0
+        self.steps = 0  # optimizer steps of this rank in this fit
+        self.wait_seconds = 0.0  # of which spent waiting for the server's answers
         self._rejected: Counter = Counter()
         self._update_sizes: Counter = Counter()
         self._final_progress: Optional[dict[str, Any]] = None
@@ -280,6 +282,7 @@ class HybridSGDStrategy(DDPStrategy):
                 )
 
     def _start_session(self, trainer: "pl.Trainer") -> None:
+        self._reset_session()
         if len(self.optimizers) != 1:
             raise MisconfigurationException(
                 f"hybrid_sgd serves exactly one optimizer, but configure_optimizers returned {len(self.optimizers)}: "
@@ -368,7 +371,6 @@ class HybridSGDStrategy(DDPStrategy):
         if timer._duration is not None and timer.time_elapsed() >= timer._duration:
             self._local_stop |= Flag.TIME_UP
 
-    # ------------------------------------------------------------------ the step
     # ------------------------------------------------------------------ collectives on the default group
     # A rank blocked in the server waiting for K gradients cannot join a collective, so while fitting every
     # collective is preceded by a drain (a no-op when nothing was pushed since the last one), except the
@@ -411,6 +413,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._drain_before_collective()
         return super().all_gather(tensor, group=group, sync_grads=sync_grads)
 
+    # ------------------------------------------------------------------ the step
     @override
     def optimizer_step(
         self,
@@ -427,7 +430,7 @@ class HybridSGDStrategy(DDPStrategy):
     def _exchange(self, loss: Any) -> None:
         """Push this worker's gradient, wait for the server's answer and load the new parameters."""
         assert self._link is not None and self._layout is not None
-        flags = self._outgoing_flags()
+        flags = self._local_stop
         final = self._is_final_step_of_epoch()
         if final:
             flags |= Flag.DRAIN
@@ -456,9 +459,6 @@ class HybridSGDStrategy(DDPStrategy):
         if epoch_loop._num_ready_batches_reached():
             return True
         return trainer.max_steps >= 0 and trainer.global_step + 1 >= trainer.max_steps
-
-    def _outgoing_flags(self) -> Flag:
-        return self._local_stop
 
     def _act_on_stop(self) -> None:
         """After a drain that brought a relayed SIGTERM, every rank stops here, as Lightning's DDP does."""
@@ -494,7 +494,7 @@ class HybridSGDStrategy(DDPStrategy):
     def drain(self) -> None:
         """Apply pending gradients and give every rank the latest parameters and rank 0's buffers."""
         if self._link is not None:
-            self._absorb(self._link.drain(self._outgoing_flags(), self._take_threshold_request()))
+            self._absorb(self._link.drain(self._local_stop, self._take_threshold_request()))
             self._drained = True
             self._act_on_stop()
 
@@ -586,8 +586,8 @@ class HybridSGDStrategy(DDPStrategy):
                 link.leave(Flag.FAILED)
             else:
                 if clean:
-                    self._absorb(link.drain(self._outgoing_flags()))
-                link.leave(self._outgoing_flags())
+                    self._absorb(link.drain(self._local_stop))
+                link.leave(self._local_stop)
         except HybridSGDError:
             if error is None and clean:
                 raise

@@ -161,7 +161,6 @@ class ServerEndpoint:
         self._send_locks = {rank: threading.Lock() for rank in channels}
         self._threads: list[threading.Thread] = []
         self._failure: Optional[BaseException] = None
-        self._closing = threading.Event()
 
     def start(self) -> None:
         for rank in self._channels:
@@ -171,7 +170,6 @@ class ServerEndpoint:
 
     def close(self, timeout: float = 10.0) -> None:
         """Wait for the receiver threads, which end when their worker leaves or is lost."""
-        self._closing.set()
         for thread in self._threads:
             thread.join(timeout)
         self._threads = [t for t in self._threads if t.is_alive()]
@@ -263,7 +261,11 @@ class ServerEndpoint:
         if flags & STOP_FLAGS:
             self.server.request_stop(int(flags & STOP_FLAGS))
         if threshold:
-            self._dispatch(self.server.set_threshold(threshold))
+            try:
+                releases = self.server.set_threshold(threshold)
+            except ValueError as err:
+                raise ProtocolError(f"a worker requested an impossible threshold: {err}") from err
+            self._dispatch(releases)
 
     def _dispatch(self, releases: list[Release]) -> None:
         if self._failure is not None:

@@ -93,3 +93,12 @@ def test_threshold_can_be_read_and_set_while_training() -> None:
     fit(MLPClassifier(), callbacks=[Raise()])
     assert seen == [(1, 0), (1, 1), (1, 2)]
     assert lightning_hybrid.__version__
+
+
+def test_a_second_fit_starts_a_new_server() -> None:
+    trainer = fit(MLPClassifier())
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(trainer.lightning_module, datamodule=DigitsDataModule())
+    # Lightning built a fresh optimizer for the second fit; the server starts again at version 0
+    assert trainer.global_step == 6 and trainer.strategy.version == 3
+    assert trainer.optimizers[0].state  # the server optimizer's final state came back to rank 0
