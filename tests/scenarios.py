@@ -69,6 +69,17 @@ class StepClock(Callback):
         self.durations.append(time.perf_counter() - self._start)
 
 
+class SetThreshold(Callback):
+    """Rank ``rank`` alone sets K at its global step ``step``; the server applies it for every rank."""
+
+    def __init__(self, rank: int, step: int, threshold: int) -> None:
+        self.rank, self.step, self.threshold = rank, step, threshold
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            trainer.strategy.threshold = self.threshold
+
+
 class BarrierEvery(Callback):
     """A collective on the default group every ``steps`` steps, as user callbacks do."""
 
@@ -153,6 +164,9 @@ def straggler(args: argparse.Namespace) -> None:
         callbacks.append(ModelCheckpoint(args.out / "ckpts", every_n_train_steps=args.checkpoint_every, save_top_k=-1))
         callbacks.append(BarrierEvery(args.checkpoint_every))
         extra["enable_checkpointing"] = True
+    if args.set_threshold:
+        rank, step, k = (int(v) for v in args.set_threshold.split(":"))
+        callbacks.append(SetThreshold(rank, step, k))
     run = trainer(
         strategy,
         args.devices,
@@ -275,6 +289,7 @@ def main() -> None:
     parser.add_argument("--peer-timeout", type=float, default=60.0)
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--set-threshold", default="", help="RANK:STEP:K")
     args = parser.parse_args()
     if args.threshold.isdigit():
         args.threshold = int(args.threshold)

@@ -78,3 +78,13 @@ def test_time_budget_stops_every_rank_without_lockstep(tmp_path) -> None:
     assert fast["global_step"] < 1000 * 23
     assert statistics.median(fast["durations"]) < 0.25 * statistics.median(slow["durations"])
     assert fast["version"] == slow["version"], "both ranks ended on the final drain"
+
+
+def test_threshold_set_on_one_worker_reaches_the_server_and_every_rank(tmp_path) -> None:
+    # K = 1, then rank 1 alone sets K = 2 before its step 3: later updates wait for both workers
+    launch("straggler", tmp_path, "--devices", 2, "--threshold", 1, "--epochs", 1, "--batches", 8,
+           "--set-threshold", "1:3:2")
+    server, worker = results(tmp_path, 2)
+    assert server["threshold"] == worker["threshold"] == 2
+    assert server["update_sizes"].get(2, 0) >= 1 and server["update_sizes"].get(1, 0) >= 3
+    assert sum(k * n for k, n in server["update_sizes"].items()) == 16
