@@ -35,7 +35,9 @@ class BenchmarkMLP(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(FEATURES, 1024), nn.ReLU(), nn.Linear(1024, 768), nn.ReLU(), nn.Linear(768, CLASSES))
+        self.net = nn.Sequential(
+            nn.Linear(FEATURES, 1024), nn.ReLU(), nn.Linear(1024, 768), nn.ReLU(), nn.Linear(768, CLASSES)
+        )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -62,15 +64,25 @@ def run_one(args: argparse.Namespace) -> None:
     """One configuration; Lightning's launcher starts the other ranks by re-running this command."""
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    data = TensorDataset(torch.randn(64 * args.steps * args.workers, FEATURES), torch.randint(0, CLASSES, (64 * args.steps * args.workers,)))
+    data = TensorDataset(
+        torch.randn(64 * args.steps * args.workers, FEATURES),
+        torch.randint(0, CLASSES, (64 * args.steps * args.workers,)),
+    )
     if args.strategy == "ddp":
         strategy: Any = "ddp"
     else:
         strategy = lightning_hybrid.HybridSGDStrategy(threshold=int(args.strategy.split("=")[1]))
     timer = StepTimer(warmup=min(10, args.steps // 4))
     trainer = pl.Trainer(
-        strategy=strategy, accelerator="cpu", devices=args.workers, max_epochs=1, limit_train_batches=args.steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        strategy=strategy,
+        accelerator="cpu",
+        devices=args.workers,
+        max_epochs=1,
+        limit_train_batches=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[timer],
     )
     model = BenchmarkMLP()
@@ -85,8 +97,22 @@ def run_one(args: argparse.Namespace) -> None:
 
 def measure(strategy: str, workers: int, steps: int, out: Path) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, __file__, "--run", "--strategy", strategy, "--workers", str(workers), "--steps", str(steps), "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    command = [
+        sys.executable,
+        __file__,
+        "--run",
+        "--strategy",
+        strategy,
+        "--workers",
+        str(workers),
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+    ]
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))
+    }
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
 
@@ -107,8 +133,10 @@ def main() -> None:
     import tempfile
 
     numel = sum(p.numel() for p in BenchmarkMLP().parameters())
-    print(f"model: {numel:,} parameters ({numel * 4 / 2**20:.1f} MiB float32); {args.steps} steps per worker; "
-          f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
+    print(
+        f"model: {numel:,} parameters ({numel * 4 / 2**20:.1f} MiB float32); {args.steps} steps per worker; "
+        f"torch {torch.__version__}, {os.cpu_count()} CPU cores"
+    )
     header = f"{'workers':>7}  {'strategy':<14} {'steps/s per rank':>16} {'steps/s all':>11} {'vs DDP':>7} {'server ms/update':>16} {'MiB moved/step':>14}"
     print(header)
     print("-" * len(header))
@@ -125,7 +153,9 @@ def main() -> None:
                 update_ms = f"{server['update_ms']:.2f}" if "update_ms" in server else "-"
                 # a remote worker sends a gradient and receives parameters: 2 x model bytes per step
                 moved = "-" if strategy == "ddp" else f"{2 * numel * 4 * (workers - 1) / workers / 2**20:.1f}"
-                print(f"{workers:>7}  {strategy:<14} {per_rank:>16.1f} {total:>11.1f} {total / baseline:>6.2f}x {update_ms:>16} {moved:>14}")
+                print(
+                    f"{workers:>7}  {strategy:<14} {per_rank:>16.1f} {total:>11.1f} {total / baseline:>6.2f}x {update_ms:>16} {moved:>14}"
+                )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Demo: hybrid parameter-server SGD with several CPU worker processes on scikit-learn's digits.
 
-    python examples/demo.py --workers 3 --threshold 2 --epochs 5
+python examples/demo.py --workers 3 --threshold 2 --epochs 5
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def main() -> None:
         print(f"  threshold K          {strategy.threshold} of {args.workers}")
         print(f"  updates applied      {strategy.version}")
         print(f"  gradients per update {sizes}")
-        print(f"  staleness            mean {stats.mean:.2f}, max {stats.max}, counts {dict(sorted(stats.counts.items()))}")
+        print(
+            f"  staleness            mean {stats.mean:.2f}, max {stats.max}, counts {dict(sorted(stats.counts.items()))}"
+        )
         print(f"  validation           loss {metrics['val_loss']:.4f}, accuracy {metrics['val_acc']:.4f}")
 
 

@@ -54,10 +54,7 @@ class FlatLayout:
         return sum(n * torch.empty((), dtype=d).element_size() for n, d in zip(self.sizes, self.dtypes))
 
     def allocate(self, device: torch.device | str = "cpu", pin_memory: bool = False) -> list[Tensor]:
-        return [
-            torch.zeros(n, dtype=d, device=device, pin_memory=pin_memory)
-            for n, d in zip(self.sizes, self.dtypes)
-        ]
+        return [torch.zeros(n, dtype=d, device=device, pin_memory=pin_memory) for n, d in zip(self.sizes, self.dtypes)]
 
     def views(self, buffers: Sequence[Tensor]) -> list[Tensor]:
         """Tensors shaped like the originals that alias slices of ``buffers``."""

@@ -70,7 +70,9 @@ def clone_optimizer(optimizer: Optimizer, params: Sequence[Tensor]) -> Optimizer
     groups, start = [], 0
     for group in optimizer.param_groups:
         count = len(group["params"])
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(params[start : start + count])})
+        groups.append(
+            {**{k: v for k, v in group.items() if k != "params"}, "params": list(params[start : start + count])}
+        )
         start += count
     if start != len(params):
         raise ValueError(f"the optimizer holds {start} parameters but {len(params)} were given")
@@ -123,6 +125,7 @@ class ParameterServer:
         self._active: set[int] = set(range(num_workers))
         self.stats = StalenessStats()
         self.rejected: Counter = Counter()
+        self._unreported_rejections: set[int] = set()
         self.update_sizes: Counter = Counter()
         self.flushed_updates = 0  # updates of fewer than K gradients: nobody else would push before a drain
         self.update_seconds = 0.0  # time spent applying updates (mean, clip, step, snapshot)
@@ -164,7 +167,8 @@ class ParameterServer:
                 self._draining.add(worker)
             if not all(bool(torch.isfinite(g).all()) for g in gradient):
                 self.rejected[worker] += 1
-                if drain:
+                if drain:  # the worker hears of it when the drain completes
+                    self._unreported_rejections.add(worker)
                     return self._settle()
                 return [self._release((worker,), rejected=(worker,))] + self._settle()
             for total, g in zip(self._grad, gradient):
@@ -264,7 +268,9 @@ class ParameterServer:
                     self.flushed_updates += 1
                 releases.append(self._apply())
         if self._draining and self._active <= self._draining:
-            releases.append(self._release(tuple(sorted(self._draining)), drained=True))
+            rejected = tuple(sorted(self._unreported_rejections & self._draining))
+            releases.append(self._release(tuple(sorted(self._draining)), drained=True, rejected=rejected))
+            self._unreported_rejections.clear()
             self._draining.clear()
         return [r for r in releases if r.workers]
 

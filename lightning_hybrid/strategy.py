@@ -31,6 +31,7 @@ from collections import Counter
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
@@ -38,20 +39,19 @@ from lightning_fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning_fabric.strategies import _StrategyRegistry
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from lightning_fabric.utilities.types import _PATH, ReduceOp
-from torch import Tensor
-from torch.optim import Optimizer
-from typing_extensions import override
-
-import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
-from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_hybrid.errors import HybridSGDError
 from lightning_hybrid.flat import FlatLayout
@@ -68,6 +68,7 @@ from lightning_hybrid.transport import (
     ServerEndpoint,
     ServerLink,
 )
+from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class HybridSGDStrategy(DDPStrategy):
         threshold: K, how many gradients the server waits for before one update: an int in ``[1, N]``,
             ``"sync"`` (N), ``"async"`` (1) or a percentage of the N workers such as ``"50%"``
             (``ceil(p/100 * N)``). Can be changed while training runs through :attr:`threshold`.
+        pull_work: whether workers pull batches of each epoch from a shared counter (fast workers take more,
+            every sample still once per epoch) instead of Lightning's equal static shards. ``None``: pull
+            when the initial K is below N, static when K = N (so that K = N reproduces DDP exactly).
         peer_timeout: seconds a worker waits for the server's answer before it fails with a clear error
             (a hung or lost peer). Raise it when stragglers are legitimately slower.
         timeout: timeout of the process groups (Lightning's default group and the server's channels).
@@ -110,6 +114,7 @@ class HybridSGDStrategy(DDPStrategy):
     def __init__(
         self,
         threshold: ThresholdSpec = "50%",
+        pull_work: Optional[bool] = None,
         peer_timeout: float = 600.0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -133,8 +138,13 @@ class HybridSGDStrategy(DDPStrategy):
         check_threshold_spec(threshold)
         if not peer_timeout > 0:
             raise ValueError(f"peer_timeout must be a positive number of seconds, got {peer_timeout!r}")
+        if pull_work not in (None, True, False):
+            raise ValueError(f"pull_work must be True, False or None (automatic), got {pull_work!r}")
         self._threshold_spec = threshold
+        self._pull_work = pull_work
         self._peer_timeout = float(peer_timeout)
+        self._sessions = 0  # fits started: names this fit's keys in the shared store
+        self._resume_work: Optional[dict[str, Any]] = None
         self._channels: Optional[dict[int, dist.ProcessGroup]] = None
         self._reset_session()
 
@@ -161,6 +171,9 @@ class HybridSGDStrategy(DDPStrategy):
         self._rejected: Counter = Counter()
         self._update_sizes: Counter = Counter()
         self._final_progress: Optional[dict[str, Any]] = None
+        self._pulling = False
+        self._sampler: Optional[PulledBatchSampler] = None
+        self._work_state: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ public state
     @property
@@ -271,7 +284,9 @@ class HybridSGDStrategy(DDPStrategy):
     def _check_same_model_everywhere(self) -> None:
         params = list(self.model.parameters())
         signature = repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode()
-        mine = torch.tensor([len(params), sum(p.numel() for p in params), zlib.crc32(signature)], device=self.root_device)
+        mine = torch.tensor(
+            [len(params), sum(p.numel() for p in params), zlib.crc32(signature)], device=self.root_device
+        )
         everyone = self.all_gather(mine).reshape(self.world_size, 3).cpu()
         for rank, theirs in enumerate(everyone.tolist()):
             if theirs != everyone[0].tolist():
@@ -297,6 +312,10 @@ class HybridSGDStrategy(DDPStrategy):
         self._buffer_layout = FlatLayout.of(self._buffers)
         self._gradient = self._layout.allocate(self.root_device)
         self._threshold = resolve_threshold(self._threshold_spec, self.world_size)
+        self._sessions += 1
+        self._pulling = self._threshold < self.world_size if self._pull_work is None else self._pull_work
+        if self._pulling:
+            self._check_pulled_work(trainer)
         if self.global_rank == SERVER_RANK:
             server = ParameterServer(
                 self._params,
@@ -328,6 +347,24 @@ class HybridSGDStrategy(DDPStrategy):
                 pin_memory=self.root_device.type == "cuda",
             )
         self._replace_lockstep_checks(trainer)
+
+    def _check_pulled_work(self, trainer: "pl.Trainer") -> None:
+        """With pulled work ranks train different numbers of batches per epoch, so nothing may be
+        triggered by a rank's batch or step count."""
+        fix = "or use HybridSGDStrategy(pull_work=False)"
+        if trainer.val_check_interval != 1.0:
+            raise MisconfigurationException(
+                f"val_check_interval={trainer.val_check_interval!r} validates after a number of batches, but with "
+                "pulled work every rank trains a different number of batches per epoch: validate at epoch ends "
+                f"(val_check_interval=1.0), {fix}."
+            )
+        for callback in trainer.checkpoint_callbacks:
+            if callback._every_n_train_steps or callback._train_time_interval:
+                raise MisconfigurationException(
+                    "ModelCheckpoint(every_n_train_steps=... or train_time_interval=...) would save at different "
+                    "moments on ranks that train different numbers of batches (pulled work): save at epoch ends "
+                    f"(every_n_epochs), {fix}."
+                )
 
     def _take_gradient_clipping(self, trainer: "pl.Trainer") -> Optional[GradientClipping]:
         """Move clipping from the workers' local gradients to the server's aggregated one."""
@@ -369,7 +406,7 @@ class HybridSGDStrategy(DDPStrategy):
 
     def _check_time_budget(self, timer: Timer) -> None:
         if timer._duration is not None and timer.time_elapsed() >= timer._duration:
-            self._local_stop |= Flag.TIME_UP
+            self._local_stop |= Flag.STOP
 
     # ------------------------------------------------------------------ collectives on the default group
     # A rank blocked in the server waiting for K gradients cannot join a collective, so while fitting every
@@ -425,13 +462,15 @@ class HybridSGDStrategy(DDPStrategy):
         if self._link is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         pushing = _PushingOptimizer(optimizer, self._exchange)
-        return self.precision_plugin.optimizer_step(pushing, model=model or self.lightning_module, closure=closure, **kwargs)
+        return self.precision_plugin.optimizer_step(
+            pushing, model=model or self.lightning_module, closure=closure, **kwargs
+        )
 
     def _exchange(self, loss: Any) -> None:
         """Push this worker's gradient, wait for the server's answer and load the new parameters."""
         assert self._link is not None and self._layout is not None
-        flags = self._local_stop
         final = self._is_final_step_of_epoch()
+        flags = self._local_stop
         if final:
             flags |= Flag.DRAIN
         started = time.perf_counter()
@@ -458,7 +497,10 @@ class HybridSGDStrategy(DDPStrategy):
         epoch_loop = trainer.fit_loop.epoch_loop
         if epoch_loop._num_ready_batches_reached():
             return True
-        return trainer.max_steps >= 0 and trainer.global_step + 1 >= trainer.max_steps
+        if trainer.max_steps >= 0 and trainer.global_step + 1 >= trainer.max_steps:
+            self._local_stop |= Flag.STOP  # with pulled work other ranks are at other steps: all stop here
+            return True
+        return False
 
     def _act_on_stop(self) -> None:
         """After a drain that brought a relayed SIGTERM, every rank stops here, as Lightning's DDP does."""
@@ -488,7 +530,7 @@ class HybridSGDStrategy(DDPStrategy):
                 self._rejected[self.global_rank],
             )
         self._server_stop |= reply.flags & STOP_FLAGS
-        if reply.flags & Flag.TIME_UP:
+        if reply.flags & Flag.STOP:
             self.lightning_module.trainer.should_stop = True
 
     def drain(self) -> None:
@@ -498,6 +540,50 @@ class HybridSGDStrategy(DDPStrategy):
             self._drained = True
             self._act_on_stop()
 
+    # ------------------------------------------------------------------ pulled work
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """While fitting with pulled work, the training DataLoader gets a :class:`PulledBatchSampler`."""
+        trainer = self.lightning_module.trainer
+        if not (self._pulling and self._link is not None and trainer.state.stage == RunningStage.TRAINING):
+            return dataloader
+        if not isinstance(dataloader, DataLoader):
+            raise MisconfigurationException(
+                f"pulled work needs a torch DataLoader, got {type(dataloader).__name__}: "
+                "use HybridSGDStrategy(pull_work=False)."
+            )
+        try:
+            pulled = pulled_dataloader(
+                dataloader,
+                rank=self.global_rank,
+                num_workers=self.world_size,
+                store=dist.distributed_c10d._get_default_store(),
+                namespace=f"hybrid_sgd/fit{self._sessions}",
+            )
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        self._sampler = pulled.batch_sampler
+        resume, self._resume_work = self._resume_work, None
+        if resume is not None and resume["epoch"] == trainer.current_epoch:
+            self._sampler.resume(resume["epoch"], resume["done"])
+        return pulled
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._sampler is not None:
+            self._sampler.trained += 1
+
+    def _gather_work_state(self) -> Optional[dict[str, Any]]:
+        """Which batches of the current epoch every rank has trained on (for a mid-epoch checkpoint)."""
+        sampler = self._sampler
+        if sampler is None:
+            return None
+        mine = torch.zeros(sampler.num_batches, dtype=torch.int32, device=self.root_device)
+        mine[list(sampler.done)] = 1
+        mine[sampler.yielded[: sampler.trained]] = 1
+        everyone = self.all_gather(mine).reshape(self.world_size, -1).amax(0).cpu()
+        return {"epoch": sampler.epoch, "done": everyone.nonzero().flatten().tolist()}
+
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def on_validation_start(self) -> None:
@@ -506,6 +592,7 @@ class HybridSGDStrategy(DDPStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self.drain()
+        self._work_state = self._gather_work_state()
         return super().lightning_module_state_dict()
 
     @override
@@ -527,8 +614,10 @@ class HybridSGDStrategy(DDPStrategy):
 
     def _progress_state(self) -> dict[str, Any]:
         if self._endpoint is not None:
-            return self._endpoint.server.progress_state()
-        return self._final_progress or {"version": self._version, "threshold": self.threshold}
+            state = self._endpoint.server.progress_state()
+        else:
+            state = self._final_progress or {"version": self._version, "threshold": self.threshold}
+        return {**state, "work": self._work_state} if self._work_state is not None else state
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
@@ -537,6 +626,7 @@ class HybridSGDStrategy(DDPStrategy):
         if progress is not None:
             self._version = int(progress["version"])
             self._threshold = int(progress["threshold"])
+            self._resume_work = progress.get("work")
         if self._endpoint is None:
             return
         server = self._endpoint.server

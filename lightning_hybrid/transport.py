@@ -44,14 +44,14 @@ class Kind(enum.IntEnum):
 class Flag(enum.IntFlag):
     NONE = 0
     SIGTERM = 1  # a rank received SIGTERM: every rank stops
-    TIME_UP = 2  # a rank's time budget (max_time) ran out: every rank stops
+    STOP = 2  # a rank's budget ran out (max_time, or max_steps with pulled work): every rank stops
     DRAIN = 4  # on PUSH: drain right after this gradient
     BUFFERS = 8  # on REPLY: module buffers (rank 0's) follow the parameters
     REJECTED = 16  # on REPLY: the pushed gradient held NaN/Inf and was not applied
     FAILED = 32  # on LEAVE: the worker raised an exception; the run stops everywhere
 
 
-STOP_FLAGS = Flag.SIGTERM | Flag.TIME_UP
+STOP_FLAGS = Flag.SIGTERM | Flag.STOP
 
 
 class AbortCode(enum.IntEnum):

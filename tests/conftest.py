@@ -15,12 +15,16 @@ SCENARIOS = Path(__file__).with_name("scenarios.py")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))
+    }
     env.update(WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
     return env
 
 
-def launch(scenario: str, out: Path, *args: Any, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+def launch(
+    scenario: str, out: Path, *args: Any, timeout: float = 240, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run one scenario; its Lightning launcher starts the other ranks as processes of their own."""
     command = [sys.executable, str(SCENARIOS), scenario, "--out", str(out), *map(str, args)]
     result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=timeout)

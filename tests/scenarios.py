@@ -156,7 +156,7 @@ def straggler(args: argparse.Namespace) -> None:
     pl.seed_everything(args.seed)
     clock = StepClock(slow_rank=args.slow_rank, delay=args.delay)
     evaluation = ModelAtEvaluation()
-    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, peer_timeout=60)
+    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, pull_work=args.pull_work, peer_timeout=60)
     extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}
     callbacks: list[Callback] = [clock, evaluation]
     if args.checkpoint_every:
@@ -253,7 +253,9 @@ def nodes(args: argparse.Namespace) -> None:
     """Launched once per node (by torchrun or by hand): ``num_nodes`` x ``devices`` workers."""
     pl.seed_everything(args.seed)
     strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold)
-    run = trainer(strategy, args.devices, num_nodes=args.num_nodes, max_epochs=args.epochs, limit_train_batches=args.batches)
+    run = trainer(
+        strategy, args.devices, num_nodes=args.num_nodes, max_epochs=args.epochs, limit_train_batches=args.batches
+    )
     model = MLPClassifier(lr=args.lr)
     run.fit(model, datamodule=DigitsDataModule(seed=args.seed))
     save(
@@ -290,6 +292,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--set-threshold", default="", help="RANK:STEP:K")
+    parser.add_argument("--pull-work", default=None, type=lambda v: {"true": True, "false": False}[v])
     args = parser.parse_args()
     if args.threshold.isdigit():
         args.threshold = int(args.threshold)

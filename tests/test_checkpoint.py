@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import launch, results
 
 pytestmark = pytest.mark.multiprocess
@@ -50,4 +49,6 @@ def assert_same_optimizer_state(a: dict, b: dict) -> None:
     assert a["state"].keys() == b["state"].keys() and a["state"]
     for index, state in a["state"].items():
         for key, value in state.items():
-            assert torch.allclose(torch.as_tensor(value).double(), torch.as_tensor(b["state"][index][key]).double(), atol=1e-6)
+            assert torch.allclose(
+                torch.as_tensor(value).double(), torch.as_tensor(b["state"][index][key]).double(), atol=1e-6
+            )

@@ -13,8 +13,17 @@ from lightning_hybrid.models import MLPClassifier
 
 def fit(model: pl.LightningModule, strategy="hybrid_sgd", **kwargs) -> pl.Trainer:
     trainer = pl.Trainer(
-        strategy=strategy, accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs,
+        strategy=strategy,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
     )
     trainer.fit(model, datamodule=DigitsDataModule())
     return trainer

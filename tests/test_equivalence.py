@@ -1,7 +1,6 @@
 """K = N is synchronous SGD: the weights equal Lightning DDP's on the same seeds and data."""
 
 import pytest
-
 from conftest import launch, results
 
 pytestmark = pytest.mark.multiprocess
@@ -26,7 +25,9 @@ def test_sgd_momentum_steplr_clipping_accumulation_batchnorm_match_ddp(tmp_path)
 
 
 def test_adam_matches_ddp_with_three_workers(tmp_path) -> None:
-    launch("ddp_equivalence", tmp_path, "--devices", 3, "--epochs", 2, "--batches", 6, "--optimizer", "adam", "--lr", 0.01)
+    launch(
+        "ddp_equivalence", tmp_path, "--devices", 3, "--epochs", 2, "--batches", 6, "--optimizer", "adam", "--lr", 0.01
+    )
     for rank in results(tmp_path, 3):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
         assert rank["version"] == 12

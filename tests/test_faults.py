@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import SCENARIOS, clean_env, launch
 
 pytestmark = pytest.mark.multiprocess
@@ -25,8 +24,18 @@ def run_failing(tmp_path, *args, bound: float):
 @pytest.mark.parametrize("threshold", ["sync", "1"])
 def test_killed_worker_stops_every_rank_naming_it(tmp_path, threshold) -> None:
     output = run_failing(
-        tmp_path, "lost_worker", tmp_path, "--devices", 3, "--threshold", threshold, "--slow-rank", 1,
-        "--peer-timeout", 60, bound=40,
+        tmp_path,
+        "lost_worker",
+        tmp_path,
+        "--devices",
+        3,
+        "--threshold",
+        threshold,
+        "--slow-rank",
+        1,
+        "--peer-timeout",
+        60,
+        bound=40,
     )
     assert "[rank2]: lightning_hybrid.errors.PeerLostError: hybrid_sgd: worker rank 1 was lost" in output
     assert "[rank0]: lightning_hybrid.errors.PeerLostError: hybrid_sgd: worker rank 1 was lost" in output
@@ -34,7 +43,16 @@ def test_killed_worker_stops_every_rank_naming_it(tmp_path, threshold) -> None:
 
 def test_killed_server_rank_stops_every_worker(tmp_path) -> None:
     output = run_failing(
-        tmp_path, "lost_worker", tmp_path, "--devices", 2, "--slow-rank", 0, "--peer-timeout", 60, bound=40,
+        tmp_path,
+        "lost_worker",
+        tmp_path,
+        "--devices",
+        2,
+        "--slow-rank",
+        0,
+        "--peer-timeout",
+        60,
+        bound=40,
     )
     assert "lost the parameter server (rank 0)" in output
 
@@ -42,8 +60,18 @@ def test_killed_server_rank_stops_every_worker(tmp_path) -> None:
 def test_hung_worker_fails_the_others_after_peer_timeout(tmp_path) -> None:
     # rank 1 hangs for 300 s; the others give up after peer_timeout = 5 s and the hung process is killed
     output = run_failing(
-        tmp_path, "lost_worker", tmp_path, "--devices", 2, "--slow-rank", 1, "--delay", 300,
-        "--peer-timeout", 5, bound=45,
+        tmp_path,
+        "lost_worker",
+        tmp_path,
+        "--devices",
+        2,
+        "--slow-rank",
+        1,
+        "--delay",
+        300,
+        "--peer-timeout",
+        5,
+        bound=45,
     )
     assert "no answer from the parameter server within 5 s" in output
 
@@ -58,8 +86,21 @@ def test_sigterm_on_one_rank_stops_every_rank_cleanly(tmp_path) -> None:
     # K = 1 with a slow rank 1; SIGTERM reaches rank 1 only. Lightning would broadcast the flag from rank 0
     # on every step; here it travels through the server, and every rank stops with SIGTERMException.
     command = [
-        sys.executable, str(SCENARIOS), "straggler", "--out", str(tmp_path), "--devices", "3", "--threshold", "1",
-        "--epochs", "1000", "--slow-rank", "1", "--delay", "0.05",
+        sys.executable,
+        str(SCENARIOS),
+        "straggler",
+        "--out",
+        str(tmp_path),
+        "--devices",
+        "3",
+        "--threshold",
+        "1",
+        "--epochs",
+        "1000",
+        "--slow-rank",
+        "1",
+        "--delay",
+        "0.05",
     ]
     process = subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

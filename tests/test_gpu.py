@@ -3,7 +3,6 @@ through pinned host memory. Skipped where CUDA is absent."""
 
 import pytest
 import torch
-
 from conftest import launch, results
 from test_equivalence import max_difference
 
@@ -17,7 +16,16 @@ pytestmark = [
 def test_sync_on_gpu_matches_ddp_on_nccl(tmp_path) -> None:
     devices = min(torch.cuda.device_count(), 2)
     launch(
-        "ddp_equivalence", tmp_path, "--accelerator", "gpu", "--devices", devices, "--epochs", 2, "--batches", 6,
+        "ddp_equivalence",
+        tmp_path,
+        "--accelerator",
+        "gpu",
+        "--devices",
+        devices,
+        "--epochs",
+        2,
+        "--batches",
+        6,
         "--batch-norm",
     )
     for rank in results(tmp_path, devices):
@@ -27,8 +35,20 @@ def test_sync_on_gpu_matches_ddp_on_nccl(tmp_path) -> None:
 
 def test_async_on_gpu_trains_and_evaluates_one_model(tmp_path) -> None:
     devices = min(torch.cuda.device_count(), 2)
-    launch("straggler", tmp_path, "--accelerator", "gpu", "--devices", devices, "--threshold", 1, "--epochs", 2,
-           "--batches", 8)
+    launch(
+        "straggler",
+        tmp_path,
+        "--accelerator",
+        "gpu",
+        "--devices",
+        devices,
+        "--threshold",
+        1,
+        "--epochs",
+        2,
+        "--batches",
+        8,
+    )
     ranks = results(tmp_path, devices)
     assert ranks[0]["update_sizes"] == {1: 16 * devices}
     for other in ranks[1:]:

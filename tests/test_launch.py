@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import SCENARIOS, clean_env, results
 
 pytestmark = pytest.mark.multiprocess
@@ -45,9 +44,23 @@ def test_torchrun_two_nodes_on_loopback(tmp_path) -> None:
     port = free_port()
     run_nodes(
         (
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-             "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-             str(SCENARIOS), *scenario_args(tmp_path)],
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                str(SCENARIOS),
+                *scenario_args(tmp_path),
+            ],
             clean_env(),
         )
         for node in (0, 1)

@@ -122,6 +122,14 @@ def test_non_finite_gradient_is_rejected_and_master_untouched() -> None:
     assert release.workers == (0, 1) and torch.isfinite(master(server)).all()
 
 
+def test_rejection_in_a_drain_is_reported_when_the_drain_completes() -> None:
+    server = make_server(workers=2, threshold=1)
+    nan = [torch.full((7,), float("nan"))]
+    assert server.push(1, nan, version=0, drain=True) == []
+    (done,) = server.drain(0)
+    assert done.drained and done.rejected == (1,) and server.rejected == {1: 1}
+
+
 def test_protocol_errors_name_the_problem() -> None:
     server = make_server(workers=2, threshold=2)
     with pytest.raises(ProtocolError, match="version 5"):

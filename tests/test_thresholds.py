@@ -17,8 +17,15 @@ def test_resolves(spec, workers, expected) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [(0, r"outside \[1, 4\]"), (5, r"outside \[1, 4\]"), (0.5, "float|not understood"), ("half", "not understood"),
-     ("0%", "not understood"), ("150%", "not understood"), (True, "not understood")],
+    [
+        (0, r"outside \[1, 4\]"),
+        (5, r"outside \[1, 4\]"),
+        (0.5, "float|not understood"),
+        ("half", "not understood"),
+        ("0%", "not understood"),
+        ("150%", "not understood"),
+        (True, "not understood"),
+    ],
 )
 def test_refuses_with_a_fix(spec, message) -> None:
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,128 @@
+"""Pulled work: fast workers take more batches of each epoch.
+
+With a static split (Lightning's DistributedSampler) every rank owns an equal share of each epoch,
+so a 3x slower worker still has to finish its share and the epoch lasts as long as under DDP.
+Here each epoch is one permutation, the same on every rank (seeded by ``seed + epoch``), cut into
+batches; every rank first takes one batch of its own (so that every rank trains at least once and
+reaches the epoch's end hooks), then claims the next free batch from an atomic counter in
+torch.distributed's key-value store (``Store.add``) until the epoch is used up. Every sample is
+seen exactly once per epoch across all ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
+
+
+class PulledBatchSampler(Sampler[list[int]]):
+    """Yields this rank's batches of an epoch, claimed from a counter shared by all ranks.
+
+    ``sampler`` gives the epoch's order: a one-replica ``DistributedSampler`` (seeded by ``seed + epoch``,
+    the same on every rank), whose ``set_epoch`` Lightning calls as it does for a ``BatchSampler``'s
+    sampler. There is no length on purpose: a rank's number of batches is only known when the epoch is
+    used up, so Lightning ends the epoch when the iterator does.
+    """
+
+    def __init__(
+        self,
+        sampler: DistributedSampler,
+        batch_size: int,
+        *,
+        drop_last: bool,
+        rank: int,
+        num_workers: int,
+        store: dist.Store,
+        namespace: str,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.rank, self.num_workers = rank, num_workers
+        self._store, self._namespace = store, namespace
+        self._done: tuple[int, frozenset[int]] = (-1, frozenset())  # (epoch, batches trained before a resume)
+        self.yielded: list[int] = []  # batch ids this rank took in the current epoch, in order
+        self.trained = 0  # of which this rank has started training on (the rest are prefetched)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def num_batches(self) -> int:
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return full if self.drop_last or not rest else full + 1
+
+    @property
+    def done(self) -> frozenset[int]:
+        epoch, done = self._done
+        return done if epoch == self.epoch else frozenset()
+
+    def resume(self, epoch: int, done: Sequence[int]) -> None:
+        """Continue ``epoch`` without the batches ``done`` (trained before the checkpoint)."""
+        self.sampler.set_epoch(epoch)
+        self._done = (epoch, frozenset(done))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.epoch
+        self.yielded, self.trained = [], 0
+        done = self.done
+        remaining = [b for b in range(self.num_batches) if b not in done]
+        order = list(self.sampler)
+        reserved = min(self.num_workers, len(remaining))
+        claims = self._store if reserved < len(remaining) else None
+        picks: Iterator[int] = iter([self.rank] if self.rank < reserved else [])
+        while True:
+            position = next(picks, None)
+            if position is None:
+                if claims is None:
+                    return
+                position = reserved - 1 + claims.add(f"{self._namespace}/epoch{epoch}", 1)
+                if position >= len(remaining):
+                    return
+            batch = remaining[position]
+            self.yielded.append(batch)
+            yield order[batch * self.batch_size : (batch + 1) * self.batch_size]
+
+
+def pulled_dataloader(dataloader: DataLoader, **sampler_kwargs: Any) -> DataLoader:
+    """The user's DataLoader (dataset, workers, pin_memory, collate_fn, ...) with a :class:`PulledBatchSampler`."""
+    dataset = dataloader.dataset
+    fix = "use static sharding instead: HybridSGDStrategy(pull_work=False)"
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(f"pulled work needs a map-style dataset with a length, got an IterableDataset: {fix}")
+    try:
+        len(dataset)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise ValueError(f"pulled work needs a dataset with a length: {fix}") from err
+    if dataloader.batch_size is None:
+        raise ValueError(f"pulled work needs a DataLoader with batch_size (not a custom batch_sampler): {fix}")
+    user_sampler = dataloader.sampler
+    epoch_order = DistributedSampler(
+        dataset,  # type: ignore[arg-type]
+        num_replicas=1,
+        rank=0,
+        shuffle=bool(getattr(user_sampler, "shuffle", isinstance(user_sampler, RandomSampler))),
+        seed=int(getattr(user_sampler, "seed", 0)),
+    )
+    batch_sampler = PulledBatchSampler(
+        epoch_order, dataloader.batch_size, drop_last=dataloader.drop_last, **sampler_kwargs
+    )
+    kwargs: dict[str, Any] = dict(
+        batch_sampler=batch_sampler,
+        num_workers=dataloader.num_workers,
+        collate_fn=dataloader.collate_fn,
+        pin_memory=dataloader.pin_memory,
+        timeout=dataloader.timeout,
+        worker_init_fn=dataloader.worker_init_fn,
+        multiprocessing_context=dataloader.multiprocessing_context,
+        generator=dataloader.generator,
+        persistent_workers=dataloader.persistent_workers,
+        pin_memory_device=dataloader.pin_memory_device,
+    )
+    if dataloader.num_workers > 0:
+        kwargs["prefetch_factor"] = dataloader.prefetch_factor
+    return DataLoader(dataset, **kwargs)
