@@ -359,7 +359,7 @@ class HybridSGDStrategy(DDPStrategy):
                 f"(val_check_interval=1.0), {fix}."
             )
         for callback in trainer.checkpoint_callbacks:
-            if callback._every_n_train_steps or callback._train_time_interval:
+            if getattr(callback, "_every_n_train_steps", 0) or getattr(callback, "_train_time_interval", None):
                 raise MisconfigurationException(
                     "ModelCheckpoint(every_n_train_steps=... or train_time_interval=...) would save at different "
                     "moments on ranks that train different numbers of batches (pulled work): save at epoch ends "
@@ -503,9 +503,11 @@ class HybridSGDStrategy(DDPStrategy):
         return False
 
     def _act_on_stop(self) -> None:
-        """After a drain that brought a relayed SIGTERM, every rank stops here, as Lightning's DDP does."""
-        if self._server_stop & Flag.SIGTERM:
-            self.lightning_module.trainer._signal_connector.received_sigterm = True
+        """After a drain that brought a relayed SIGTERM, every rank stops here, as Lightning's DDP does
+        (once: drains during the exception's handling, e.g. an OnExceptionCheckpoint, must not raise again)."""
+        connector = self.lightning_module.trainer._signal_connector
+        if self._server_stop & Flag.SIGTERM and not connector.received_sigterm:
+            connector.received_sigterm = True
             raise SIGTERMException()
 
     def _take_threshold_request(self) -> int:
@@ -574,15 +576,16 @@ class HybridSGDStrategy(DDPStrategy):
             self._sampler.trained += 1
 
     def _gather_work_state(self) -> Optional[dict[str, Any]]:
-        """Which batches of the current epoch every rank has trained on (for a mid-epoch checkpoint)."""
+        """Which batches of the running epoch the ranks have trained on, for a mid-epoch checkpoint
+        (``None`` between epochs). Collective: every rank saving the checkpoint calls it."""
         sampler = self._sampler
-        if sampler is None:
+        if sampler is None or sampler.epoch != self.lightning_module.trainer.current_epoch:
             return None
         mine = torch.zeros(sampler.num_batches, dtype=torch.int32, device=self.root_device)
         mine[list(sampler.done)] = 1
         mine[sampler.yielded[: sampler.trained]] = 1
-        everyone = self.all_gather(mine).reshape(self.world_size, -1).amax(0).cpu()
-        return {"epoch": sampler.epoch, "done": everyone.nonzero().flatten().tolist()}
+        done = self.all_gather(mine).reshape(self.world_size, -1).amax(0).cpu().nonzero().flatten().tolist()
+        return {"epoch": sampler.epoch, "done": done} if len(done) < sampler.num_batches else None
 
     # ------------------------------------------------------------------ Lightning hooks
     @override

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 
 import lightning_hybrid
 from lightning_hybrid.data import DigitsDataModule
@@ -129,6 +129,67 @@ class ModelAtEvaluation(Callback):
             self._record("predict", module)
 
 
+class IndexedDigits(pl.LightningDataModule):
+    """Digits whose batches carry each sample's index, loaded by a user-style DataLoader
+    (a worker process, a custom collate function, drop_last=False)."""
+
+    def __init__(self, num_workers: int = 1) -> None:
+        super().__init__()
+        self.inner, self.num_workers = DigitsDataModule(seed=3), num_workers
+
+    def setup(self, stage: str) -> None:
+        self.inner.setup(stage)
+        x, y = self.inner.train_set.tensors
+        self.train_set = torch.utils.data.TensorDataset(x, y, torch.arange(len(x)))
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_size=16, shuffle=True, num_workers=self.num_workers, collate_fn=collate_with_index
+        )
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.inner.val_dataloader()
+
+
+def collate_with_index(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, y, index = (torch.stack(column) for column in zip(*samples))
+    return x, y, index
+
+
+class RecordIndices(MLPClassifier):
+    """Records the sample indices each rank trains on, per epoch; writes them when fit ends or fails."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seen: dict[int, list[int]] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, index = batch
+        self.seen.setdefault(self.current_epoch, []).extend(index.tolist())
+        return super().training_step((x, y), batch_idx)
+
+    def on_train_end(self) -> None:
+        self.write()
+
+    def write(self) -> None:
+        out = Path(os.environ["SCENARIO_OUT"])
+        torch.save(self.seen, out / f"indices-{os.environ['SCENARIO_PHASE']}-rank{self.global_rank}.pt")
+
+
+class SigtermAt(Callback):
+    """Rank ``rank`` sends itself SIGTERM at its global step ``step`` (a preemption)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
+        module.write()
+
+
 # --------------------------------------------------------------------------- scenarios
 def ddp_equivalence(args: argparse.Namespace) -> None:
     """Lightning DDP, then hybrid_sgd with K = N, from the same seed and data."""
@@ -223,6 +284,23 @@ def resume(args: argparse.Namespace) -> None:
     )
 
 
+def pulled(args: argparse.Namespace) -> None:
+    """Pulled work with slowed workers; ``--phase preempt`` stops by SIGTERM at rank 1's step
+    ``--nan-step`` and checkpoints, ``--phase resume`` continues from that checkpoint."""
+    os.environ["SCENARIO_PHASE"] = args.phase
+    pl.seed_everything(args.seed)
+    ckpt = args.out / "preempted.ckpt"
+    callbacks: list[Callback] = [StepClock(slow_rank=args.slow_rank, delay=args.delay)]
+    if args.phase == "preempt":
+        callbacks += [SigtermAt(rank=1, step=args.nan_step), OnExceptionCheckpoint(args.out, "preempted")]
+    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, pull_work=args.pull_work)
+    preempt = args.phase == "preempt"
+    run = trainer(strategy, args.devices, max_epochs=args.epochs, callbacks=callbacks, enable_checkpointing=preempt)
+    model = RecordIndices(lr=args.lr)
+    run.fit(model, datamodule=IndexedDigits(), ckpt_path=ckpt if args.phase == "resume" else None)
+    save(args.out / args.phase, run.global_rank, version=strategy.version, global_step=run.global_step)
+
+
 def mismatched_model(args: argparse.Namespace) -> None:
     """Every rank builds a different model: setup must refuse it."""
     run = trainer(lightning_hybrid.HybridSGDStrategy(), args.devices, max_epochs=1)
@@ -300,6 +378,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["SCENARIO_OUT"] = str(args.out)
     os.environ["SCENARIO_ACCELERATOR"] = args.accelerator
+    os.environ.setdefault("SCENARIO_PHASE", args.phase)
     globals()[args.scenario](args)
 
 

@@ -111,3 +111,44 @@ def test_a_second_fit_starts_a_new_server() -> None:
     # Lightning built a fresh optimizer for the second fit; the server starts again at version 0
     assert trainer.global_step == 6 and trainer.strategy.version == 3
     assert trainer.optimizers[0].state  # the server optimizer's final state came back to rank 0
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        for _ in range(8):
+            yield torch.randn(64), torch.tensor(1)
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "dataloader", "message"),
+    [
+        ({}, torch.utils.data.DataLoader(Stream(), batch_size=4), "IterableDataset.*pull_work=False"),
+        ({"val_check_interval": 0.5}, None, "val_check_interval=0.5.*pull_work=False"),
+        (
+            {"callbacks": [pl.callbacks.ModelCheckpoint(every_n_train_steps=2)], "enable_checkpointing": True},
+            None,
+            "every_n_train_steps.*pull_work=False",
+        ),
+    ],
+)
+def test_what_pulled_work_cannot_support_is_refused(trainer_kwargs, dataloader, message) -> None:
+    trainer = pl.Trainer(
+        strategy=HybridSGDStrategy(pull_work=True),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **{"enable_checkpointing": False, **trainer_kwargs},
+    )
+    with pytest.raises(MisconfigurationException, match=message):
+        if dataloader is None:
+            trainer.fit(MLPClassifier(), datamodule=DigitsDataModule())
+        else:
+            trainer.fit(MLPClassifier(), train_dataloaders=dataloader)
+
+
+def test_pull_work_must_be_a_bool_or_none() -> None:
+    with pytest.raises(ValueError, match="pull_work"):
+        HybridSGDStrategy(pull_work="yes")
