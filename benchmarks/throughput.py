@@ -12,10 +12,7 @@ time per update (mean gradient, optimizer step, parameter snapshot) and the byte
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_hybrid
+from launch import run_configuration, write_result
 
 FEATURES, CLASSES = 256, 10
 
@@ -92,29 +90,7 @@ def run_one(args: argparse.Namespace) -> None:
         progress = strategy.progress
         result["updates"] = progress["version"]
         result["update_ms"] = 1000 * progress["update_seconds"] / max(progress["version"], 1)
-    Path(args.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
-
-
-def measure(strategy: str, workers: int, steps: int, out: Path) -> list[dict[str, Any]]:
-    out.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        __file__,
-        "--run",
-        "--strategy",
-        strategy,
-        "--workers",
-        str(workers),
-        "--steps",
-        str(steps),
-        "--out",
-        str(out),
-    ]
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))
-    }
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
+    write_result(args.out, trainer.global_rank, result)
 
 
 def main() -> None:
@@ -145,7 +121,9 @@ def main() -> None:
             baseline = None
             for strategy in ("ddp", f"hybrid_sgd K={workers}", "hybrid_sgd K=1"):
                 flag = "ddp" if strategy == "ddp" else f"threshold={strategy.split('=')[1]}"
-                ranks = measure(flag, workers, args.steps, Path(tmp, f"{workers}-{flag}"))
+                ranks = run_configuration(
+                    __file__, Path(tmp, f"{workers}-{flag}"), workers, "--strategy", flag, "--steps", str(args.steps)
+                )
                 per_rank = sum(r["rate"] for r in ranks) / workers
                 total = per_rank * workers
                 baseline = baseline or total
