@@ -294,11 +294,21 @@ def pulled(args: argparse.Namespace) -> None:
     if args.phase == "preempt":
         callbacks += [SigtermAt(rank=1, step=args.nan_step), OnExceptionCheckpoint(args.out, "preempted")]
     strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, pull_work=args.pull_work)
-    preempt = args.phase == "preempt"
-    run = trainer(strategy, args.devices, max_epochs=args.epochs, callbacks=callbacks, enable_checkpointing=preempt)
+    extra: dict[str, Any] = {"enable_checkpointing": args.phase in ("preempt", "loops")}
+    if args.phase == "loops":  # Lightning's own loop features: max_steps, progress bar, epoch-end checkpoints
+        callbacks.append(ModelCheckpoint(args.out / "ckpts", save_top_k=-1))
+        extra.update(max_steps=args.batches, enable_progress_bar=True)
+    run = trainer(strategy, args.devices, max_epochs=args.epochs, callbacks=callbacks, **extra)
     model = RecordIndices(lr=args.lr)
     run.fit(model, datamodule=IndexedDigits(), ckpt_path=ckpt if args.phase == "resume" else None)
-    save(args.out / args.phase, run.global_rank, version=strategy.version, global_step=run.global_step)
+    save(
+        args.out / args.phase,
+        run.global_rank,
+        version=strategy.version,
+        global_step=run.global_step,
+        epoch=run.current_epoch,
+        weights=weights(model),
+    )
 
 
 def mismatched_model(args: argparse.Namespace) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import launch
+from conftest import launch, results
 
 pytestmark = pytest.mark.multiprocess
 
@@ -37,3 +37,34 @@ def test_preempted_mid_epoch_resumes_from_the_cursor(tmp_path) -> None:
     after = [i for rank in indices(tmp_path, "resume", 2) for i in rank.get(0, [])]
     assert len(before) == 16 * len(work["done"])
     assert sorted(before + after) == list(range(1437)), "no sample repeated or skipped across the resume"
+
+
+def test_lightning_loops_with_unequal_epochs(tmp_path) -> None:
+    # max_steps = 100 with 90 batches per epoch shared by 2 ranks: the run ends in epoch 1, when the fast
+    # rank reaches 100 steps; the progress bar runs and ModelCheckpoint saves at the end of epoch 0
+    launch(
+        "pulled",
+        tmp_path,
+        "--devices",
+        2,
+        "--threshold",
+        1,
+        "--epochs",
+        10,
+        "--slow-rank",
+        1,
+        "--delay",
+        0.02,
+        "--phase",
+        "loops",
+        "--batches",
+        100,
+    )
+    fast, slow = results(tmp_path / "loops", 2)
+    assert fast["global_step"] == 100 and slow["global_step"] < 100
+    assert fast["epoch"] == slow["epoch"] and fast["version"] == slow["version"] == 100 + slow["global_step"]
+    assert all(torch.equal(fast["weights"][k], slow["weights"][k]) for k in fast["weights"])
+    assert "epoch=0" in " ".join(p.name for p in (tmp_path / "ckpts").glob("*.ckpt"))
+    seen = indices(tmp_path, "loops", 2)
+    epoch0 = [i for rank in seen for i in rank[0]]
+    assert sorted(epoch0) == list(range(1437))
