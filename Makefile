@@ -21,3 +21,4 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/stragglers.py
