@@ -19,11 +19,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from launch import run_configuration, write_result
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_hybrid
-from launch import run_configuration, write_result
 
 FEATURES, CLASSES = 256, 10
 

@@ -44,10 +44,7 @@ class StalenessStats:
         return 0
 
     def state_dict(self) -> dict:
-        return {
-            "counts": dict(self.counts),
-            "per_worker": {w: dict(c) for w, c in self.per_worker.items()},
-        }
+        return {"counts": dict(self.counts), "per_worker": {w: dict(c) for w, c in self.per_worker.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.counts = Counter({int(k): v for k, v in state["counts"].items()})

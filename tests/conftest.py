@@ -25,8 +25,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 def launch(
     scenario: str, out: Path, *args: Any, timeout: float = 240, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run one scenario; its Lightning launcher starts the other ranks as processes of their own."""
-    command = [sys.executable, str(SCENARIOS), scenario, "--out", str(out), *map(str, args)]
+    """Run one scenario; its Lightning launcher starts the other ranks as processes of their own.
+    ``args`` are command-line words; a string of several words is split at spaces."""
+    words = [word for arg in args for word in str(arg).split()]
+    command = [sys.executable, str(SCENARIOS), scenario, "--out", str(out), *words]
     result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"{scenario} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

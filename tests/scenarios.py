@@ -229,12 +229,7 @@ def straggler(args: argparse.Namespace) -> None:
         rank, step, k = (int(v) for v in args.set_threshold.split(":"))
         callbacks.append(SetThreshold(rank, step, k))
     run = trainer(
-        strategy,
-        args.devices,
-        max_epochs=args.epochs,
-        limit_train_batches=args.batches,
-        callbacks=callbacks,
-        **extra,
+        strategy, args.devices, max_epochs=args.epochs, limit_train_batches=args.batches, callbacks=callbacks, **extra
     )
     model = NaNOnce(nan_rank=args.nan_rank, nan_step=args.nan_step, lr=args.lr)
     data = DigitsDataModule(seed=args.seed)

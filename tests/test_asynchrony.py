@@ -23,20 +23,7 @@ def test_async_fast_worker_does_not_wait_for_slow_one(tmp_path) -> None:
     launch(
         "straggler",
         tmp_path,
-        "--devices",
-        2,
-        "--threshold",
-        1,
-        "--epochs",
-        2,
-        "--slow-rank",
-        1,
-        "--delay",
-        0.1,
-        "--nan-rank",
-        1,
-        "--nan-step",
-        2,
+        "--devices 2 --threshold 1 --epochs 2 --slow-rank 1 --delay 0.1 --nan-rank 1 --nan-step 2",
     )
     fast, slow = results(tmp_path, 2)
     # every update holds exactly one gradient; all gradients but the rejected one were applied
@@ -62,22 +49,7 @@ def test_hybrid_updates_hold_exactly_k_gradients(tmp_path) -> None:
     launch(
         "straggler",
         tmp_path,
-        "--devices",
-        3,
-        "--threshold",
-        2,
-        "--epochs",
-        2,
-        "--batches",
-        10,
-        "--slow-rank",
-        2,
-        "--delay",
-        0.03,
-        "--checkpoint-every",
-        4,
-        "--pull-work",
-        "false",
+        "--devices 3 --threshold 2 --epochs 2 --batches 10 --slow-rank 2 --delay 0.03 --checkpoint-every 4 --pull-work false",
     )
     assert len(list((tmp_path / "ckpts").glob("*.ckpt"))) == 5  # global steps 4, 8, 12, 16, 20
     ranks = results(tmp_path, 3)
@@ -102,18 +74,7 @@ def test_time_budget_stops_every_rank_without_lockstep(tmp_path) -> None:
     launch(
         "straggler",
         tmp_path,
-        "--devices",
-        2,
-        "--threshold",
-        1,
-        "--epochs",
-        1000,
-        "--slow-rank",
-        1,
-        "--delay",
-        0.05,
-        "--max-time",
-        "00:00:00:04",
+        "--devices 2 --threshold 1 --epochs 1000 --slow-rank 1 --delay 0.05 --max-time 00:00:00:04",
     )
     fast, slow = results(tmp_path, 2)
     assert fast["global_step"] < 1000 * 23
@@ -123,20 +84,7 @@ def test_time_budget_stops_every_rank_without_lockstep(tmp_path) -> None:
 
 def test_threshold_set_on_one_worker_reaches_the_server_and_every_rank(tmp_path) -> None:
     # K = 1, then rank 1 alone sets K = 2 before its step 3: later updates wait for both workers
-    launch(
-        "straggler",
-        tmp_path,
-        "--devices",
-        2,
-        "--threshold",
-        1,
-        "--epochs",
-        1,
-        "--batches",
-        8,
-        "--set-threshold",
-        "1:3:2",
-    )
+    launch("straggler", tmp_path, "--devices 2 --threshold 1 --epochs 1 --batches 8 --set-threshold 1:3:2")
     server, worker = results(tmp_path, 2)
     assert server["threshold"] == worker["threshold"] == 2
     assert server["update_sizes"].get(2, 0) >= 1 and server["update_sizes"].get(1, 0) >= 3

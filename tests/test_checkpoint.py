@@ -8,10 +8,10 @@ pytestmark = pytest.mark.multiprocess
 
 
 def test_sync_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path) -> None:
-    common = ("--devices", 2, "--batches", 6, "--threshold", "sync")
-    launch("resume", tmp_path, "--phase", "full", "--epochs", 2, *common)
-    launch("resume", tmp_path, "--phase", "first", "--epochs", 1, *common)
-    launch("resume", tmp_path, "--phase", "second", "--epochs", 2, *common)
+    common = "--devices 2 --batches 6 --threshold sync"
+    launch("resume", tmp_path, "--phase full --epochs 2", common)
+    launch("resume", tmp_path, "--phase first --epochs 1", common)
+    launch("resume", tmp_path, "--phase second --epochs 2", common)
     full, first, second = (results(tmp_path / phase, 2) for phase in ("full", "first", "second"))
     checkpoint = torch.load(tmp_path / "epoch1.ckpt", weights_only=False)
     assert checkpoint["hybrid_sgd"]["version"] == 6 and checkpoint["hybrid_sgd"]["threshold"] == 2
@@ -29,9 +29,9 @@ def test_sync_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path) -> 
 
 
 def test_async_restore_reproduces_the_saved_state(tmp_path) -> None:
-    common = ("--devices", 2, "--batches", 6, "--threshold", 1, "--epochs", 1)
-    launch("resume", tmp_path, "--phase", "first", *common)
-    launch("resume", tmp_path, "--phase", "restore", *common)
+    common = "--devices 2 --batches 6 --threshold 1 --epochs 1"
+    launch("resume", tmp_path, "--phase first", common)
+    launch("resume", tmp_path, "--phase restore", common)
     saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=False)
     restored = torch.load(tmp_path / "restored.ckpt", weights_only=False)
     assert saved["hybrid_sgd"]["threshold"] == restored["hybrid_sgd"]["threshold"] == 1

@@ -69,11 +69,7 @@ class CustomClipping(MLPClassifier):
 
 
 @pytest.mark.parametrize(
-    ("model", "message"),
-    [
-        (Manual(), "automatic optimization only"),
-        (CustomClipping(), "gradient_clip_val"),
-    ],
+    ("model", "message"), [(Manual(), "automatic optimization only"), (CustomClipping(), "gradient_clip_val")]
 )
 def test_unsupported_modules_are_refused_with_the_fix(model, message) -> None:
     with pytest.raises(MisconfigurationException, match=message):

@@ -13,7 +13,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 def test_sgd_momentum_steplr_clipping_accumulation_batchnorm_match_ddp(tmp_path) -> None:
     # 3 epochs of 8 batches, accumulate 2 -> 12 updates; StepLR halves lr every epoch.
-    launch("ddp_equivalence", tmp_path, "--devices", 2, "--epochs", 3, "--batches", 8, "--batch-norm")
+    launch("ddp_equivalence", tmp_path, "--devices 2 --epochs 3 --batches 8 --batch-norm")
     for rank in results(tmp_path, 2):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
         assert rank["version"] == 12 and rank["update_sizes"] in ({2: 12}, {})
@@ -25,9 +25,7 @@ def test_sgd_momentum_steplr_clipping_accumulation_batchnorm_match_ddp(tmp_path)
 
 
 def test_adam_matches_ddp_with_three_workers(tmp_path) -> None:
-    launch(
-        "ddp_equivalence", tmp_path, "--devices", 3, "--epochs", 2, "--batches", 6, "--optimizer", "adam", "--lr", 0.01
-    )
+    launch("ddp_equivalence", tmp_path, "--devices 3 --epochs 2 --batches 6 --optimizer adam --lr 0.01")
     for rank in results(tmp_path, 3):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
         assert rank["version"] == 12

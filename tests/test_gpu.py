@@ -15,19 +15,7 @@ pytestmark = [
 
 def test_sync_on_gpu_matches_ddp_on_nccl(tmp_path) -> None:
     devices = min(torch.cuda.device_count(), 2)
-    launch(
-        "ddp_equivalence",
-        tmp_path,
-        "--accelerator",
-        "gpu",
-        "--devices",
-        devices,
-        "--epochs",
-        2,
-        "--batches",
-        6,
-        "--batch-norm",
-    )
+    launch("ddp_equivalence", tmp_path, "--accelerator gpu --devices", devices, "--epochs 2 --batches 6 --batch-norm")
     for rank in results(tmp_path, devices):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
         assert rank["version"] == 6
@@ -35,20 +23,7 @@ def test_sync_on_gpu_matches_ddp_on_nccl(tmp_path) -> None:
 
 def test_async_on_gpu_trains_and_evaluates_one_model(tmp_path) -> None:
     devices = min(torch.cuda.device_count(), 2)
-    launch(
-        "straggler",
-        tmp_path,
-        "--accelerator",
-        "gpu",
-        "--devices",
-        devices,
-        "--threshold",
-        1,
-        "--epochs",
-        2,
-        "--batches",
-        8,
-    )
+    launch("straggler", tmp_path, "--accelerator gpu --devices", devices, "--threshold 1 --epochs 2 --batches 8")
     ranks = results(tmp_path, devices)
     assert ranks[0]["update_sizes"] == {1: 16 * devices}
     for other in ranks[1:]:

@@ -15,7 +15,7 @@ def indices(out, phase: str, ranks: int) -> list[dict[int, list[int]]]:
 def test_every_sample_once_per_epoch_and_fast_workers_take_more(tmp_path) -> None:
     # 3 workers, hybrid K = 2, rank 2 slowed by 30 ms per step; the user's DataLoader has a worker process
     # and a custom collate function
-    launch("pulled", tmp_path, "--devices", 3, "--threshold", 2, "--epochs", 2, "--slow-rank", 2, "--delay", 0.03)
+    launch("pulled", tmp_path, "--devices 3 --threshold 2 --epochs 2 --slow-rank 2 --delay 0.03")
     seen = indices(tmp_path, "full", 3)
     for epoch in (0, 1):
         taken = [s[epoch] for s in seen]
@@ -27,12 +27,12 @@ def test_every_sample_once_per_epoch_and_fast_workers_take_more(tmp_path) -> Non
 
 def test_preempted_mid_epoch_resumes_from_the_cursor(tmp_path) -> None:
     # rank 1 is preempted (SIGTERM) at its step 5; OnExceptionCheckpoint saves; a new run resumes the epoch
-    common = ("--devices", 2, "--threshold", 1, "--epochs", 1, "--slow-rank", 1, "--delay", 0.03)
-    launch("pulled", tmp_path, *common, "--phase", "preempt", "--nan-step", 5)
+    common = "--devices 2 --threshold 1 --epochs 1 --slow-rank 1 --delay 0.03"
+    launch("pulled", tmp_path, common, "--phase preempt --nan-step 5")
     checkpoint = torch.load(tmp_path / "preempted.ckpt", weights_only=False)
     work = checkpoint["hybrid_sgd"]["work"]
     assert work["epoch"] == 0 and 0 < len(work["done"]) < 90
-    launch("pulled", tmp_path, *common, "--phase", "resume")
+    launch("pulled", tmp_path, common, "--phase resume")
     before = [i for rank in indices(tmp_path, "preempt", 2) for i in rank[0]]
     after = [i for rank in indices(tmp_path, "resume", 2) for i in rank.get(0, [])]
     assert len(before) == 16 * len(work["done"])
@@ -45,20 +45,7 @@ def test_lightning_loops_with_unequal_epochs(tmp_path) -> None:
     launch(
         "pulled",
         tmp_path,
-        "--devices",
-        2,
-        "--threshold",
-        1,
-        "--epochs",
-        10,
-        "--slow-rank",
-        1,
-        "--delay",
-        0.02,
-        "--phase",
-        "loops",
-        "--batches",
-        100,
+        "--devices 2 --threshold 1 --epochs 10 --slow-rank 1 --delay 0.02 --phase loops --batches 100",
     )
     fast, slow = results(tmp_path / "loops", 2)
     assert fast["global_step"] == 100 and slow["global_step"] < 100
