@@ -5,16 +5,31 @@
 
 from pytorch_lightning.strategies import StrategyRegistry
 
+from lightning_hybrid.callbacks import ThresholdScheduler
 from lightning_hybrid.errors import HybridSGDError, PeerLostError, ProtocolError
 from lightning_hybrid.server import GradientClipping, ParameterServer, Release
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.strategy import HybridSGDStrategy
-from lightning_hybrid.thresholds import resolve_threshold
+from lightning_hybrid.thresholds import (
+    AdaSyncSchedule,
+    ConstantSchedule,
+    CosineSchedule,
+    ExponentialSchedule,
+    LinearSchedule,
+    StepSchedule,
+    SwitchSchedule,
+    make_schedule,
+    resolve_threshold,
+)
 
 HybridSGDStrategy.register_strategies(StrategyRegistry)
 
 __version__ = "0.1.0"
 __all__ = [
+    "AdaSyncSchedule",
+    "ConstantSchedule",
+    "CosineSchedule",
+    "ExponentialSchedule",
     "GradientClipping",
     "HybridSGDError",
     "HybridSGDStrategy",
@@ -22,6 +37,11 @@ __all__ = [
     "PeerLostError",
     "ProtocolError",
     "Release",
+    "LinearSchedule",
     "StalenessStats",
+    "StepSchedule",
+    "SwitchSchedule",
+    "ThresholdScheduler",
+    "make_schedule",
     "resolve_threshold",
 ]

@@ -166,8 +166,8 @@ class HybridSGDStrategy(DDPStrategy):
         self._drained = True  # nothing pushed since the last drain: every rank holds the latest model
         self._restore: list[Callable[[], None]] = []
         self.worker_staleness = StalenessStats()
-        self.steps = 0  # optimizer steps of this rank in this fit
-        self.wait_seconds = 0.0  # of which spent waiting for the server's answers
+        self.steps = 0  # optimizer steps of this rank since the last reset_worker_counters()
+        self.wait_seconds = 0.0  # time of those spent waiting for the server's answers
         self._rejected: Counter = Counter()
         self._update_sizes: Counter = Counter()
         self._final_progress: Optional[dict[str, Any]] = None
@@ -223,6 +223,10 @@ class HybridSGDStrategy(DDPStrategy):
         """The server's counters (version, threshold, staleness, rejected, update sizes, flushed updates):
         live on global rank 0 while fitting and kept after; other ranks know their version and K only."""
         return self._progress_state()
+
+    def reset_worker_counters(self) -> None:
+        """Count this worker's steps and waiting time anew (the threshold callback does at every epoch)."""
+        self.steps, self.wait_seconds = 0, 0.0
 
     @property
     def server(self) -> Optional[ParameterServer]:

@@ -306,6 +306,26 @@ def pulled(args: argparse.Namespace) -> None:
     )
 
 
+def telemetry(args: argparse.Namespace) -> None:
+    """ThresholdScheduler with a linear schedule from 1 to N over ``--epochs - 1`` epochs, an offline
+    WandbLogger and a CSVLogger side by side."""
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    pl.seed_everything(args.seed)
+    schedule = lightning_hybrid.LinearSchedule(start="async", end="sync", length=args.epochs - 1)
+    loggers = [WandbLogger(project="hybrid-tests", save_dir=str(args.out), offline=True), CSVLogger(args.out)]
+    callbacks: list[Callback] = [lightning_hybrid.ThresholdScheduler(schedule), StepClock(args.slow_rank, args.delay)]
+    run = trainer(
+        lightning_hybrid.HybridSGDStrategy(threshold="async"),
+        args.devices,
+        max_epochs=args.epochs,
+        logger=loggers,
+        callbacks=callbacks,
+        limit_train_batches=args.batches,
+    )
+    run.fit(MLPClassifier(lr=args.lr), datamodule=DigitsDataModule(seed=args.seed))
+
+
 def mismatched_model(args: argparse.Namespace) -> None:
     """Every rank builds a different model: setup must refuse it."""
     run = trainer(lightning_hybrid.HybridSGDStrategy(), args.devices, max_epochs=1)

@@ -148,3 +148,17 @@ def test_what_pulled_work_cannot_support_is_refused(trainer_kwargs, dataloader, 
 def test_pull_work_must_be_a_bool_or_none() -> None:
     with pytest.raises(ValueError, match="pull_work"):
         HybridSGDStrategy(pull_work="yes")
+
+
+def test_threshold_scheduler_needs_hybrid_sgd() -> None:
+    callback = lightning_hybrid.ThresholdScheduler(lightning_hybrid.LinearSchedule())
+    with pytest.raises(
+        ValueError, match="ThresholdScheduler sets the threshold of strategy='hybrid_sgd'.*SingleDevice"
+    ):
+        fit(MLPClassifier(), strategy="auto", callbacks=[callback])
+
+
+def test_threshold_scheduler_end_above_n_is_refused() -> None:
+    callback = lightning_hybrid.ThresholdScheduler(lightning_hybrid.LinearSchedule(start=1, end=4))
+    with pytest.raises(ValueError, match=r"does not fit 1 workers.*outside \[1, 1\]"):
+        fit(MLPClassifier(), callbacks=[callback])

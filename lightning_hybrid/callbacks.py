@@ -1,0 +1,138 @@
+"""``ThresholdScheduler``: sets K from a schedule as training goes on, and logs what the hybrid does."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.data import extract_batch_size
+
+from lightning_hybrid.strategy import HybridSGDStrategy
+from lightning_hybrid.thresholds import AdaSyncSchedule, Schedule
+
+
+class ThresholdScheduler(pl.Callback):
+    """Sets the strategy's threshold K from ``schedule`` at every epoch start (or every ``every_n_steps``
+    steps) and logs telemetry through the trainer's loggers.
+
+    Args:
+        schedule: a schedule from :mod:`lightning_hybrid.thresholds` (e.g. ``LinearSchedule(1, "sync", 10)``).
+        every_n_steps: also update K every so many steps of the server's rank (progress counted in steps);
+            ``None`` updates at epoch starts only (progress counted in epochs).
+        monitor: the logged training loss an adaptive schedule (AdaSync) reads, averaged over ranks.
+
+    Logged at every epoch end: ``hybrid/threshold``, ``hybrid/version``, ``hybrid/staleness_{mean,max,p50,p95}``,
+    ``hybrid/gradients_per_update``, ``hybrid/rejected`` and per worker ``hybrid/worker{r}/steps``,
+    ``.../wait_fraction`` (share of the epoch spent waiting for the server) and ``.../samples_per_s``; with a
+    ``WandbLogger`` also ``hybrid/staleness`` as a ``wandb.Histogram`` of the epoch's gradients. K and the
+    mean staleness show in the progress bar.
+    """
+
+    def __init__(self, schedule: Schedule, every_n_steps: Optional[int] = None, monitor: str = "train_loss_epoch"):
+        if not callable(schedule):
+            raise TypeError(f"schedule must be a threshold schedule, got {type(schedule).__name__}")
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps!r}")
+        self.schedule = schedule
+        self.every_n_steps = every_n_steps
+        self.monitor = monitor
+        self._counts: Counter = Counter()
+        self._epoch_started = 0.0
+        self._samples = 0
+
+    # ------------------------------------------------------------------ setting K
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(trainer.strategy, HybridSGDStrategy):
+            raise ValueError(
+                f"ThresholdScheduler sets the threshold of strategy='hybrid_sgd', but this trainer uses "
+                f"{type(trainer.strategy).__name__}: use Trainer(strategy='hybrid_sgd') or remove the callback."
+            )
+        try:  # both ends of the schedule must fit N
+            self.schedule(0, trainer.world_size)
+            self.schedule(10**9, trainer.world_size)
+        except ValueError as err:
+            raise ValueError(
+                f"the threshold schedule {self.schedule} does not fit {trainer.world_size} workers: {err}"
+            ) from err
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = self._mean_loss(trainer) if isinstance(self.schedule, AdaSyncSchedule) else None
+        trainer.strategy.threshold = self.schedule(trainer.current_epoch, trainer.world_size, loss=loss)
+        self._epoch_started, self._samples = time.perf_counter(), 0
+        trainer.strategy.reset_worker_counters()
+
+    def _mean_loss(self, trainer: pl.Trainer) -> Optional[float]:
+        """The monitored loss averaged over ranks, so every rank computes the same K (a collective)."""
+        value = trainer.callback_metrics.get(self.monitor)
+        local = torch.tensor([float(value) if value is not None else float("nan")], device=trainer.strategy.root_device)
+        mean = float(trainer.strategy.reduce(local, reduce_op="mean"))
+        return None if np.isnan(mean) else mean
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            trainer.strategy.threshold = self.schedule(step, trainer.world_size)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._samples += extract_batch_size(batch)
+        strategy = trainer.strategy
+        pl_module.log("K", float(strategy.threshold), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        pl_module.log("stale", strategy.staleness.mean, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ telemetry
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy: HybridSGDStrategy = trainer.strategy
+        seconds = time.perf_counter() - self._epoch_started
+        mine = torch.tensor(
+            [strategy.steps, strategy.wait_seconds, seconds, self._samples],
+            dtype=torch.float64,
+            device=strategy.root_device,
+        )
+        workers = strategy.all_gather(mine).reshape(trainer.world_size, 4).cpu().tolist()  # every rank takes part
+        if not trainer.is_global_zero:
+            return
+        progress, stats = strategy.progress, strategy.staleness
+        sizes = Counter({int(k): v for k, v in progress.get("update_sizes", {}).items()})
+        metrics = {
+            "hybrid/threshold": float(strategy.threshold),
+            "hybrid/version": float(strategy.version),
+            "hybrid/staleness_mean": stats.mean,
+            "hybrid/staleness_max": float(stats.max),
+            "hybrid/staleness_p50": float(stats.quantile(0.5)),
+            "hybrid/staleness_p95": float(stats.quantile(0.95)),
+            "hybrid/gradients_per_update": sum(k * n for k, n in sizes.items()) / max(sum(sizes.values()), 1),
+            "hybrid/rejected": float(sum(progress.get("rejected", {}).values())),
+            "epoch": float(trainer.current_epoch),
+        }
+        for rank, (steps, waited, elapsed, samples) in enumerate(workers):
+            metrics[f"hybrid/worker{rank}/steps"] = steps
+            metrics[f"hybrid/worker{rank}/wait_fraction"] = waited / elapsed if elapsed else 0.0
+            metrics[f"hybrid/worker{rank}/samples_per_s"] = samples / elapsed if elapsed else 0.0
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self._log_histogram(trainer, stats.counts)
+
+    def _log_histogram(self, trainer: pl.Trainer, counts: Counter) -> None:
+        """The staleness of this epoch's gradients as a wandb.Histogram, for W&B loggers."""
+        epoch_counts = counts - self._counts
+        self._counts = Counter(counts)
+        if not epoch_counts:
+            return
+        from pytorch_lightning.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                top = max(epoch_counts)
+                values = np.array([epoch_counts.get(s, 0) for s in range(top + 1)])
+                histogram = wandb.Histogram(np_histogram=(values, np.arange(top + 2)))
+                logger.experiment.log({"hybrid/staleness": histogram, "trainer/global_step": trainer.global_step})
