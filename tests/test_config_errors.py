@@ -162,3 +162,9 @@ def test_threshold_scheduler_end_above_n_is_refused() -> None:
     callback = lightning_hybrid.ThresholdScheduler(lightning_hybrid.LinearSchedule(start=1, end=4))
     with pytest.raises(ValueError, match=r"does not fit 1 workers.*outside \[1, 1\]"):
         fit(MLPClassifier(), callbacks=[callback])
+
+
+def test_threshold_scheduler_shows_k_and_staleness_in_the_progress_bar() -> None:
+    callback = lightning_hybrid.ThresholdScheduler(lightning_hybrid.ConstantSchedule("sync"))
+    trainer = fit(MLPClassifier(), callbacks=[callback])
+    assert trainer.progress_bar_metrics["K"] == 1.0 and trainer.progress_bar_metrics["stale"] == 0.0
