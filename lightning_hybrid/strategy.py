@@ -23,6 +23,7 @@ Rules a user can rely on:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
 import time
@@ -73,6 +74,9 @@ from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "hybrid_sgd"
+# Fits started in this process, by any strategy instance: names each fit's keys in the store that lives
+# as long as the process group. Every rank runs the same fits in the same order, so the ids agree.
+_SESSIONS = itertools.count(1)
 
 
 class _PushingOptimizer:
@@ -143,7 +147,6 @@ class HybridSGDStrategy(DDPStrategy):
         self._threshold_spec = threshold
         self._pull_work = pull_work
         self._peer_timeout = float(peer_timeout)
-        self._sessions = 0  # fits started: names this fit's keys in the shared store
         self._resume_work: Optional[dict[str, Any]] = None
         self._channels: Optional[dict[int, dist.ProcessGroup]] = None
         self._reset_session()
@@ -171,6 +174,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._rejected: Counter = Counter()
         self._update_sizes: Counter = Counter()
         self._final_progress: Optional[dict[str, Any]] = None
+        self._session_id = 0
         self._pulling = False
         self._sampler: Optional[PulledBatchSampler] = None
         self._work_state: Optional[dict[str, Any]] = None
@@ -316,7 +320,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._buffer_layout = FlatLayout.of(self._buffers)
         self._gradient = self._layout.allocate(self.root_device)
         self._threshold = resolve_threshold(self._threshold_spec, self.world_size)
-        self._sessions += 1
+        self._session_id = next(_SESSIONS)
         self._pulling = self._threshold < self.world_size if self._pull_work is None else self._pull_work
         if self._pulling:
             self._check_pulled_work(trainer)
@@ -564,7 +568,7 @@ class HybridSGDStrategy(DDPStrategy):
                 rank=self.global_rank,
                 num_workers=self.world_size,
                 store=dist.distributed_c10d._get_default_store(),
-                namespace=f"hybrid_sgd/fit{self._sessions}",
+                namespace=f"hybrid_sgd/fit{self._session_id}",
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err

@@ -288,6 +288,9 @@ def pulled(args: argparse.Namespace) -> None:
     callbacks: list[Callback] = [StepClock(slow_rank=args.slow_rank, delay=args.delay)]
     if args.phase == "preempt":
         callbacks += [SigtermAt(rank=1, step=args.nan_step), OnExceptionCheckpoint(args.out, "preempted")]
+    if args.phase == "twice":  # a first, separate trainer in the same processes before the one recorded
+        first = trainer(lightning_hybrid.HybridSGDStrategy(threshold=args.threshold), args.devices, max_epochs=1)
+        first.fit(RecordIndices(lr=args.lr), datamodule=IndexedDigits())
     strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, pull_work=args.pull_work)
     extra: dict[str, Any] = {"enable_checkpointing": args.phase in ("preempt", "loops")}
     if args.phase == "loops":  # Lightning's own loop features: max_steps, progress bar, epoch-end checkpoints

@@ -25,6 +25,12 @@ def test_every_sample_once_per_epoch_and_fast_workers_take_more(tmp_path) -> Non
         assert all(len(t) >= 16 for t in taken), "every rank trains at least one batch per epoch"
 
 
+def test_a_second_trainer_in_the_same_processes_starts_fresh_counters(tmp_path) -> None:
+    launch("pulled", tmp_path, "--devices 2 --threshold 1 --epochs 1 --phase twice")
+    everything = [i for rank in indices(tmp_path, "twice", 2) for i in rank[0]]
+    assert sorted(everything) == list(range(1437))
+
+
 def test_preempted_mid_epoch_resumes_from_the_cursor(tmp_path) -> None:
     # rank 1 is preempted (SIGTERM) at its step 5; OnExceptionCheckpoint saves; a new run resumes the epoch
     common = "--devices 2 --threshold 1 --epochs 1 --slow-rank 1 --delay 0.03"
