@@ -53,7 +53,9 @@ def main() -> None:
         print(f"  threshold K          {schedule} -> now {strategy.threshold} of {args.workers}")
         print(f"  updates applied      {strategy.version}")
         print(f"  gradients per update {sizes}")
-        print(f"  staleness            mean {stats.mean:.2f}, max {stats.max}, counts {dict(sorted(stats.counts.items()))}")
+        print(
+            f"  staleness            mean {stats.mean:.2f}, max {stats.max}, counts {dict(sorted(stats.counts.items()))}"
+        )
         print(f"  validation           loss {metrics['val_loss']:.4f}, accuracy {metrics['val_acc']:.4f}")
         run_dir = os.path.dirname(logger.experiment.dir)
         print(f"  W&B run              {run_dir} ({'offline' if offline else 'online'}; view: wandb leet {run_dir})")

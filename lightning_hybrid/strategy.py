@@ -56,6 +56,7 @@ from typing_extensions import override
 
 from lightning_hybrid.errors import HybridSGDError
 from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.launcher import HydraJobLauncher
 from lightning_hybrid.server import GradientClipping, ParameterServer, clone_optimizer
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec, resolve_threshold
@@ -238,6 +239,13 @@ class HybridSGDStrategy(DDPStrategy):
         return self._endpoint.server if self._endpoint is not None else None
 
     # ------------------------------------------------------------------ set-up
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if self._start_method == "popen":  # children run their parent's one Hydra job, also under --multirun
+            assert self.cluster_environment is not None
+            self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
     @override
     def setup_environment(self) -> None:
         super().setup_environment()

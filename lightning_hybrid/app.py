@@ -1,0 +1,132 @@
+"""The Hydra training app: ``lightning-hybrid-train`` (or ``python examples/train.py``).
+
+    lightning-hybrid-train strategy=hybrid threshold=linear trainer.devices=4
+    lightning-hybrid-train -m strategy=sync,async,hybrid seed=1,2     # a sweep, one W&B run per job
+
+Each job writes ``result.json`` (final validation metrics, updates, staleness) into its output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies import DDPStrategy
+
+import lightning_hybrid
+from lightning_hybrid.config import TrainConfig, register_configs
+from lightning_hybrid.data import DigitsDataModule
+from lightning_hybrid.launcher import HydraJobLauncher
+from lightning_hybrid.models import MLPClassifier
+
+CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "conf")
+register_configs()
+
+
+class HydraDDPStrategy(DDPStrategy):
+    """Lightning's DDP, launched so that each Hydra job's children run that job only (for comparisons)."""
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+
+def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
+    strategy = config.strategy
+    if strategy.name == "ddp":
+        return HydraDDPStrategy()
+    if strategy.name != "hybrid_sgd":
+        raise ValueError(f"strategy.name must be 'hybrid_sgd' or 'ddp', got {strategy.name!r}")
+    return lightning_hybrid.HybridSGDStrategy(
+        threshold=strategy.threshold, pull_work=strategy.pull_work, peer_timeout=strategy.peer_timeout
+    )
+
+
+def build_logger(config: TrainConfig, output_dir: str) -> Any:
+    logger = config.logger
+    if logger.name == "csv":
+        return pl.loggers.CSVLogger(output_dir)
+    if logger.name != "wandb":
+        raise ValueError(f"logger.name must be 'wandb' or 'csv', got {logger.name!r}")
+    hydra_config = HydraConfig.get()
+    sweep = Path(hydra_config.sweep.dir).name if hydra_config.mode.name == "MULTIRUN" else None
+    return pl.loggers.WandbLogger(
+        project=logger.project,
+        save_dir=output_dir,
+        offline=logger.mode != "online",
+        group=sweep,
+        name=hydra_config.job.override_dirname or None,
+        config=OmegaConf.to_container(config, resolve=True),  # type: ignore[arg-type]
+    )
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    pl.seed_everything(config.seed, workers=True)
+    output_dir = HydraConfig.get().runtime.output_dir
+    callbacks = []
+    if config.strategy.scheduled and config.threshold.name != "none":
+        schedule = lightning_hybrid.make_schedule(config.threshold.name, **config.threshold.options)
+        callbacks.append(lightning_hybrid.ThresholdScheduler(schedule, every_n_steps=config.threshold.every_n_steps))
+    if config.data.name != "digits":
+        raise ValueError(
+            f"data.name must be 'digits' (MNIST and CIFAR-10 loaders come with issue 5), got {config.data.name!r}"
+        )
+    trainer = pl.Trainer(
+        strategy=build_strategy(config),
+        logger=build_logger(config, output_dir),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=output_dir,
+        **OmegaConf.to_container(config.trainer),  # type: ignore[arg-type]
+    )
+    model = MLPClassifier(**OmegaConf.to_container(config.model))  # type: ignore[arg-type]
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=config.data.batch_size, seed=config.data.seed))
+    result = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val_")}
+    if isinstance(trainer.strategy, lightning_hybrid.HybridSGDStrategy):
+        result.update(version=trainer.strategy.version, staleness_mean=trainer.strategy.staleness.mean)
+    if trainer.is_global_zero:
+        Path(output_dir, "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(config: DictConfig) -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    before = {key: os.environ.get(key) for key in LAUNCH_VARIABLES}
+    try:
+        train(config)  # type: ignore[arg-type]
+    finally:
+        release_job_processes(before)
+
+
+def release_job_processes(environment: dict[str, Any]) -> None:
+    """A sweep runs its jobs one after another in this process: the next job must launch and connect
+    worker processes of its own and log to a W&B run of its own, so this job's run is finished and the
+    process group and the variables Lightning's launcher set go."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in environment.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Typed configuration of the training app, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/`` extend these schemas (``defaults: [base_...]``), so a wrong key or a
+wrong type in a file or on the command line is refused by OmegaConf with a message that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class StrategyConfig:
+    """``name``: ``hybrid_sgd`` or ``ddp`` (Lightning's, for comparison); the rest configure hybrid_sgd.
+    ``scheduled``: the ``threshold`` group's schedule moves K (else K stays at ``threshold``)."""
+
+    name: str = "hybrid_sgd"
+    scheduled: bool = False
+    threshold: Any = "50%"  # an int count, "sync", "async" or "p%"
+    pull_work: Optional[bool] = None
+    peer_timeout: float = 600.0
+
+
+@dataclass
+class ThresholdConfig:
+    """A threshold schedule applied by ThresholdScheduler; ``name: none`` keeps K fixed."""
+
+    name: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)  # passed to make_schedule(name, **options)
+    every_n_steps: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 128
+    depth: int = 1
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    batch_norm: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    """``name``: ``wandb`` (offline unless ``mode: online``) or ``csv``."""
+
+    name: str = "wandb"
+    project: str = "lightning-hybrid"
+    mode: str = "offline"
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: int = 2
+    num_nodes: int = 1
+    max_epochs: int = 5
+    max_time: Optional[str] = None
+    enable_progress_bar: bool = False
+
+
+@dataclass
+class TrainConfig:
+    strategy: StrategyConfig = MISSING
+    threshold: ThresholdConfig = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    logger: LoggerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Register the schemas the YAML files under ``conf/`` extend."""
+    store = ConfigStore.instance()
+    store.store(name="base_train", node=TrainConfig)
+    for group, schema in (
+        ("strategy", StrategyConfig),
+        ("threshold", ThresholdConfig),
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("logger", LoggerConfig),
+        ("trainer", TrainerConfig),
+    ):
+        store.store(group=group, name=f"base_{group}", node=schema)

@@ -1,0 +1,50 @@
+"""A subprocess launcher whose children run exactly their parent's Hydra job, also under ``--multirun``.
+
+Lightning's launcher starts ranks 1..n-1 by re-running the parent's command line. Under Hydra it
+appends ``hydra.run.dir=...`` to the parent's ``sys.argv``, so in a ``--multirun`` sweep a child either
+re-runs the whole sweep or fails on the sweep syntax. Here a child gets the job's own overrides
+(``HydraConfig.get().overrides.task``, e.g. ``strategy=sync seed=1``) and the job's output directory,
+and runs that one job.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+from pytorch_lightning.strategies.launchers import subprocess_script as lightning_launcher
+from typing_extensions import override
+
+
+def hydra_job_command(local_rank: int) -> tuple[Sequence[str], str]:
+    """The command and working directory that run the current Hydra job (one job) as rank ``local_rank``."""
+    import __main__
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    config = HydraConfig.get()
+    if __main__.__spec__ is None:
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    command += ["--config-name", config.job.config_name, *config.overrides.task]
+    command += [
+        f"hydra.run.dir={config.runtime.output_dir}",
+        f"hydra.job.name={config.job.name}_rank{local_rank}",
+        "hydra.output_subdir=null",
+    ]
+    return command, get_original_cwd()
+
+
+class HydraJobLauncher(_SubprocessScriptLauncher):
+    """Lightning's subprocess launcher, with children started by :func:`hydra_job_command` under Hydra."""
+
+    @override
+    def _call_children_scripts(self) -> None:
+        lightnings_own = lightning_launcher._hydra_subprocess_cmd  # looked up by name when the children start
+        lightning_launcher._hydra_subprocess_cmd = hydra_job_command
+        try:
+            super()._call_children_scripts()
+        finally:
+            lightning_launcher._hydra_subprocess_cmd = lightnings_own

@@ -1,0 +1,65 @@
+"""The Hydra training app: typed configs, and multirun sweeps whose jobs each launch their own workers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import clean_env
+
+pytestmark = pytest.mark.multiprocess
+TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+
+
+def run_app(*overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), *overrides], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=300
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def run_group(job: Path) -> str:
+    wandb = Path(sys.executable).with_name("wandb")
+    (run_dir,) = (job / "wandb").glob("offline-run-*")
+    records = subprocess.run([str(wandb), "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True)
+    (run,) = [json.loads(line)["run"] for line in records.stdout.splitlines() if '"type":"run"' in line]
+    return run["run_group"]
+
+
+def test_multirun_sweep_runs_each_job_once_with_its_own_workers(tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    run_app("-m", "strategy=sync,async,ddp", "seed=1", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2"]
+    results = [json.loads((job / "result.json").read_text()) for job in jobs]
+    for job in jobs:
+        assert (job / "app_rank1.log").exists(), "rank 1 ran this job, in this job's folder"
+        assert not list(job.rglob("multirun.yaml")), "a child re-ran the sweep"
+        assert run_group(job) == "sweep", "each job is a W&B run of its own, grouped by sweep"
+    assert len({run_group(job) for job in jobs}) == 1
+    assert results[1]["version"] > results[0]["version"], "async: an update per gradient"
+    # K = N with default settings is synchronous SGD: the same result as Lightning's DDP
+    assert results[0]["val_loss"] == pytest.approx(results[2]["val_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("strategy.threshhold=1", "Key 'threshhold' not in 'StrategyConfig'"),
+        ("trainer.devices=two", "Value 'two' of type 'str' could not be converted to Integer"),
+        ("strategy=hybird", "Could not find 'strategy/hybird'"),
+    ],
+)
+def test_a_wrong_key_or_type_is_refused_naming_it(tmp_path, override, message) -> None:
+    result = run_app(override, cwd=tmp_path, check=False)
+    assert result.returncode != 0 and message in result.stderr + result.stdout
+
+
+def test_console_script_is_installed(tmp_path) -> None:
+    script = Path(sys.executable).with_name("lightning-hybrid-train")
+    result = subprocess.run([str(script), "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "scheduled: true" in result.stdout and "name: linear" in result.stdout
