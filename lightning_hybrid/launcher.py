@@ -19,9 +19,10 @@ from typing_extensions import override
 
 def hydra_job_command(local_rank: int) -> tuple[Sequence[str], str]:
     """The command and working directory that run the current Hydra job (one job) as rank ``local_rank``."""
-    import __main__
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
 
     config = HydraConfig.get()
     if __main__.__spec__ is None:

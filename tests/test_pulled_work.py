@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import launch, results
 
 pytestmark = pytest.mark.multiprocess
