@@ -23,6 +23,7 @@ from pytorch_lightning.strategies import DDPStrategy
 import lightning_hybrid
 from lightning_hybrid.config import TrainConfig, register_configs
 from lightning_hybrid.data import DigitsDataModule
+from lightning_hybrid.delays import DelayDistribution, InjectDelays
 from lightning_hybrid.launcher import HydraJobLauncher
 from lightning_hybrid.models import MLPClassifier
 
@@ -75,6 +76,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.strategy.scheduled and config.threshold.name != "none":
         schedule = lightning_hybrid.make_schedule(config.threshold.name, **config.threshold.options)
         callbacks.append(lightning_hybrid.ThresholdScheduler(schedule, every_n_steps=config.threshold.every_n_steps))
+    delays = config.delays
+    if delays.ranks:
+        callbacks.append(
+            InjectDelays(
+                delays.ranks,
+                slowdown=delays.slowdown,
+                extra=DelayDistribution(**delays.extra),
+                communication=DelayDistribution(**delays.communication),
+                seed=config.seed,
+            )
+        )
     if config.data.name != "digits":
         raise ValueError(
             f"data.name must be 'digits' (MNIST and CIFAR-10 loaders come with issue 5), got {config.data.name!r}"
@@ -90,7 +102,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
     model = MLPClassifier(**OmegaConf.to_container(config.model))  # type: ignore[arg-type]
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=config.data.batch_size, seed=config.data.seed))
-    result = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val_")}
+    result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+    steps = trainer.strategy.all_gather(torch.tensor(trainer.global_step, device=trainer.strategy.root_device))
+    result["steps_per_rank"] = steps.flatten().tolist()
     if isinstance(trainer.strategy, lightning_hybrid.HybridSGDStrategy):
         result.update(version=trainer.strategy.version, staleness_mean=trainer.strategy.staleness.mean)
     if trainer.is_global_zero:

@@ -71,6 +71,24 @@ class TrainerConfig:
 
 
 @dataclass
+class DelayDistributionConfig:
+    kind: str = "fixed"  # fixed | uniform | pareto
+    scale: float = 0.0  # seconds
+    shape: float = 2.0  # pareto tail index
+
+
+@dataclass
+class DelaysConfig:
+    """Simulated stragglers (``lightning_hybrid.delays``): ``ranks`` are slowed ``slowdown`` times, plus
+    ``extra`` and ``communication`` delays per step."""
+
+    ranks: list[int] = field(default_factory=list)
+    slowdown: float = 1.0
+    extra: DelayDistributionConfig = field(default_factory=DelayDistributionConfig)
+    communication: DelayDistributionConfig = field(default_factory=DelayDistributionConfig)
+
+
+@dataclass
 class TrainConfig:
     strategy: StrategyConfig = MISSING
     threshold: ThresholdConfig = MISSING
@@ -78,6 +96,7 @@ class TrainConfig:
     data: DataConfig = MISSING
     logger: LoggerConfig = MISSING
     trainer: TrainerConfig = MISSING
+    delays: DelaysConfig = field(default_factory=DelaysConfig)
     seed: int = 0
 
 

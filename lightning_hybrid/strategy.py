@@ -75,8 +75,8 @@ from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "hybrid_sgd"
-# Fits started in this process, by any strategy instance: names each fit's keys in the store that lives
-# as long as the process group. Every rank runs the same fits in the same order, so the ids agree.
+# Fits started in this process, by any strategy instance: rank 0's count names each fit's keys in the
+# store that lives as long as the process group (workers may be fresh processes, e.g. per sweep job).
 _SESSIONS = itertools.count(1)
 
 
@@ -328,7 +328,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._buffer_layout = FlatLayout.of(self._buffers)
         self._gradient = self._layout.allocate(self.root_device)
         self._threshold = resolve_threshold(self._threshold_spec, self.world_size)
-        self._session_id = next(_SESSIONS)
+        self._session_id = self.broadcast(next(_SESSIONS))  # rank 0's: a fresh child process counts from 1
         self._pulling = self._threshold < self.world_size if self._pull_work is None else self._pull_work
         if self._pulling:
             self._check_pulled_work(trainer)

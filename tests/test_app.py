@@ -41,6 +41,7 @@ def test_multirun_sweep_runs_each_job_once_with_its_own_workers(tmp_path) -> Non
         assert run_group(job) == "sweep", "each job is a W&B run of its own, grouped by sweep"
     assert len({run_group(job) for job in jobs}) == 1
     assert results[1]["version"] > results[0]["version"], "async: an update per gradient"
+    assert sum(results[1]["steps_per_rank"]) == 45, "async pulls work: each of the epoch's 45 batches once"
     # K = N with default settings is synchronous SGD: the same result as Lightning's DDP
     assert results[0]["val_loss"] == pytest.approx(results[2]["val_loss"], abs=1e-5)
 
@@ -62,3 +63,22 @@ def test_console_script_is_installed(tmp_path) -> None:
     script = Path(sys.executable).with_name("lightning-hybrid-train")
     result = subprocess.run([str(script), "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "scheduled: true" in result.stdout and "name: linear" in result.stdout
+
+
+def test_delays_from_config_slow_the_chosen_rank(tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    run_app(
+        "-m",
+        "strategy=async",
+        "logger=csv",
+        "trainer.max_epochs=2",
+        "delays.ranks=[1]",
+        "delays.slowdown=1,6",
+        "delays.communication.kind=uniform",
+        "delays.communication.scale=0.002",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    plain, slowed = (json.loads((sweep / job / "result.json").read_text())["steps_per_rank"] for job in ("0", "1"))
+    assert sum(plain) == sum(slowed) == 90, "pulled work: 45 batches per epoch, each used once"
+    assert slowed[1] < plain[1], (plain, slowed)
