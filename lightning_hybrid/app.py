@@ -22,10 +22,10 @@ from pytorch_lightning.strategies import DDPStrategy
 
 import lightning_hybrid
 from lightning_hybrid.config import TrainConfig, register_configs
-from lightning_hybrid.data import DigitsDataModule
+from lightning_hybrid.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
 from lightning_hybrid.delays import DelayDistribution, InjectDelays
 from lightning_hybrid.launcher import HydraJobLauncher
-from lightning_hybrid.models import MLPClassifier
+from lightning_hybrid.models import CNNClassifier, MLPClassifier
 
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()
@@ -68,6 +68,31 @@ def build_logger(config: TrainConfig, output_dir: str) -> Any:
     )
 
 
+def build_data(config: TrainConfig) -> pl.LightningDataModule:
+    data = config.data
+    if data.name == "digits":
+        return DigitsDataModule(batch_size=data.batch_size, seed=data.seed)
+    if data.name not in ("mnist", "cifar10"):
+        raise ValueError(f"data.name must be 'digits', 'mnist' or 'cifar10', got {data.name!r}")
+    if not data.root:
+        raise ValueError(f"data={data.name} reads your own files: set data.root=/path/to/them")
+    module = MNISTDataModule if data.name == "mnist" else CIFAR10DataModule
+    return module(hydra.utils.to_absolute_path(data.root), batch_size=data.batch_size, seed=data.seed)
+
+
+def build_model(config: TrainConfig, data: pl.LightningDataModule) -> pl.LightningModule:
+    model, shape = config.model, data.shape
+    common = dict(lr=model.lr, optimizer=model.optimizer, momentum=model.momentum, lr_step=model.lr_step)
+    if model.name == "mlp":
+        features = int(torch.tensor(shape).prod())
+        return MLPClassifier(features, hidden=model.hidden, depth=model.depth, batch_norm=model.batch_norm, **common)
+    if model.name != "cnn":
+        raise ValueError(f"model.name must be 'mlp' or 'cnn', got {model.name!r}")
+    if len(shape) != 3:
+        raise ValueError(f"model=cnn needs image data (mnist, cifar10); data={config.data.name} is flat: use model=mlp")
+    return CNNClassifier(in_channels=shape[0], image_size=shape[1], channels=model.channels, **common)
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     torch.set_num_threads(1)
     pl.seed_everything(config.seed, workers=True)
@@ -87,10 +112,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 seed=config.seed,
             )
         )
-    if config.data.name != "digits":
-        raise ValueError(
-            f"data.name must be 'digits' (MNIST and CIFAR-10 loaders come with issue 5), got {config.data.name!r}"
-        )
+    data = build_data(config)
     trainer = pl.Trainer(
         strategy=build_strategy(config),
         logger=build_logger(config, output_dir),
@@ -100,8 +122,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         default_root_dir=output_dir,
         **OmegaConf.to_container(config.trainer),  # type: ignore[arg-type]
     )
-    model = MLPClassifier(**OmegaConf.to_container(config.model))  # type: ignore[arg-type]
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=config.data.batch_size, seed=config.data.seed))
+    trainer.fit(build_model(config, data), datamodule=data)
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     steps = trainer.strategy.all_gather(torch.tensor(trainer.global_step, device=trainer.strategy.root_device))
     result["steps_per_rank"] = steps.flatten().tolist()

@@ -36,17 +36,25 @@ class ThresholdConfig:
 
 @dataclass
 class ModelConfig:
+    """``name``: ``mlp`` (uses ``hidden``, ``depth``, ``batch_norm``) or ``cnn`` (uses ``channels``)."""
+
+    name: str = "mlp"
     hidden: int = 128
     depth: int = 1
+    batch_norm: bool = False
+    channels: int = 32
     lr: float = 0.05
     optimizer: str = "sgd"
     momentum: float = 0.9
-    batch_norm: bool = False
+    lr_step: int = 0
 
 
 @dataclass
 class DataConfig:
+    """``name``: ``digits`` (ships with scikit-learn), ``mnist`` or ``cifar10`` (files in ``root``)."""
+
     name: str = "digits"
+    root: Optional[str] = None
     batch_size: int = 32
     seed: int = 0
 

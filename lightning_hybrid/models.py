@@ -1,4 +1,4 @@
-"""A small classifier for the demo, the tests and the benchmarks."""
+"""Small classifiers for the demo, the app, the tests and the benchmarks: an MLP and a CNN."""
 
 from __future__ import annotations
 
@@ -10,37 +10,18 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 
-class MLPClassifier(pl.LightningModule):
-    """An MLP with cross-entropy loss and torchmetrics accuracy.
+class Classifier(pl.LightningModule):
+    """Cross-entropy training, torchmetrics accuracy and the optimizer; subclasses build ``self.net``.
 
-    ``optimizer`` is ``"sgd"`` (with ``momentum``) or ``"adam"``; ``lr_step`` > 0 adds a StepLR
-    that halves the learning rate every ``lr_step`` epochs.
+    ``optimizer`` is ``"sgd"`` (with ``momentum``) or ``"adam"``; ``lr_step`` > 0 adds a StepLR that
+    halves the learning rate every ``lr_step`` epochs.
     """
 
-    def __init__(
-        self,
-        num_features: int = 64,
-        num_classes: int = 10,
-        hidden: int = 128,
-        depth: int = 1,
-        lr: float = 0.05,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        lr_step: int = 0,
-        batch_norm: bool = False,
-    ) -> None:
+    def __init__(self, num_classes: int, lr: float, optimizer: str, momentum: float, lr_step: int) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        self.save_hyperparameters()
-        layers: list[nn.Module] = []
-        width = num_features
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden)]
-            layers += [nn.BatchNorm1d(hidden)] if batch_norm else []
-            layers += [nn.ReLU()]
-            width = hidden
-        self.net = nn.Sequential(*layers, nn.Linear(width, num_classes))
+        self.lr, self.optimizer_name, self.momentum, self.lr_step = lr, optimizer, momentum, lr_step
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,12 +48,68 @@ class MLPClassifier(pl.LightningModule):
         return self(batch[0]).argmax(-1)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum)
+        if self.optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
         else:
-            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr)
-        if hp.lr_step <= 0:
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.lr_step <= 0:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.lr_step, gamma=0.5)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class MLPClassifier(Classifier):
+    """An MLP over the flattened input: ``depth`` hidden layers of ``hidden`` units (optional BatchNorm)."""
+
+    def __init__(
+        self,
+        num_features: int = 64,
+        num_classes: int = 10,
+        hidden: int = 128,
+        depth: int = 1,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        lr_step: int = 0,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__(num_classes, lr, optimizer, momentum, lr_step)
+        self.save_hyperparameters()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = num_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden)]
+            layers += [nn.BatchNorm1d(hidden)] if batch_norm else []
+            layers += [nn.ReLU()]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+class CNNClassifier(Classifier):
+    """Two conv blocks (conv, ReLU, 2x2 max-pool) and a linear head, for 1x28x28 (MNIST) or 3x32x32
+    (CIFAR-10) images."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        channels: int = 32,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        lr_step: int = 0,
+    ) -> None:
+        super().__init__(num_classes, lr, optimizer, momentum, lr_step)
+        self.save_hyperparameters()
+        side = image_size // 4
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * channels * side * side, num_classes),
+        )

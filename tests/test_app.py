@@ -82,3 +82,29 @@ def test_delays_from_config_slow_the_chosen_rank(tmp_path) -> None:
     plain, slowed = (json.loads((sweep / job / "result.json").read_text())["steps_per_rank"] for job in ("0", "1"))
     assert sum(plain) == sum(slowed) == 90, "pulled work: 45 batches per epoch, each used once"
     assert slowed[1] < plain[1], (plain, slowed)
+
+
+def test_mnist_files_and_the_cnn_through_the_app(tmp_path) -> None:
+    import numpy as np
+
+    from test_data import write_idx
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 16)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), compress=True)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, compress=True)
+    run_app(
+        "data=mnist",
+        f"data.root={tmp_path}",
+        "data.batch_size=8",
+        "model=cnn",
+        "strategy=async",
+        "logger=csv",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert sum(result["steps_per_rank"]) == 8 and result["version"] == 8  # 64 images / batch 8, K = 1
+    failed = run_app("data=mnist", cwd=tmp_path, check=False)
+    assert failed.returncode != 0 and "set data.root=/path/to/them" in failed.stderr + failed.stdout
