@@ -60,7 +60,7 @@ class Manual(MLPClassifier):
 
 class TwoOptimizers(MLPClassifier):
     def configure_optimizers(self):
-        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+        return [torch.optim.SGD(self.net[1].parameters(), lr=0.1), torch.optim.SGD(self.net[3].parameters(), lr=0.1)]
 
 
 class CustomClipping(MLPClassifier):
