@@ -49,10 +49,6 @@ class FlatLayout:
     def numel(self) -> int:
         return sum(self.sizes)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(n * torch.empty((), dtype=d).element_size() for n, d in zip(self.sizes, self.dtypes))
-
     def allocate(self, device: torch.device | str = "cpu", pin_memory: bool = False) -> list[Tensor]:
         return [torch.zeros(n, dtype=d, device=device, pin_memory=pin_memory) for n, d in zip(self.sizes, self.dtypes)]
 

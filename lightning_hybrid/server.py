@@ -226,10 +226,6 @@ class ParameterServer:
             self.flushed_updates = int(state.get("flushed_updates", 0))
             self.update_seconds = float(state.get("update_seconds", 0.0))
 
-    def load_parameters(self, params: Sequence[Tensor]) -> None:
-        with self._lock, torch.no_grad():
-            self.layout.pack([p.detach() for p in params], self._master)
-
     # ------------------------------------------------------------------ internals
     def _checked_threshold(self, threshold: int) -> int:
         if isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= self.num_workers:

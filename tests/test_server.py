@@ -106,6 +106,7 @@ def test_leave_caps_threshold_at_active_workers() -> None:
     server.push(1, grad(1), version=0)
     (release,) = server.leave(2)
     assert release.workers == (0, 1) and server.version == 1
+    assert server.active_workers == {0, 1}
     with pytest.raises(ProtocolError, match="has left"):
         server.push(2, grad(1), version=1)
 
