@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,23 @@ def build_logger(config: TrainConfig, output_dir: str) -> Any:
     )
 
 
+class ValidationCurve(pl.Callback):
+    """Wall-clock seconds since training started, with the validation metrics, at every validation."""
+
+    def __init__(self) -> None:
+        self.points: list[dict[str, float]] = []
+        self._started = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+        self.points.append({"seconds": time.perf_counter() - self._started, "epoch": trainer.current_epoch, **metrics})
+
+
 def build_data(config: TrainConfig) -> pl.LightningDataModule:
     data = config.data
     if data.name == "digits":
@@ -97,7 +115,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     torch.set_num_threads(1)
     pl.seed_everything(config.seed, workers=True)
     output_dir = HydraConfig.get().runtime.output_dir
-    callbacks = []
+    curve = ValidationCurve()
+    callbacks: list[pl.Callback] = [curve]
     if config.strategy.scheduled and config.threshold.name != "none":
         schedule = lightning_hybrid.make_schedule(config.threshold.name, **config.threshold.options)
         callbacks.append(lightning_hybrid.ThresholdScheduler(schedule, every_n_steps=config.threshold.every_n_steps))
@@ -126,6 +145,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     steps = trainer.strategy.all_gather(torch.tensor(trainer.global_step, device=trainer.strategy.root_device))
     result["steps_per_rank"] = steps.flatten().tolist()
+    result["curve"] = curve.points
     if isinstance(trainer.strategy, lightning_hybrid.HybridSGDStrategy):
         result.update(version=trainer.strategy.version, staleness_mean=trainer.strategy.staleness.mean)
     if trainer.is_global_zero:

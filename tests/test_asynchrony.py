@@ -83,8 +83,14 @@ def test_time_budget_stops_every_rank_without_lockstep(tmp_path) -> None:
 
 
 def test_threshold_set_on_one_worker_reaches_the_server_and_every_rank(tmp_path) -> None:
-    # K = 1, then rank 1 alone sets K = 2 before its step 3: later updates wait for both workers
-    launch("straggler", tmp_path, "--devices 2 --threshold 1 --epochs 1 --batches 8 --set-threshold 1:3:2")
+    # K = 1, then rank 1 alone sets K = 2 before its step 3: its next gradient waits for rank 0's. Rank 0 is
+    # slowed (50 ms/step, static shards of 8 batches) so that it is still training then, whatever the load.
+    launch(
+        "straggler",
+        tmp_path,
+        "--devices 2 --threshold 1 --epochs 1 --batches 8 --set-threshold 1:3:2 --slow-rank 0 --delay 0.05 "
+        "--pull-work false",
+    )
     server, worker = results(tmp_path, 2)
     assert server["threshold"] == worker["threshold"] == 2
     assert server["update_sizes"].get(2, 0) >= 1 and server["update_sizes"].get(1, 0) >= 3
