@@ -49,6 +49,7 @@ def run(method: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str
         f"model.lr={args.lr}",
         f"delays.ranks=[{args.workers - 1}]",
         f"delays.slowdown={args.slowdown}",
+        f"delays.extra.scale={args.compute}",
         f"hydra.run.dir={job}",
     ]
     if method.startswith("backup"):
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="folder of the MNIST/CIFAR-10 files")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--slowdown", type=float, default=3.0, help="the last rank is this many times slower")
+    parser.add_argument("--compute", type=float, default=0.02, help="simulated compute seconds per step, every rank")
     parser.add_argument("--budget", type=int, default=20, help="wall-clock seconds of training per run (< 60)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--lr", type=float, default=0.05, help="one learning rate for every method")
@@ -121,7 +123,8 @@ def main() -> None:
         results[method] = [run(method, seed, args, args.out) for seed in args.seeds]
 
     print(
-        f"{args.data}, {args.workers} CPU workers, rank {args.workers - 1} {args.slowdown:g}x slower, "
+        f"{args.data}, {args.workers} CPU workers, {args.compute * 1000:g} ms simulated compute per step, "
+        f"rank {args.workers - 1} {args.slowdown:g}x slower, "
         f"{args.budget} s budget, lr {args.lr}, seeds {args.seeds}, {os.cpu_count()} CPU cores"
     )
     header = f"{'method':<24} {'seed':>4} {'val loss':>16} {'val acc':>16} {'updates':>12} {'staleness':>12} {'s to ' + str(args.target):>16}"

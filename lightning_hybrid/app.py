@@ -121,7 +121,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         schedule = lightning_hybrid.make_schedule(config.threshold.name, **config.threshold.options)
         callbacks.append(lightning_hybrid.ThresholdScheduler(schedule, every_n_steps=config.threshold.every_n_steps))
     delays = config.delays
-    if delays.ranks:
+    if delays.ranks or delays.extra.scale:
         callbacks.append(
             InjectDelays(
                 delays.ranks,

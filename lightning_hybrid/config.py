@@ -87,8 +87,8 @@ class DelayDistributionConfig:
 
 @dataclass
 class DelaysConfig:
-    """Simulated stragglers (``lightning_hybrid.delays``): ``ranks`` are slowed ``slowdown`` times, plus
-    ``extra`` and ``communication`` delays per step."""
+    """Simulated workers (``lightning_hybrid.delays``): every rank sleeps ``extra`` per step (simulated
+    compute); ``ranks`` are ``slowdown`` times slower in all and add ``communication`` delays."""
 
     ranks: list[int] = field(default_factory=list)
     slowdown: float = 1.0

@@ -1,8 +1,10 @@
 """Straggler and delay injection, to simulate heterogeneous workers as the paper does.
 
-``InjectDelays`` sleeps on chosen ranks just before each push (after forward and backward): a compute
-slowdown (the step's measured compute time, times ``slowdown - 1``), a per-step extra delay and a
-communication delay, each drawn from a :class:`DelayDistribution` (fixed, uniform or heavy-tailed).
+``InjectDelays`` sleeps just before each push (after forward and backward). Every rank sleeps a
+simulated compute time ``extra`` per step (so that a tiny model behaves like a real one); the slowed
+``ranks`` take ``slowdown`` times as long in all (measured compute plus ``extra``) and add a
+communication delay. Each delay is drawn from a :class:`DelayDistribution` (fixed, uniform or
+heavy-tailed Pareto).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ class DelayDistribution:
 
 
 class InjectDelays(pl.Callback):
-    """Slows ``ranks`` down: sleeps before every push for ``(slowdown - 1)`` times the step's compute time
-    plus a draw of ``extra`` and of ``communication``. Seeded per rank, so runs repeat."""
+    """Before every push, every rank sleeps a draw of ``extra``; ``ranks`` also sleep ``slowdown - 1``
+    times their step's compute (measured plus ``extra``) and a draw of ``communication``. Seeded per rank."""
 
     def __init__(
         self,
@@ -68,10 +70,10 @@ class InjectDelays(pl.Callback):
         self._started = time.perf_counter()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_rank not in self.ranks:
-            return
-        compute = time.perf_counter() - self._started
-        pause = (self.slowdown - 1) * compute + self.extra.sample(self._generator)
-        pause += self.communication.sample(self._generator)
+        extra = self.extra.sample(self._generator)
+        pause = extra
+        if trainer.global_rank in self.ranks:
+            compute = time.perf_counter() - self._started + extra
+            pause += (self.slowdown - 1) * compute + self.communication.sample(self._generator)
         self.slept += pause
         time.sleep(pause)
