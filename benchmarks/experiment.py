@@ -52,6 +52,8 @@ def run(method: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str
         f"delays.extra.scale={args.compute}",
         f"hydra.run.dir={job}",
     ]
+    if args.staleness_scaling and not method.startswith("ddp"):
+        overrides.append("strategy.staleness_scaling=true")
     if method.startswith("backup"):
         overrides.append(f"strategy.threshold={args.workers - 1}")
     if args.root:
@@ -110,6 +112,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=20, help="wall-clock seconds of training per run (< 60)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--lr", type=float, default=0.05, help="one learning rate for every method")
+    parser.add_argument("--staleness-scaling", action="store_true", help="weigh gradients by 1/(1+staleness)")
     parser.add_argument("--target", type=float, default=0.9, help="accuracy for the time-to-target column")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
     parser.add_argument("--out", type=Path, default=Path("experiment_runs"))
@@ -125,7 +128,8 @@ def main() -> None:
     print(
         f"{args.data}, {args.workers} CPU workers, {args.compute * 1000:g} ms simulated compute per step, "
         f"rank {args.workers - 1} {args.slowdown:g}x slower, "
-        f"{args.budget} s budget, lr {args.lr}, seeds {args.seeds}, {os.cpu_count()} CPU cores"
+        f"{args.budget} s budget, lr {args.lr}, seeds {args.seeds}, staleness scaling "
+        f"{'on' if args.staleness_scaling else 'off'}, {os.cpu_count()} CPU cores"
     )
     header = f"{'method':<24} {'seed':>4} {'val loss':>16} {'val acc':>16} {'updates':>12} {'staleness':>12} {'s to ' + str(args.target):>16}"
     print(header)

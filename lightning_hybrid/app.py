@@ -47,7 +47,10 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
     if strategy.name != "hybrid_sgd":
         raise ValueError(f"strategy.name must be 'hybrid_sgd' or 'ddp', got {strategy.name!r}")
     return lightning_hybrid.HybridSGDStrategy(
-        threshold=strategy.threshold, pull_work=strategy.pull_work, peer_timeout=strategy.peer_timeout
+        threshold=strategy.threshold,
+        pull_work=strategy.pull_work,
+        staleness_scaling=strategy.staleness_scaling,
+        peer_timeout=strategy.peer_timeout,
     )
 
 

@@ -22,6 +22,7 @@ class StrategyConfig:
     scheduled: bool = False
     threshold: Any = "50%"  # an int count, "sync", "async" or "p%"
     pull_work: Optional[bool] = None
+    staleness_scaling: bool = False
     peer_timeout: float = 600.0
 
 

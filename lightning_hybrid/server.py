@@ -99,9 +99,12 @@ class ParameterServer:
         gradient_clipping: Optional[GradientClipping] = None,
         hyperparameters: Optional[Callable[[], Sequence[Mapping[str, Any]]]] = None,
         device: torch.device | str | None = None,
+        staleness_scaling: bool = False,
     ) -> None:
         """``hyperparameters`` returns param groups whose values (e.g. a scheduled ``lr``) the server copies
-        into its own optimizer before every step."""
+        into its own optimizer before every step. ``staleness_scaling`` weighs each gradient by
+        ``1 / (1 + staleness)`` before averaging (staleness-aware step size; exact at arrival, since no
+        update happens while a gradient is pending)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
@@ -117,6 +120,7 @@ class ParameterServer:
         self.optimizer = make_optimizer(self.parameters)
         self._gradient_clipping = gradient_clipping
         self._hyperparameters = hyperparameters
+        self._staleness_scaling = staleness_scaling
         self._lock = threading.RLock()
         self._threshold = self._checked_threshold(threshold)
         self._version = 0
@@ -171,8 +175,9 @@ class ParameterServer:
                     self._unreported_rejections.add(worker)
                     return self._settle()
                 return [self._release((worker,), rejected=(worker,))] + self._settle()
+            weight = 1.0 / (1 + self._version - version) if self._staleness_scaling else 1.0
             for total, g in zip(self._grad, gradient):
-                total.add_(g.to(total.device))
+                total.add_(g.to(total.device), alpha=weight)
             self._pending[worker] = version
             return self._settle()
 

@@ -107,6 +107,8 @@ class HybridSGDStrategy(DDPStrategy):
         pull_work: whether workers pull batches of each epoch from a shared counter (fast workers take more,
             every sample still once per epoch) instead of Lightning's equal static shards. ``None``: pull
             when the initial K is below N, static when K = N (so that K = N reproduces DDP exactly).
+        staleness_scaling: weigh each gradient by ``1 / (1 + staleness)`` before averaging (staleness-aware
+            step size); off by default.
         peer_timeout: seconds a worker waits for the server's answer before it fails with a clear error
             (a hung or lost peer). Raise it when stragglers are legitimately slower.
         timeout: timeout of the process groups (Lightning's default group and the server's channels).
@@ -120,6 +122,7 @@ class HybridSGDStrategy(DDPStrategy):
         self,
         threshold: ThresholdSpec = "50%",
         pull_work: Optional[bool] = None,
+        staleness_scaling: bool = False,
         peer_timeout: float = 600.0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -147,6 +150,7 @@ class HybridSGDStrategy(DDPStrategy):
             raise ValueError(f"pull_work must be True, False or None (automatic), got {pull_work!r}")
         self._threshold_spec = threshold
         self._pull_work = pull_work
+        self._staleness_scaling = bool(staleness_scaling)
         self._peer_timeout = float(peer_timeout)
         self._resume_work: Optional[dict[str, Any]] = None
         self._channels: Optional[dict[int, dist.ProcessGroup]] = None
@@ -341,6 +345,7 @@ class HybridSGDStrategy(DDPStrategy):
                 gradient_clipping=self._take_gradient_clipping(trainer),
                 hyperparameters=lambda: optimizer.param_groups,
                 device=self.root_device,
+                staleness_scaling=self._staleness_scaling,
             )
             self._endpoint = ServerEndpoint(
                 server,

@@ -86,7 +86,6 @@ def test_delays_from_config_slow_the_chosen_rank(tmp_path) -> None:
 
 def test_mnist_files_and_the_cnn_through_the_app(tmp_path) -> None:
     import numpy as np
-
     from test_data import write_idx
 
     rng = np.random.default_rng(0)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import clean_env
 
 pytestmark = pytest.mark.multiprocess

@@ -51,6 +51,15 @@ def test_staleness_is_version_gap_at_application() -> None:
     assert server.stats.quantile(0.5) == 0 and server.stats.quantile(1.0) == 2
 
 
+def test_staleness_scaling_weighs_stale_gradients_down() -> None:
+    server = make_server(workers=2, threshold=1, staleness_scaling=True)
+    server.push(0, grad(1), version=0)  # fresh: weight 1, master -1
+    server.push(0, grad(1), version=1)  # fresh: master -2
+    (release,) = server.push(1, grad(3), version=0)  # staleness 2: weight 1/3, master -3
+    assert release.staleness == {1: 2}
+    assert torch.allclose(master(server), torch.full((7,), -3.0))
+
+
 def test_k_equal_n_is_synchronous_sgd() -> None:
     server = make_server(workers=3, threshold=3, lr=0.5)
     for step in range(4):
