@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_hybrid.launcher import environment_for_a_new_launch
+
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 
 # method -> app overrides; K for "backup" is N - 1 (one backup worker), set from --workers
@@ -58,9 +60,7 @@ def run(method: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str
         overrides.append(f"strategy.threshold={args.workers - 1}")
     if args.root:
         overrides.append(f"data.root={Path(args.root).resolve()}")
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))
-    }
+    env = environment_for_a_new_launch()
     env.setdefault("WANDB_MODE", "offline")
     subprocess.run([sys.executable, str(TRAIN), *overrides], check=True, env=env, capture_output=True, text=True)
     return json.loads((job / "result.json").read_text())

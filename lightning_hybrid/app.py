@@ -25,7 +25,7 @@ import lightning_hybrid
 from lightning_hybrid.config import TrainConfig, register_configs
 from lightning_hybrid.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
 from lightning_hybrid.delays import DelayDistribution, InjectDelays
-from lightning_hybrid.launcher import HydraJobLauncher
+from lightning_hybrid.launcher import LAUNCH_VARIABLES, HydraJobLauncher
 from lightning_hybrid.models import CNNClassifier, MLPClassifier
 
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "conf")
@@ -154,9 +154,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         Path(output_dir, "result.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

@@ -9,12 +9,22 @@ and runs that one job.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.strategies.launchers import subprocess_script as lightning_launcher
 from typing_extensions import override
+
+# What Lightning's launcher (or torchrun) sets to tell a process which rank it is and where to connect.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def environment_for_a_new_launch() -> dict[str, str]:
+    """This process's environment without :data:`LAUNCH_VARIABLES`, so that a script started with it
+    launches and connects ranks of its own."""
+    return {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
 
 
 def hydra_job_command(local_rank: int) -> tuple[Sequence[str], str]:

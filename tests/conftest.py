@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_hybrid.launcher import environment_for_a_new_launch
+
 SCENARIOS = Path(__file__).with_name("scenarios.py")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))
-    }
+    env = environment_for_a_new_launch()
     env.update(WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
     return env
 
