@@ -1,18 +1,24 @@
 """The paper's comparison in a fixed wall-clock budget: sync, async, the hybrid schedules and prior art.
 
     python benchmarks/experiment.py                                   # digits, 4 workers, rank 3 slowed 3x
-    python benchmarks/experiment.py --data mnist --root ../shared/data/mnist --seeds 1 2 --budget 60
+    python benchmarks/experiment.py --lr 0.02 0.05 0.1 --staleness-scaling both
+    python benchmarks/experiment.py --data mnist --root ../shared/data/mnist --slowed 2 --delay pareto
 
-Every (method, seed) is one run of the Hydra app (``examples/train.py``) with ``trainer.max_time`` as
-the budget, its own worker processes and an offline W&B run. The script prints a table (final loss
-and accuracy, updates, mean staleness, seconds to the target accuracy; per seed, then mean ± std over
-seeds) and writes a PNG of validation accuracy and loss against wall-clock time.
+Every (method, learning rate, seed) is one run of the Hydra app (``examples/train.py``) with
+``trainer.max_time`` as the budget and its own worker processes. With several learning rates the
+script reports two protocols: every method at the learning rate that is best for sync (what users
+do), and every method at its own best learning rate from the grid ("best" = lowest mean final
+validation loss over the seeds). Each table gives final loss and accuracy, updates, mean staleness and
+seconds to the target accuracy, per seed and mean ± std; a PNG plots accuracy and loss against
+wall-clock time for both protocols. Finished runs are reused when the script is run again with the
+same settings and ``--out``, so an interrupted grid picks up where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -23,11 +29,13 @@ from typing import Any, Optional
 from lightning_hybrid.launcher import environment_for_a_new_launch
 
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+SYNC = "sync (K=N)"
+SCALED = " +scaling"
 
 # method -> app overrides; K for "backup" is N - 1 (one backup worker), set from --workers
 METHODS: dict[str, list[str]] = {
     "ddp": ["strategy=ddp"],
-    "sync (K=N)": ["strategy=sync"],
+    SYNC: ["strategy=sync"],
     "async (K=1)": ["strategy=async"],
     "hybrid linear": ["strategy=hybrid", "threshold=linear"],
     "hybrid exponential": ["strategy=hybrid", "threshold=exponential"],
@@ -37,33 +45,69 @@ METHODS: dict[str, list[str]] = {
     "AdaSync": ["strategy=hybrid", "threshold=adasync"],
     "sync-first switch": ["strategy=hybrid", "threshold=switch"],
 }
+# methods whose gradients can be stale, so the staleness-aware step size changes them
+STALE = [method for method in METHODS if method not in ("ddp", SYNC)]
+
+Runs = dict[tuple[str, float], list[dict[str, Any]]]
 
 
-def run(method: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    job = out / f"{method.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}-seed{seed}"
+def overrides_for(method: str, lr: float, seed: int, args: argparse.Namespace, job: Path) -> list[str]:
+    base = method.removesuffix(SCALED)
     overrides = [
-        *METHODS[method],
+        *METHODS[base],
         f"seed={seed}",
         f"trainer.devices={args.workers}",
         f"trainer.max_time=00:00:00:{args.budget:02d}",
         "trainer.max_epochs=1000",
+        "logger=csv",  # the table reads result.json; W&B's start-up would only cost time
         f"data={args.data}",
-        f"model.lr={args.lr}",
-        f"delays.ranks=[{args.workers - 1}]",
+        f"model.lr={lr}",
+        f"model.optimizer={args.optimizer}",
+        f"delays.ranks=[{','.join(str(rank) for rank in slowed_ranks(args))}]",
         f"delays.slowdown={args.slowdown}",
+        f"delays.extra.kind={args.delay}",
         f"delays.extra.scale={args.compute}",
         f"hydra.run.dir={job}",
     ]
-    if args.staleness_scaling and not method.startswith("ddp"):
+    if method.endswith(SCALED):
         overrides.append("strategy.staleness_scaling=true")
-    if method.startswith("backup"):
+    if base.startswith("backup"):
         overrides.append(f"strategy.threshold={args.workers - 1}")
     if args.root:
         overrides.append(f"data.root={Path(args.root).resolve()}")
+    return overrides
+
+
+def slowed_ranks(args: argparse.Namespace) -> list[int]:
+    return list(range(args.workers - args.slowed, args.workers))
+
+
+def run(method: str, lr: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One app run, or its saved result when the same overrides already ran into the same folder."""
+    name = method.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "").replace("+", "")
+    job = args.out / f"{name}-lr{lr:g}-seed{seed}"
+    overrides = overrides_for(method, lr, seed, args, job)
+    saved, result = job / "overrides.json", job / "result.json"
+    if result.exists() and saved.exists() and json.loads(saved.read_text()) == overrides:
+        return json.loads(result.read_text())
     env = environment_for_a_new_launch()
     env.setdefault("WANDB_MODE", "offline")
-    subprocess.run([sys.executable, str(TRAIN), *overrides], check=True, env=env, capture_output=True, text=True)
-    return json.loads((job / "result.json").read_text())
+    finished = subprocess.run([sys.executable, str(TRAIN), *overrides], env=env, capture_output=True, text=True)
+    if finished.returncode != 0:
+        print(f"{method}, lr {lr:g}, seed {seed} failed:\n{finished.stderr[-2000:]}", file=sys.stderr)
+        return {"failed": True, "val_loss": math.nan, "val_acc": math.nan, "curve": []}
+    saved.write_text(json.dumps(overrides))
+    return json.loads(result.read_text())
+
+
+def mean_loss(runs: list[dict[str, Any]]) -> float:
+    """Mean final validation loss; a failed or diverged run makes the setting lose every comparison."""
+    losses = [run["val_loss"] for run in runs]
+    return math.inf if any(not math.isfinite(loss) for loss in losses) else statistics.mean(losses)
+
+
+def best_lr(results: Runs, method: str, lrs: list[float]) -> float:
+    return min(lrs, key=lambda lr: mean_loss(results[method, lr]))
 
 
 def seconds_to(curve: list[dict[str, float]], target: float) -> Optional[float]:
@@ -71,7 +115,7 @@ def seconds_to(curve: list[dict[str, float]], target: float) -> Optional[float]:
 
 
 def summary(values: list[Optional[float]], digits: int) -> str:
-    known = [v for v in values if v is not None]
+    known = [v for v in values if v is not None and math.isfinite(v)]
     if not known:
         return "-"
     if len(known) == 1:
@@ -80,26 +124,55 @@ def summary(values: list[Optional[float]], digits: int) -> str:
     return text if len(known) == len(values) else f"{text} ({len(known)}/{len(values)} seeds)"
 
 
-def plot(results: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+def print_table(title: str, chosen: dict[str, float], results: Runs, args: argparse.Namespace) -> None:
+    print(f"\n{title}")
+    header = (
+        f"{'method':<33} {'lr':>6} {'seed':>4} {'val loss':>16} {'val acc':>16} {'updates':>12} "
+        f"{'staleness':>12} {'s to ' + str(args.target):>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for method, lr in chosen.items():
+        runs = results[method, lr]
+        for seed, result in zip(args.seeds, runs):
+            if result.get("failed"):
+                print(f"{method:<33} {lr:>6g} {seed:>4} {'failed':>16}")
+                continue
+            reach = seconds_to(result["curve"], args.target)
+            print(
+                f"{method:<33} {lr:>6g} {seed:>4} {result['val_loss']:>16.4f} {result['val_acc']:>16.4f} "
+                f"{result.get('version', 0):>12} {result.get('staleness_mean', 0.0):>12.2f} "
+                f"{'-' if reach is None else f'{reach:.1f}':>14}"
+            )
+        print(
+            f"{method:<33} {lr:>6g} {'all':>4} {summary([r['val_loss'] for r in runs], 4):>16} "
+            f"{summary([r['val_acc'] for r in runs], 4):>16} {summary([r.get('version') for r in runs], 0):>12} "
+            f"{summary([r.get('staleness_mean') for r in runs], 2):>12} "
+            f"{summary([seconds_to(r['curve'], args.target) for r in runs], 1):>14}"
+        )
+
+
+def plot(protocols: dict[str, dict[str, float]], results: Runs, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(13, 5))
-    for index, (method, runs) in enumerate(results.items()):
-        color = f"C{index % 10}"
-        for number, result in enumerate(runs):
-            seconds = [p["seconds"] for p in result["curve"]]
-            label = method if number == 0 else None
-            style = "--" if method in ("ddp", "sync (K=N)", "async (K=1)") else "-"
-            accuracy.plot(seconds, [p["val_acc"] for p in result["curve"]], style, color=color, label=label, alpha=0.8)
-            loss.plot(seconds, [p["val_loss"] for p in result["curve"]], style, color=color, alpha=0.8)
-    accuracy.set(xlabel="wall-clock seconds", ylabel="validation accuracy", title=title)
-    loss.set(xlabel="wall-clock seconds", ylabel="validation loss", yscale="log")
-    accuracy.legend(fontsize=8)
+    figure, axes = plt.subplots(len(protocols), 2, figsize=(14, 5 * len(protocols)), squeeze=False)
+    for (protocol, chosen), (accuracy, loss) in zip(protocols.items(), axes):
+        for index, (method, lr) in enumerate(chosen.items()):
+            color = f"C{index % 10}"
+            style = "--" if method in ("ddp", SYNC, "async (K=1)") else ":" if method.endswith(SCALED) else "-"
+            for number, result in enumerate(results[method, lr]):
+                seconds = [p["seconds"] for p in result["curve"]]
+                label = f"{method} (lr {lr:g})" if number == 0 else None
+                accuracy.plot(seconds, [p["val_acc"] for p in result["curve"]], style, color=color, label=label)
+                loss.plot(seconds, [p["val_loss"] for p in result["curve"]], style, color=color, alpha=0.8)
+        accuracy.set(xlabel="wall-clock seconds", ylabel="validation accuracy", title=f"{title}: {protocol}")
+        loss.set(xlabel="wall-clock seconds", ylabel="validation loss", yscale="log")
+        accuracy.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -107,51 +180,59 @@ def main() -> None:
     parser.add_argument("--data", default="digits", choices=["digits", "mnist", "cifar10"])
     parser.add_argument("--root", default=None, help="folder of the MNIST/CIFAR-10 files")
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--slowdown", type=float, default=3.0, help="the last rank is this many times slower")
+    parser.add_argument("--slowed", type=int, default=1, help="how many ranks (the last ones) are slowed")
+    parser.add_argument("--slowdown", type=float, default=3.0, help="slowed ranks are this many times slower")
     parser.add_argument("--compute", type=float, default=0.02, help="simulated compute seconds per step, every rank")
+    parser.add_argument("--delay", default="fixed", choices=["fixed", "uniform", "pareto"], help="compute's law")
     parser.add_argument("--budget", type=int, default=20, help="wall-clock seconds of training per run (< 60)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--lr", type=float, default=0.05, help="one learning rate for every method")
-    parser.add_argument("--staleness-scaling", action="store_true", help="weigh gradients by 1/(1+staleness)")
+    parser.add_argument("--lr", type=float, nargs="+", default=[0.05], help="learning rate grid")
+    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd has momentum 0.9")
+    parser.add_argument(
+        "--staleness-scaling", default="off", choices=["off", "on", "both"], help="weigh gradients by 1/(1+staleness)"
+    )
     parser.add_argument("--target", type=float, default=0.9, help="accuracy for the time-to-target column")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
     parser.add_argument("--out", type=Path, default=Path("experiment_runs"))
     args = parser.parse_args()
     if not 0 < args.budget < 60:
         parser.error("--budget is in seconds and must lie in (0, 60)")
+    if not 0 <= args.slowed < args.workers:
+        parser.error(f"--slowed must lie in [0, --workers - 1 = {args.workers - 1}]")
+    if len(args.lr) > 1 and SYNC not in args.methods:
+        parser.error(f"a learning rate grid needs {SYNC!r} among --methods: its best rate is the shared one")
 
+    methods = [m for m in args.methods if args.staleness_scaling != "on" or m not in STALE]
+    if args.staleness_scaling != "off":
+        methods += [m + SCALED for m in args.methods if m in STALE]
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict[str, Any]]] = {}
-    for method in args.methods:
-        results[method] = [run(method, seed, args, args.out) for seed in args.seeds]
+    results: Runs = {}
+    for method in methods:
+        for lr in args.lr:
+            results[method, lr] = [run(method, lr, seed, args) for seed in args.seeds]
+            (args.out / f"experiment-{args.data}.json").write_text(
+                json.dumps([{"method": m, "lr": r, "runs": runs} for (m, r), runs in results.items()])
+            )
 
     print(
-        f"{args.data}, {args.workers} CPU workers, {args.compute * 1000:g} ms simulated compute per step, "
-        f"rank {args.workers - 1} {args.slowdown:g}x slower, "
-        f"{args.budget} s budget, lr {args.lr}, seeds {args.seeds}, staleness scaling "
-        f"{'on' if args.staleness_scaling else 'off'}, {os.cpu_count()} CPU cores"
+        f"{args.data}, {args.workers} CPU workers, {args.compute * 1000:g} ms simulated compute per step "
+        f"({args.delay}), ranks {slowed_ranks(args)} {args.slowdown:g}x slower, {args.budget} s budget, "
+        f"{args.optimizer}, lr grid {args.lr}, seeds {args.seeds}, {os.cpu_count()} CPU cores"
     )
-    header = f"{'method':<24} {'seed':>4} {'val loss':>16} {'val acc':>16} {'updates':>12} {'staleness':>12} {'s to ' + str(args.target):>16}"
-    print(header)
-    print("-" * len(header))
-    for method, runs in results.items():
-        for seed, result in zip(args.seeds, runs):
-            reach = seconds_to(result["curve"], args.target)
-            print(
-                f"{method:<24} {seed:>4} {result['val_loss']:>16.4f} {result['val_acc']:>16.4f} "
-                f"{result.get('version', 0):>12} {result.get('staleness_mean', 0.0):>12.2f} "
-                f"{'-' if reach is None else f'{reach:.1f}':>16}"
-            )
-        print(
-            f"{method:<24} {'all':>4} {summary([r['val_loss'] for r in runs], 4):>16} "
-            f"{summary([r['val_acc'] for r in runs], 4):>16} {summary([r.get('version', 0) for r in runs], 0):>12} "
-            f"{summary([r.get('staleness_mean', 0.0) for r in runs], 2):>12} "
-            f"{summary([seconds_to(r['curve'], args.target) for r in runs], 1):>16}"
-        )
+    if len(args.lr) == 1:
+        protocols = {f"lr {args.lr[0]:g}": {method: args.lr[0] for method in methods}}
+    else:
+        shared = best_lr(results, SYNC, args.lr)
+        protocols = {
+            f"shared lr {shared:g} (sync's best)": {method: shared for method in methods},
+            "each method's best lr": {method: best_lr(results, method, args.lr) for method in methods},
+        }
+    for protocol, chosen in protocols.items():
+        print_table(protocol, chosen, results, args)
     figure = args.out / f"experiment-{args.data}.png"
-    plot(results, figure, f"{args.data}: {args.workers} workers, rank {args.workers - 1} {args.slowdown:g}x slower")
-    (args.out / f"experiment-{args.data}.json").write_text(json.dumps(results))
-    print(f"plot: {figure}")
+    slowed = f"{args.slowed} of {args.workers} workers {args.slowdown:g}x slower"
+    plot(protocols, results, figure, f"{args.data}, {slowed}")
+    print(f"\nplot: {figure}")
 
 
 if __name__ == "__main__":

@@ -1,41 +1,48 @@
-"""Steps per second of hybrid_sgd (K = N and K = 1) against Lightning's DDP, side by side in one run.
+"""Throughput of hybrid_sgd (K = N, with and without overlap_push, and K = 1) against Lightning's DDP with
+equal workers, side by side.
 
-    python benchmarks/throughput.py                      # 2 and 3 CPU workers, a 1.06M-parameter MLP
-    python benchmarks/throughput.py --workers 2 --steps 100
+    python benchmarks/throughput.py                                  # 2 and 4 CPU workers, 1M and 10M models
+    python benchmarks/throughput.py --workers 2 --models 1m --steps 100
 
 Every configuration is a real multi-process Lightning run (this script relaunched with ``--run``).
-Each rank times its steps after a warm-up; the table shows the mean per-rank step rate, the
-workers' summed rate, the ratio to DDP with the same worker count, and on the server's rank the
-time per update (mean gradient, optimizer step, parameter snapshot) and the bytes moved per step.
+Each rank times its steps after a warm-up. The table shows samples/s of all workers together and the
+ratio to DDP with the same workers and model; on the server's rank (rank 0) the time per update
+(mean gradient, optimizer step, parameter snapshot) and peak RSS against DDP's rank 0; the bytes a
+remote worker moves per step; and the loopback bandwidth of a gloo send measured first in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from launch import run_configuration, write_result
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_hybrid
 
-FEATURES, CLASSES = 256, 10
+BATCH, CLASSES = 64, 10
+# name -> layer widths: 1m = 1,058,058 and 10m = 9,985,290 parameters
+MODELS = {"1m": [256, 1024, 768, CLASSES], "10m": [1024, 2048, 2048, 1792, CLASSES]}
 
 
 class BenchmarkMLP(pl.LightningModule):
-    """256 -> 1024 -> 768 -> 10: 1,058,058 parameters."""
-
-    def __init__(self) -> None:
+    def __init__(self, widths: list[int]) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(FEATURES, 1024), nn.ReLU(), nn.Linear(1024, 768), nn.ReLU(), nn.Linear(768, CLASSES)
-        )
+        layers: list[nn.Module] = []
+        for width_in, width_out in zip(widths, widths[1:]):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers[:-1])
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -62,14 +69,14 @@ def run_one(args: argparse.Namespace) -> None:
     """One configuration; Lightning's launcher starts the other ranks by re-running this command."""
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    data = TensorDataset(
-        torch.randn(64 * args.steps * args.workers, FEATURES),
-        torch.randint(0, CLASSES, (64 * args.steps * args.workers,)),
-    )
+    widths = MODELS[args.models[0]]
+    samples = BATCH * args.steps * args.workers
+    data = TensorDataset(torch.randn(samples, widths[0]), torch.randint(0, CLASSES, (samples,)))
     if args.strategy == "ddp":
         strategy: Any = "ddp"
-    else:
-        strategy = lightning_hybrid.HybridSGDStrategy(threshold=int(args.strategy.split("=")[1]))
+    else:  # "K=<k>" or "K=<k>/no-overlap"
+        threshold, _, variant = args.strategy.removeprefix("K=").partition("/")
+        strategy = lightning_hybrid.HybridSGDStrategy(threshold=int(threshold), overlap_push=variant != "no-overlap")
     timer = StepTimer(warmup=min(10, args.steps // 4))
     trainer = pl.Trainer(
         strategy=strategy,
@@ -83,14 +90,47 @@ def run_one(args: argparse.Namespace) -> None:
         enable_model_summary=False,
         callbacks=[timer],
     )
-    model = BenchmarkMLP()
-    trainer.fit(model, DataLoader(data, batch_size=64))
-    result: dict[str, Any] = {"rate": timer.rate()}
+    trainer.fit(BenchmarkMLP(widths), DataLoader(data, batch_size=BATCH))
+    result: dict[str, Any] = {
+        "rate": timer.rate(),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if args.strategy != "ddp" and trainer.is_global_zero:
         progress = strategy.progress
-        result["updates"] = progress["version"]
         result["update_ms"] = 1000 * progress["update_seconds"] / max(progress["version"], 1)
     write_result(args.out, trainer.global_rank, result)
+
+
+def _bandwidth_rank(rank: int, port: int, numel: int, repeats: int, out: Any) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    buffer = torch.zeros(numel)
+    for round_ in range(repeats + 1):
+        if round_ == 1:
+            started = time.perf_counter()
+        dist.send(buffer, dst=1) if rank == 0 else dist.recv(buffer, src=0)
+        dist.recv(buffer, src=1) if rank == 0 else dist.send(buffer, dst=0)
+    if rank == 0:
+        out.put(2 * repeats * numel * 4 / (time.perf_counter() - started))
+    dist.destroy_process_group()
+
+
+def loopback_bandwidth(numel: int, repeats: int = 20) -> float:
+    """Bytes/s of a gloo send between two processes over 127.0.0.1 (a ping-pong, one direction at a time)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    processes = [context.Process(target=_bandwidth_rank, args=(r, port, numel, repeats, out)) for r in (0, 1)]
+    for process in processes:
+        process.start()
+    rate = out.get(timeout=300)
+    for process in processes:
+        process.join()
+    return rate
 
 
 def main() -> None:
@@ -98,7 +138,8 @@ def main() -> None:
     parser.add_argument("--run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--workers", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=80, help="steps per worker")
     args = parser.parse_args()
     if args.run:
@@ -106,34 +147,37 @@ def main() -> None:
         run_one(args)
         return
 
-    import tempfile
-
-    numel = sum(p.numel() for p in BenchmarkMLP().parameters())
-    print(
-        f"model: {numel:,} parameters ({numel * 4 / 2**20:.1f} MiB float32); {args.steps} steps per worker; "
-        f"torch {torch.__version__}, {os.cpu_count()} CPU cores"
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, batch {BATCH}, {args.steps} steps per worker")
+    header = (
+        f"{'model':>5} {'workers':>7}  {'strategy':<22} {'samples/s':>9} {'vs DDP':>7} {'server ms/update':>16} "
+        f"{'rank-0 peak RSS MiB':>19} {'MiB/step/worker':>15} {'loopback GB/s':>13}"
     )
-    header = f"{'workers':>7}  {'strategy':<14} {'steps/s per rank':>16} {'steps/s all':>11} {'vs DDP':>7} {'server ms/update':>16} {'MiB moved/step':>14}"
-    print(header)
-    print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
-        for workers in args.workers:
-            baseline = None
-            for strategy in ("ddp", f"hybrid_sgd K={workers}", "hybrid_sgd K=1"):
-                flag = "ddp" if strategy == "ddp" else f"threshold={strategy.split('=')[1]}"
-                ranks = run_configuration(
-                    __file__, Path(tmp, f"{workers}-{flag}"), workers, "--strategy", flag, "--steps", str(args.steps)
-                )
-                per_rank = sum(r["rate"] for r in ranks) / workers
-                total = per_rank * workers
-                baseline = baseline or total
-                server = ranks[0]
-                update_ms = f"{server['update_ms']:.2f}" if "update_ms" in server else "-"
-                # a remote worker sends a gradient and receives parameters: 2 x model bytes per step
-                moved = "-" if strategy == "ddp" else f"{2 * numel * 4 * (workers - 1) / workers / 2**20:.1f}"
-                print(
-                    f"{workers:>7}  {strategy:<14} {per_rank:>16.1f} {total:>11.1f} {total / baseline:>6.2f}x {update_ms:>16} {moved:>14}"
-                )
+        for model in args.models:
+            numel = sum(p.numel() for p in BenchmarkMLP(MODELS[model]).parameters())
+            bandwidth = loopback_bandwidth(numel)
+            print(f"\n{model}: {numel:,} parameters ({numel * 4 / 2**20:.1f} MiB float32)")
+            print(header)
+            print("-" * len(header))
+            for workers in args.workers:
+                ddp_samples, ddp_rss = 0.0, 0.0
+                for flag in ("ddp", f"K={workers}/no-overlap", f"K={workers}", "K=1"):
+                    strategy = flag if flag == "ddp" else f"hybrid {flag}"
+                    folder = Path(tmp, f"{model}-{workers}-{flag.replace('/', '-')}")
+                    flags = ("--strategy", flag, "--steps", str(args.steps), "--models", model)
+                    ranks = run_configuration(__file__, folder, workers, *flags)
+                    samples, rss = BATCH * sum(r["rate"] for r in ranks), ranks[0]["peak_rss_mib"]
+                    if strategy == "ddp":
+                        ddp_samples, ddp_rss = samples, rss
+                    update_ms = f"{ranks[0]['update_ms']:.2f}" if "update_ms" in ranks[0] else "-"
+                    memory = f"{rss:.0f}" if strategy == "ddp" else f"{rss:.0f} ({rss - ddp_rss:+.0f})"
+                    # a remote worker sends a gradient and receives parameters: 2 model sizes per step;
+                    # DDP's ring all-reduce moves 2 (N-1)/N model sizes per rank
+                    factor = 2 * (workers - 1) / workers if strategy == "ddp" else 2
+                    print(
+                        f"{model:>5} {workers:>7}  {strategy:<22} {samples:>9.0f} {samples / ddp_samples:>6.2f}x "
+                        f"{update_ms:>16} {memory:>19} {factor * numel * 4 / 2**20:>15.1f} {bandwidth / 1e9:>13.2f}"
+                    )
 
 
 if __name__ == "__main__":

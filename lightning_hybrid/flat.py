@@ -24,6 +24,16 @@ class _Slot:
         return self.shape.numel()
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    bucket: int
+    start: int
+    end: int
+
+
+CHUNK_BYTES = 1 << 20  # gradients travel in chunks of about this size, so that sending overlaps backward
+
+
 class FlatLayout:
     """Where each tensor of an ordered list lives in per-dtype flat buffers."""
 
@@ -40,6 +50,26 @@ class FlatLayout:
             sizes[bucket] += torch.Size(shape).numel()
         self.slots: tuple[_Slot, ...] = tuple(slots)
         self.sizes: tuple[int, ...] = tuple(sizes)
+        self.chunks, self.chunk_of = self._plan_chunks()
+
+    def _plan_chunks(self) -> tuple[tuple[_Chunk, ...], tuple[int, ...]]:
+        """Cut the buffers into wire chunks of whole tensors, last tensors first (the order in which backward
+        produces gradients), each at least ``CHUNK_BYTES`` unless it ends a dtype run or the list."""
+        chunks: list[_Chunk] = []
+        chunk_of = [0] * len(self.slots)
+        start = end = bucket = -1
+        for index in reversed(range(len(self.slots))):
+            slot = self.slots[index]
+            itemsize = torch.empty((), dtype=self.dtypes[slot.bucket]).element_size()
+            if slot.bucket != bucket or (end - start) * itemsize >= CHUNK_BYTES:
+                if bucket >= 0:
+                    chunks.append(_Chunk(bucket, start, end))
+                bucket, end = slot.bucket, slot.offset + slot.numel
+            start = slot.offset
+            chunk_of[index] = len(chunks)
+        if bucket >= 0:
+            chunks.append(_Chunk(bucket, start, end))
+        return tuple(chunks), tuple(chunk_of)
 
     @classmethod
     def of(cls, tensors: Sequence[Tensor]) -> FlatLayout:
@@ -55,6 +85,10 @@ class FlatLayout:
     def views(self, buffers: Sequence[Tensor]) -> list[Tensor]:
         """Tensors shaped like the originals that alias slices of ``buffers``."""
         return [buffers[s.bucket][s.offset : s.offset + s.numel].view(s.shape) for s in self.slots]
+
+    def chunk_views(self, buffers: Sequence[Tensor]) -> list[Tensor]:
+        """Slices of ``buffers`` in wire order (see ``chunks``): what a gradient message carries."""
+        return [buffers[c.bucket][c.start : c.end] for c in self.chunks]
 
     def pack(self, tensors: Sequence[Tensor | None], out: Sequence[Tensor]) -> None:
         """Copy ``tensors`` into the flat buffers ``out``; ``None`` (an unused parameter's grad) becomes zeros.
@@ -72,3 +106,18 @@ class FlatLayout:
         with torch.no_grad():
             for tensor, view in zip(into, self.views(buffers)):
                 tensor.copy_(view)
+
+    def bind(self, params: Sequence[Tensor], buffers: Sequence[Tensor], *, keep: str) -> None:
+        """Make each parameter's storage a slice of ``buffers``, so that parameters received into the flat
+        buffers are the model at once (no copy per tensor). ``keep="params"`` first copies the parameters'
+        values into the buffers; ``keep="buffers"`` re-binds parameters whose storage was replaced (e.g. by
+        ``load_state_dict(assign=True)``) to the buffers' values."""
+        if keep not in ("params", "buffers"):
+            raise ValueError(f"keep must be 'params' or 'buffers', got {keep!r}")
+        with torch.no_grad():
+            for param, view in zip(params, self.views(buffers)):
+                if param.data_ptr() == view.data_ptr() and param.shape == view.shape:
+                    continue
+                if keep == "params":
+                    view.copy_(param)
+                param.data = view

@@ -23,6 +23,7 @@ Rules a user can rely on:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import subprocess
@@ -57,6 +58,7 @@ from typing_extensions import override
 from lightning_hybrid.errors import HybridSGDError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.launcher import HydraJobLauncher
+from lightning_hybrid.overlap import GradientStream
 from lightning_hybrid.server import GradientClipping, ParameterServer, clone_optimizer
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec, resolve_threshold
@@ -109,6 +111,10 @@ class HybridSGDStrategy(DDPStrategy):
             when the initial K is below N, static when K = N (so that K = N reproduces DDP exactly).
         staleness_scaling: weigh each gradient by ``1 / (1 + staleness)`` before averaging (staleness-aware
             step size); off by default.
+        overlap_push: send a remote CPU worker's gradient in chunks while backward still runs, as DDP
+            overlaps its all-reduce. Like DDP, it communicates gradients as backward leaves them: hooks that
+            change gradients afterwards (``on_after_backward``, ``on_before_optimizer_step``) do not reach
+            the server. ``False`` pushes at the optimizer step instead.
         peer_timeout: seconds a worker waits for the server's answer before it fails with a clear error
             (a hung or lost peer). Raise it when stragglers are legitimately slower.
         timeout: timeout of the process groups (Lightning's default group and the server's channels).
@@ -123,6 +129,7 @@ class HybridSGDStrategy(DDPStrategy):
         threshold: ThresholdSpec = "50%",
         pull_work: Optional[bool] = None,
         staleness_scaling: bool = False,
+        overlap_push: bool = True,
         peer_timeout: float = 600.0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -151,6 +158,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._threshold_spec = threshold
         self._pull_work = pull_work
         self._staleness_scaling = bool(staleness_scaling)
+        self._overlap_push = bool(overlap_push)
         self._peer_timeout = float(peer_timeout)
         self._resume_work: Optional[dict[str, Any]] = None
         self._channels: Optional[dict[int, dist.ProcessGroup]] = None
@@ -161,11 +169,13 @@ class HybridSGDStrategy(DDPStrategy):
         Lightning builds new optimizers for each fit."""
         self._endpoint: Optional[ServerEndpoint] = None
         self._link: Optional[ServerLink] = None
+        self._stream: Optional[GradientStream] = None
         self._params: list[Tensor] = []
         self._buffers: list[Tensor] = []
         self._layout: Optional[FlatLayout] = None
         self._buffer_layout: Optional[FlatLayout] = None
         self._gradient: list[Tensor] = []
+        self._flat_params: list[Tensor] = []  # the model's parameters live in these (FlatLayout.bind)
         self._version = 0
         self._threshold: Optional[int] = None
         self._threshold_request = 0
@@ -331,6 +341,8 @@ class HybridSGDStrategy(DDPStrategy):
         self._layout = FlatLayout.of(self._params)
         self._buffer_layout = FlatLayout.of(self._buffers)
         self._gradient = self._layout.allocate(self.root_device)
+        self._flat_params = self._layout.allocate(self.root_device)
+        self._layout.bind(self._params, self._flat_params, keep="params")
         self._threshold = resolve_threshold(self._threshold_spec, self.world_size)
         self._session_id = self.broadcast(next(_SESSIONS))  # rank 0's: a fresh child process counts from 1
         self._pulling = self._threshold < self.world_size if self._pull_work is None else self._pull_work
@@ -365,8 +377,11 @@ class HybridSGDStrategy(DDPStrategy):
                 self._layout,
                 self._buffer_layout,
                 self._peer_timeout,
+                receive_into=self._flat_params if self.root_device.type == "cpu" else None,
                 pin_memory=self.root_device.type == "cuda",
             )
+            if self._overlap_push and self.root_device.type == "cpu":
+                self._stream = GradientStream(self._params, self._layout, self._gradient, self._link)
         self._replace_lockstep_checks(trainer)
 
     def _check_pulled_work(self, trainer: "pl.Trainer") -> None:
@@ -482,25 +497,43 @@ class HybridSGDStrategy(DDPStrategy):
     ) -> Any:
         if self._link is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        pushing = _PushingOptimizer(optimizer, self._exchange)
-        return self.precision_plugin.optimizer_step(
-            pushing, model=model or self.lightning_module, closure=closure, **kwargs
-        )
+        # decided before the closure runs backward, so that the gradient can stream out during backward
+        final = self._is_final_step_of_epoch()
+        threshold = self._take_threshold_request()
+        if self._stream is not None:
+            self._stream.arm(self._version, self._local_stop | (Flag.DRAIN if final else Flag.NONE), threshold)
+        pushing = _PushingOptimizer(optimizer, functools.partial(self._exchange, final=final, threshold=threshold))
+        try:
+            return self.precision_plugin.optimizer_step(
+                pushing, model=model or self.lightning_module, closure=closure, **kwargs
+            )
+        except BaseException:
+            if self._stream is not None and self._stream.incomplete:
+                assert isinstance(self._link, RemoteServerLink)
+                self._link.abandon()
+            raise
+        finally:
+            if self._stream is not None:
+                self._stream.disarm()
 
-    def _exchange(self, loss: Any) -> None:
+    def _exchange(self, loss: Any, final: bool, threshold: int) -> None:
         """Push this worker's gradient, wait for the server's answer and load the new parameters."""
         assert self._link is not None and self._layout is not None
-        final = self._is_final_step_of_epoch()
         flags = self._local_stop
-        if final:
-            flags |= Flag.DRAIN
         started = time.perf_counter()
         if loss is None:  # training_step returned None: Lightning skips the step, so no gradient
-            reply = self._link.drain(flags & ~Flag.DRAIN, self._take_threshold_request()) if final else None
+            if final:
+                reply = self._link.drain(flags, threshold)
+            else:
+                reply, self._threshold_request = None, self._threshold_request or threshold
+        elif self._stream is not None:
+            self._drained = False
+            self._stream.finish()
+            reply = self._link.finish_push()
         else:
             self._layout.pack([p.grad for p in self._params], self._gradient)
             self._drained = False
-            reply = self._link.push(self._gradient, self._version, flags, self._take_threshold_request())
+            reply = self._link.push(self._gradient, self._version, flags | (Flag.DRAIN if final else 0), threshold)
         if reply is not None:
             self._absorb(reply)
             if self._server_stop and not final:
@@ -537,7 +570,10 @@ class HybridSGDStrategy(DDPStrategy):
 
     def _absorb(self, reply: Reply) -> None:
         assert self._layout is not None and self._buffer_layout is not None
-        self._layout.unpack(reply.params, self._params)
+        if reply.params is not self._flat_params:
+            for mine, received in zip(self._flat_params, reply.params):
+                mine.copy_(received)
+        self._layout.bind(self._params, self._flat_params, keep="buffers")
         if reply.buffers is not None:
             self._buffer_layout.unpack(reply.buffers, self._buffers)
         self._version = reply.version
@@ -691,6 +727,9 @@ class HybridSGDStrategy(DDPStrategy):
 
         After an ``error`` the other ranks are told at once (rather than waiting for ``peer_timeout``)."""
         link, self._link = self._link, None
+        if self._stream is not None:
+            self._stream.close()  # the gradient hooks leave the model with the session
+            self._stream = None
         if link is None:
             return
         try:

@@ -12,10 +12,11 @@ every other rank uses :class:`RemoteServerLink`. Both answer ``push``/``drain``/
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -210,6 +211,7 @@ class ServerEndpoint:
     def _serve(self, rank: int) -> None:
         group = self._channels[rank]
         gradient = self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
+        chunks = self.server.layout.chunk_views(gradient)
         header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
         try:
             while True:  # after an abort too: a worker blocked in a send must get through to read the ABORT
@@ -223,8 +225,8 @@ class ServerEndpoint:
                             f"rank {rank} announced a gradient of {header.numel} elements, the model has "
                             f"{self.server.layout.numel}: every rank must build the same model"
                         )
-                    for buffer in gradient:
-                        dist.recv(buffer, src=rank, group=group)
+                    for chunk in chunks:
+                        dist.recv(chunk, src=rank, group=group)
                 self._handle(rank, header, gradient)
                 if header.kind == Kind.LEAVE:
                     return
@@ -275,14 +277,11 @@ class ServerEndpoint:
             if release.drained and self._buffer_layout.numel:
                 buffers = self._buffer_layout.allocate()
                 self._read_buffers(buffers)
-            host_params = None
-            for worker in release.workers:
-                if worker == SERVER_RANK:
-                    self._local.set(self._reply(release, worker, release.params, buffers))
-                    continue
-                if host_params is None:
-                    host_params = [p.cpu() for p in release.params]
-                self._send_reply(worker, release, host_params, buffers)
+            if SERVER_RANK in release.workers:
+                self._local.set(self._reply(release, SERVER_RANK, release.params, buffers))
+            remote = [worker for worker in release.workers if worker != SERVER_RANK]
+            if remote:
+                self._send_replies(remote, release, [p.cpu() for p in release.params], buffers)
 
     def _reply(self, release: Release, worker: int, params: list[Tensor], buffers: Optional[list[Tensor]]) -> Reply:
         return Reply(
@@ -302,21 +301,32 @@ class ServerEndpoint:
             flags |= Flag.REJECTED
         return flags
 
-    def _send_reply(self, worker: int, release: Release, params: list[Tensor], buffers: Optional[list[Tensor]]) -> None:
-        header = Header(
-            Kind.REPLY,
-            SERVER_RANK,
-            release.version,
-            flags=int(self._reply_flags(release, worker, buffers)),
-            threshold=self.server.threshold,
-            numel=self.server.layout.numel,
-            detail=release.staleness.get(worker, -1),
-        )
-        group = self._channels[worker]
-        with self._send_locks[worker]:
-            dist.send(header.to_tensor(), dst=worker, group=group)
-            for tensor in params + (buffers or []):
-                dist.send(tensor, dst=worker, group=group)
+    def _send_replies(
+        self, workers: list[int], release: Release, params: list[Tensor], buffers: Optional[list[Tensor]]
+    ) -> None:
+        """Answer several workers at once, each over its own gloo pair, instead of one after another.
+
+        Each worker's send lock is held until its reply is out, so messages to one worker never interleave;
+        the locks are taken in rank order, so two dispatching threads cannot deadlock."""
+        works = []
+        with contextlib.ExitStack() as held:
+            for worker in sorted(workers):
+                held.enter_context(self._send_locks[worker])
+            for worker in workers:
+                header = Header(
+                    Kind.REPLY,
+                    SERVER_RANK,
+                    release.version,
+                    flags=int(self._reply_flags(release, worker, buffers)),
+                    threshold=self.server.threshold,
+                    numel=self.server.layout.numel,
+                    detail=release.staleness.get(worker, -1),
+                )
+                group = self._channels[worker]
+                for tensor in [header.to_tensor(), *params, *(buffers or [])]:
+                    works.append((tensor, dist.isend(tensor, dst=worker, group=group)))
+            for _, work in works:  # the tensors stay referenced until their sends complete
+                work.wait()
 
 
 class LocalServerLink:
@@ -351,46 +361,80 @@ class RemoteServerLink:
         layout: FlatLayout,
         buffer_layout: FlatLayout,
         peer_timeout: float,
+        receive_into: Optional[list[Tensor]] = None,
         pin_memory: bool = False,
     ) -> None:
+        """Parameters are received into ``receive_into`` (host buffers of ``layout``; the CPU model's own flat
+        parameters make the reply the model without a copy), else into buffers of the link's own."""
         self._rank = rank
         self._group = group
         self._layout = layout
         self._buffer_layout = buffer_layout
         self._timeout = timedelta(seconds=peer_timeout)
-        self._params = layout.allocate("cpu", pin_memory=pin_memory)
+        self._params = receive_into if receive_into is not None else layout.allocate("cpu", pin_memory=pin_memory)
         self._buffers = buffer_layout.allocate("cpu", pin_memory=pin_memory)
         self._staging = layout.allocate("cpu", pin_memory=pin_memory) if pin_memory else []
         self._header = torch.empty(Header.SIZE, dtype=torch.int64)
+        self._sending: list[tuple[Tensor, dist.Work]] = []
         self._broken = False  # after an abort, a timeout or a lost connection: send nothing more
 
     def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
-        header = Header(Kind.PUSH, self._rank, version, int(flags), threshold, numel=self._layout.numel)
+        """Send a whole gradient (flat buffers of the layout) and wait for the answer."""
         if gradient and gradient[0].device.type != "cpu":
             for staged, tensor in zip(self._staging, gradient):
                 staged.copy_(tensor)
             gradient = self._staging
-        self._send(header, gradient)
+        self.start_push(version, flags, threshold)
+        for chunk in self._layout.chunk_views(gradient):
+            self.send_chunk(chunk)
+        return self.finish_push()
+
+    def start_push(self, version: int, flags: Flag, threshold: int = 0) -> None:
+        """Begin a gradient message; its chunks follow with :meth:`send_chunk`, in the layout's wire order."""
+        self._post(Header(Kind.PUSH, self._rank, version, int(flags), threshold, numel=self._layout.numel).to_tensor())
+
+    def send_chunk(self, chunk: Tensor) -> None:
+        """Queue one chunk; it travels while the caller goes on (e.g. while backward still runs)."""
+        self._post(chunk)
+
+    def finish_push(self) -> Reply:
+        self._complete_sends()
         return self._receive()
 
+    def abandon(self) -> None:
+        """A message was cut off half-way (the worker failed mid-backward): send nothing more; the server
+        learns of it when this process's connection closes."""
+        self._broken = True
+
     def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
-        self._send(Header(Kind.DRAIN, self._rank, flags=int(flags), threshold=threshold), [])
+        self._post(Header(Kind.DRAIN, self._rank, flags=int(flags), threshold=threshold).to_tensor())
+        self._complete_sends()
         return self._receive()
 
     def leave(self, flags: Flag = Flag.NONE) -> None:
         if not self._broken:
-            self._send(Header(Kind.LEAVE, self._rank, flags=int(flags)), [])
+            self._post(Header(Kind.LEAVE, self._rank, flags=int(flags)).to_tensor())
+            self._complete_sends()
 
-    def _send(self, header: Header, payload: Sequence[Tensor]) -> None:
+    def _post(self, tensor: Tensor) -> None:
         if self._broken:
             raise PeerLostError(f"hybrid_sgd: rank {self._rank}'s connection to the parameter server is closed")
         try:
-            dist.send(header.to_tensor(), dst=SERVER_RANK, group=self._group)
-            for tensor in payload:
-                dist.send(tensor, dst=SERVER_RANK, group=self._group)
+            self._sending.append((tensor, dist.isend(tensor, dst=SERVER_RANK, group=self._group)))
         except RuntimeError as err:
             self._broken = True
             raise self._server_lost(err) from err
+
+    def _complete_sends(self) -> None:
+        """Wait until every queued send is out (the tensors stay referenced until then)."""
+        try:
+            for _, work in self._sending:
+                work.wait()
+        except RuntimeError as err:
+            self._broken = True
+            raise self._server_lost(err) from err
+        finally:
+            self._sending.clear()
 
     def _recv(self, tensor: Tensor) -> None:
         try:

@@ -1,6 +1,7 @@
-"""The experiment script end to end, tiny: two methods, one seed, a 4 s budget each."""
+"""The experiment script end to end, tiny: two methods, a two-rate grid, one seed, a 3 s budget each."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -10,34 +11,35 @@ from conftest import clean_env
 
 pytestmark = pytest.mark.multiprocess
 EXPERIMENT = Path(__file__).resolve().parents[1] / "benchmarks" / "experiment.py"
+METHODS = ("sync (K=N)", "async (K=1)")
 
 
-def test_experiment_prints_a_table_and_writes_a_plot(tmp_path) -> None:
-    command = [
-        sys.executable,
-        str(EXPERIMENT),
-        "--workers",
-        "2",
-        "--budget",
-        "4",
-        "--seeds",
-        "1",
-        "--target",
-        "0.5",
-        "--methods",
-        "sync (K=N)",
-        "async (K=1)",
-        "--out",
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=300)
+def experiment(out: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(EXPERIMENT), "--workers", "2", "--budget", "3", "--seeds", "1", "--target", "0.5"]
+    command += ["--lr", "0.02", "0.1", "--methods", *METHODS, "--out", str(out)]
+    return subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_experiment_reports_both_protocols_and_reuses_finished_runs(tmp_path) -> None:
+    result = experiment(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("sync (K=N)", "async (K=1)"))]
-    assert len(rows) == 4  # per seed and the summary, for each method
+    saved = json.loads((tmp_path / "experiment-digits.json").read_text())
+    assert {(entry["method"], entry["lr"]) for entry in saved} == {(m, lr) for m in METHODS for lr in (0.02, 0.1)}
+    for entry in saved:
+        (run,) = entry["runs"]
+        assert run["curve"] and run["curve"][-1]["seconds"] <= 3 + 3, "the budget bounds the run"
+    loss = {(e["method"], e["lr"]): statistics.mean(r["val_loss"] for r in e["runs"]) for e in saved}
+    sync_best = min((0.02, 0.1), key=lambda lr: loss["sync (K=N)", lr])
+    async_best = min((0.02, 0.1), key=lambda lr: loss["async (K=1)", lr])
+    assert f"shared lr {sync_best:g} (sync's best)" in result.stdout
+    assert "each method's best lr" in result.stdout
+    best_table = result.stdout.split("each method's best lr")[1]
+    assert any(line.startswith("async (K=1)") and f" {async_best:g} " in line for line in best_table.splitlines())
+    rows = [line for line in result.stdout.splitlines() if line.startswith(METHODS)]
+    assert len(rows) == 8  # two protocols x two methods x (one seed + the summary)
     png = tmp_path / "experiment-digits.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    saved = json.loads((tmp_path / "experiment-digits.json").read_text())
-    for method in ("sync (K=N)", "async (K=1)"):
-        (run,) = saved[method]
-        assert run["curve"] and run["curve"][-1]["seconds"] <= 4 + 3, "the budget bounds the run"
-        assert run["val_acc"] > 0.5
+
+    again = experiment(tmp_path)  # same settings, same folder: every run is reused, so the tables are identical
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout == result.stdout

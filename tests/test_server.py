@@ -132,6 +132,20 @@ def test_non_finite_gradient_is_rejected_and_master_untouched() -> None:
     assert release.workers == (0, 1) and torch.isfinite(master(server)).all()
 
 
+@pytest.mark.parametrize(
+    "values, finite",
+    [
+        ([3e38, 3e38, 0, 0, 0, 0, 0], True),  # finite, though the sum overflows: accepted
+        ([float("inf"), float("-inf"), 0, 0, 0, 0, 0], False),  # the sum is NaN
+        ([0, 0, 0, 0, 0, 0, float("-inf")], False),
+    ],
+)
+def test_finiteness_is_judged_element_wise(values: list[float], finite: bool) -> None:
+    server = make_server(workers=1, threshold=1, lr=0.0)
+    (release,) = server.push(0, [torch.tensor(values)], version=0)
+    assert release.rejected == (() if finite else (0,))
+
+
 def test_rejection_in_a_drain_is_reported_when_the_drain_completes() -> None:
     server = make_server(workers=2, threshold=1)
     nan = [torch.full((7,), float("nan"))]
