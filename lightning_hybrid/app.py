@@ -50,6 +50,7 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
         threshold=strategy.threshold,
         pull_work=strategy.pull_work,
         staleness_scaling=strategy.staleness_scaling,
+        overlap_push=strategy.overlap_push,
         peer_timeout=strategy.peer_timeout,
     )
 

@@ -23,6 +23,7 @@ class StrategyConfig:
     threshold: Any = "50%"  # an int count, "sync", "async" or "p%"
     pull_work: Optional[bool] = None
     staleness_scaling: bool = False
+    overlap_push: bool = False
     peer_timeout: float = 600.0
 
 

@@ -111,10 +111,11 @@ class HybridSGDStrategy(DDPStrategy):
             when the initial K is below N, static when K = N (so that K = N reproduces DDP exactly).
         staleness_scaling: weigh each gradient by ``1 / (1 + staleness)`` before averaging (staleness-aware
             step size); off by default.
-        overlap_push: send a remote CPU worker's gradient in chunks while backward still runs, as DDP
-            overlaps its all-reduce. Like DDP, it communicates gradients as backward leaves them: hooks that
+        overlap_push: send a remote CPU worker's gradient in 1 MiB chunks while backward still runs, as
+            DDP overlaps its all-reduce. It then communicates gradients as backward leaves them: hooks that
             change gradients afterwards (``on_after_backward``, ``on_before_optimizer_step``) do not reach
-            the server. ``False`` pushes at the optimizer step instead.
+            the server. Off by default: on a 2-core machine over loopback it changed throughput by -3 % to
+            +4 % (noise), since sending costs the same cores as backward; try it where a NIC moves the bytes.
         peer_timeout: seconds a worker waits for the server's answer before it fails with a clear error
             (a hung or lost peer). Raise it when stragglers are legitimately slower.
         timeout: timeout of the process groups (Lightning's default group and the server's channels).
@@ -129,7 +130,7 @@ class HybridSGDStrategy(DDPStrategy):
         threshold: ThresholdSpec = "50%",
         pull_work: Optional[bool] = None,
         staleness_scaling: bool = False,
-        overlap_push: bool = True,
+        overlap_push: bool = False,
         peer_timeout: float = 600.0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,

@@ -200,7 +200,11 @@ def ddp_equivalence(args: argparse.Namespace) -> None:
     results = {}
     for name in ("ddp", "hybrid_sgd"):
         pl.seed_everything(args.seed)
-        strategy = "ddp" if name == "ddp" else lightning_hybrid.HybridSGDStrategy(threshold="sync")
+        strategy = (
+            "ddp"
+            if name == "ddp"
+            else lightning_hybrid.HybridSGDStrategy(threshold="sync", overlap_push=args.overlap_push)
+        )
         run = trainer(strategy, args.devices, **fit_kwargs)
         model = MLPClassifier(**model_kwargs)
         run.fit(model, datamodule=DigitsDataModule(seed=args.seed))
@@ -387,6 +391,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--batch-norm", action="store_true")
+    parser.add_argument("--overlap-push", action="store_true")
     parser.add_argument("--threshold", default="sync")
     parser.add_argument("--slow-rank", type=int, default=-1)
     parser.add_argument("--delay", type=float, default=0.0)

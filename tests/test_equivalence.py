@@ -12,8 +12,9 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 def test_sgd_momentum_steplr_clipping_accumulation_batchnorm_match_ddp(tmp_path) -> None:
-    # 3 epochs of 8 batches, accumulate 2 -> 12 updates; StepLR halves lr every epoch.
-    launch("ddp_equivalence", tmp_path, "--devices 2 --epochs 3 --batches 8 --batch-norm")
+    # 3 epochs of 8 batches, accumulate 2 -> 12 updates; StepLR halves lr every epoch. Gradients stream out
+    # during backward (overlap_push): only the backward before each optimizer step sends.
+    launch("ddp_equivalence", tmp_path, "--devices 2 --epochs 3 --batches 8 --batch-norm --overlap-push")
     for rank in results(tmp_path, 2):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
         assert rank["version"] == 12 and rank["update_sizes"] in ({2: 12}, {})
