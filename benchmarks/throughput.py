@@ -14,6 +14,7 @@ remote worker moves per step; and the loopback bandwidth of a gloo send measured
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import tempfile
@@ -72,8 +73,8 @@ def run_one(args: argparse.Namespace) -> None:
     widths = MODELS[args.models[0]]
     samples = BATCH * args.steps * args.workers
     data = TensorDataset(torch.randn(samples, widths[0]), torch.randint(0, CLASSES, (samples,)))
-    if args.strategy == "ddp":
-        strategy: Any = "ddp"
+    if args.strategy in ("ddp", "single"):
+        strategy: Any = "ddp" if args.strategy == "ddp" else "auto"
     else:  # "K=<k>" or "K=<k>/no-overlap"
         threshold, _, variant = args.strategy.removeprefix("K=").partition("/")
         strategy = lightning_hybrid.HybridSGDStrategy(threshold=int(threshold), overlap_push=variant != "no-overlap")
@@ -95,7 +96,7 @@ def run_one(args: argparse.Namespace) -> None:
         "rate": timer.rate(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if args.strategy != "ddp" and trainer.is_global_zero:
+    if args.strategy.startswith("K=") and trainer.is_global_zero:
         progress = strategy.progress
         result["update_ms"] = 1000 * progress["update_seconds"] / max(progress["version"], 1)
     write_result(args.out, trainer.global_rank, result)
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=80, help="steps per worker")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here (for scaling_model.py)")
     args = parser.parse_args()
     if args.run:
         args.workers = args.workers[0]
@@ -152,11 +154,18 @@ def main() -> None:
         f"{'model':>5} {'workers':>7}  {'strategy':<22} {'samples/s':>9} {'vs DDP':>7} {'server ms/update':>16} "
         f"{'rank-0 peak RSS MiB':>19} {'MiB/step/worker':>15} {'loopback GB/s':>13}"
     )
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             numel = sum(p.numel() for p in BenchmarkMLP(MODELS[model]).parameters())
             bandwidth = loopback_bandwidth(numel)
-            print(f"\n{model}: {numel:,} parameters ({numel * 4 / 2**20:.1f} MiB float32)")
+            (alone,) = run_configuration(
+                __file__, Path(tmp, f"{model}-single"), 1, "--strategy", "single", "--models", model
+            )
+            print(
+                f"\n{model}: {numel:,} parameters ({numel * 4 / 2**20:.1f} MiB float32); one process alone "
+                f"(no communication): {BATCH * alone['rate']:.0f} samples/s, {1000 / alone['rate']:.2f} ms/step"
+            )
             print(header)
             print("-" * len(header))
             for workers in args.workers:
@@ -174,10 +183,25 @@ def main() -> None:
                     # a remote worker sends a gradient and receives parameters: 2 model sizes per step;
                     # DDP's ring all-reduce moves 2 (N-1)/N model sizes per rank
                     factor = 2 * (workers - 1) / workers if strategy == "ddp" else 2
+                    rows.append(
+                        {
+                            "model": model,
+                            "numel": numel,
+                            "workers": workers,
+                            "strategy": flag,
+                            "samples_per_s": samples,
+                            "vs_ddp": samples / ddp_samples,
+                            "update_ms": ranks[0].get("update_ms"),
+                            "alone_ms_per_step": 1000 / alone["rate"],
+                            "bandwidth": bandwidth,
+                        }
+                    )
                     print(
                         f"{model:>5} {workers:>7}  {strategy:<22} {samples:>9.0f} {samples / ddp_samples:>6.2f}x "
                         f"{update_ms:>16} {memory:>19} {factor * numel * 4 / 2**20:>15.1f} {bandwidth / 1e9:>13.2f}"
                     )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

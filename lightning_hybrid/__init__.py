@@ -6,7 +6,7 @@
 from pytorch_lightning.strategies import StrategyRegistry
 
 from lightning_hybrid.callbacks import ThresholdScheduler
-from lightning_hybrid.errors import HybridSGDError, PeerLostError, ProtocolError
+from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError, PeerLostError, ProtocolError
 from lightning_hybrid.server import GradientClipping, ParameterServer, Release
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.strategy import HybridSGDStrategy
@@ -33,6 +33,7 @@ __all__ = [
     "GradientClipping",
     "HybridSGDError",
     "HybridSGDStrategy",
+    "NonFiniteGradientError",
     "ParameterServer",
     "PeerLostError",
     "ProtocolError",

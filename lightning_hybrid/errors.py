@@ -11,3 +11,7 @@ class PeerLostError(HybridSGDError):
 
 class ProtocolError(HybridSGDError):
     """A message broke the parameter-server protocol (wrong kind, size, dtype or version)."""
+
+
+class NonFiniteGradientError(HybridSGDError):
+    """A worker's gradient held NaN or Inf and the strategy's ``nonfinite`` policy is ``"stop"``."""

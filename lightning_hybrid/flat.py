@@ -6,6 +6,7 @@ message or one kernel per tensor; the layout maps every tensor to its slice.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,6 +79,12 @@ class FlatLayout:
     @property
     def numel(self) -> int:
         return sum(self.sizes)
+
+    @property
+    def signature(self) -> int:
+        """A checksum of the buffers' dtypes and sizes: a message announces it, so that a payload of
+        another layout (e.g. float64 instead of float32) is refused before its bytes are read."""
+        return zlib.crc32(repr([(str(d), n) for d, n in zip(self.dtypes, self.sizes)]).encode())
 
     def allocate(self, device: torch.device | str = "cpu", pin_memory: bool = False) -> list[Tensor]:
         return [torch.zeros(n, dtype=d, device=device, pin_memory=pin_memory) for n, d in zip(self.sizes, self.dtypes)]

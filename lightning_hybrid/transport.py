@@ -72,7 +72,7 @@ class Header:
     threshold: int = 0  # PUSH: requested K (0: none); REPLY: the server's K
     numel: int = 0  # payload elements, a check against the layout
     detail: int = 0  # REPLY: staleness of the worker's gradient (-1: none); ABORT: the lost rank
-    code: int = 0  # ABORT: AbortCode
+    code: int = 0  # ABORT: AbortCode; PUSH: the gradient layout's signature (FlatLayout.signature)
 
     SIZE = 8
 
@@ -196,7 +196,8 @@ class ServerEndpoint:
         self._failure = error_type(_abort_message(code, rank, why))
         self._local.set(error=self._failure)
         header = Header(Kind.ABORT, SERVER_RANK, self.server.version, detail=rank, code=int(code)).to_tensor()
-        notify = [worker for worker in self._channels if worker != rank]
+        # a lost worker cannot be told; one that broke the protocol hears why, like everybody else
+        notify = [worker for worker in self._channels if worker != rank or code == AbortCode.PROTOCOL]
         threading.Thread(target=self._notify_abort, args=(notify, header), name="hybrid-sgd-abort", daemon=True).start()
 
     def _notify_abort(self, workers: list[int], header: Tensor) -> None:
@@ -220,10 +221,12 @@ class ServerEndpoint:
                 if header.rank != rank:
                     raise ProtocolError(f"a message on rank {rank}'s channel claims to come from rank {header.rank}")
                 if header.kind == Kind.PUSH:
-                    if header.numel != self.server.layout.numel:
+                    layout = self.server.layout
+                    if header.numel != layout.numel or header.code != layout.signature:
                         raise ProtocolError(
-                            f"rank {rank} announced a gradient of {header.numel} elements, the model has "
-                            f"{self.server.layout.numel}: every rank must build the same model"
+                            f"rank {rank} announced a gradient of {header.numel} elements (layout signature "
+                            f"{header.code}), the model has {layout.numel} (signature {layout.signature}): every "
+                            "rank must build the same model, with the same parameter dtypes"
                         )
                     for chunk in chunks:
                         dist.recv(chunk, src=rank, group=group)
@@ -391,7 +394,10 @@ class RemoteServerLink:
 
     def start_push(self, version: int, flags: Flag, threshold: int = 0) -> None:
         """Begin a gradient message; its chunks follow with :meth:`send_chunk`, in the layout's wire order."""
-        self._post(Header(Kind.PUSH, self._rank, version, int(flags), threshold, numel=self._layout.numel).to_tensor())
+        header = Header(
+            Kind.PUSH, self._rank, version, int(flags), threshold, self._layout.numel, code=self._layout.signature
+        )
+        self._post(header.to_tensor())
 
     def send_chunk(self, chunk: Tensor) -> None:
         """Queue one chunk; it travels while the caller goes on (e.g. while backward still runs)."""
@@ -429,16 +435,17 @@ class RemoteServerLink:
         """Wait until every queued send is out (the tensors stay referenced until then)."""
         try:
             for _, work in self._sending:
-                work.wait()
-        except RuntimeError as err:
-            self._broken = True
-            raise self._server_lost(err) from err
+                self._wait(work)
         finally:
             self._sending.clear()
 
     def _recv(self, tensor: Tensor) -> None:
+        self._wait(dist.irecv(tensor, src=SERVER_RANK, group=self._group))
+
+    def _wait(self, work: dist.Work) -> None:
+        """Sends wait as long as receives: over a cut link a send never completes (found by the partition test)."""
         try:
-            dist.irecv(tensor, src=SERVER_RANK, group=self._group).wait(self._timeout)
+            work.wait(self._timeout)
         except RuntimeError as err:
             self._broken = True
             if "Timed out" in str(err):

@@ -11,6 +11,7 @@ import argparse
 import os
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +222,9 @@ def straggler(args: argparse.Namespace) -> None:
     pl.seed_everything(args.seed)
     clock = StepClock(slow_rank=args.slow_rank, delay=args.delay)
     evaluation = ModelAtEvaluation()
-    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, pull_work=args.pull_work, peer_timeout=60)
+    strategy = lightning_hybrid.HybridSGDStrategy(
+        threshold=args.threshold, pull_work=args.pull_work, nonfinite=args.nonfinite, peer_timeout=60
+    )
     extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}
     callbacks: list[Callback] = [clock, evaluation]
     if args.checkpoint_every:
@@ -360,20 +363,33 @@ def lost_worker(args: argparse.Namespace) -> None:
 
 
 def nodes(args: argparse.Namespace) -> None:
-    """Launched once per node (by torchrun or by hand): ``num_nodes`` x ``devices`` workers."""
+    """Launched once per node (by torchrun or by hand): ``num_nodes`` x ``devices`` workers; optionally
+    slowed, checkpointed every ``--checkpoint-every`` steps, or resumed from ``--resume``."""
     pl.seed_everything(args.seed)
-    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold)
+    strategy = lightning_hybrid.HybridSGDStrategy(
+        threshold=args.threshold, peer_timeout=args.peer_timeout, timeout=timedelta(seconds=args.pg_timeout)
+    )
+    callbacks: list[Callback] = [StepClock(slow_rank=args.slow_rank, delay=args.delay)]
+    if args.checkpoint_every:
+        callbacks.append(ModelCheckpoint(args.out / "ckpts", every_n_train_steps=args.checkpoint_every, save_top_k=-1))
     run = trainer(
-        strategy, args.devices, num_nodes=args.num_nodes, max_epochs=args.epochs, limit_train_batches=args.batches
+        strategy,
+        args.devices,
+        num_nodes=args.num_nodes,
+        max_epochs=args.epochs,
+        limit_train_batches=args.batches,
+        callbacks=callbacks,
+        enable_checkpointing=bool(args.checkpoint_every),
     )
     model = MLPClassifier(lr=args.lr)
-    run.fit(model, datamodule=DigitsDataModule(seed=args.seed))
+    run.fit(model, datamodule=DigitsDataModule(seed=args.seed), ckpt_path=args.resume)
     save(
         args.out,
         run.global_rank,
         world_size=run.world_size,
         node_rank=run.node_rank,
         version=strategy.version,
+        global_step=run.global_step,
         update_sizes=dict(strategy.update_sizes),
         weights=weights(model),
     )
@@ -397,10 +413,13 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--nan-rank", type=int, default=-1)
     parser.add_argument("--nan-step", type=int, default=-1)
+    parser.add_argument("--nonfinite", default="skip")
     parser.add_argument("--max-time", default=None)
     parser.add_argument("--phase", default="full")
     parser.add_argument("--peer-timeout", type=float, default=60.0)
     parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--resume", default=None, help="a checkpoint to resume from")
+    parser.add_argument("--pg-timeout", type=float, default=1800.0, help="seconds, Lightning's collectives")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--set-threshold", default="", help="RANK:STEP:K")
     parser.add_argument("--pull-work", default=None, type=lambda v: {"true": True, "false": False}[v])

@@ -85,3 +85,13 @@ def test_sigterm_on_one_rank_stops_every_rank_cleanly(tmp_path) -> None:
     for rank in range(3):
         assert (tmp_path / f"exception{rank}").read_text() == "SIGTERMException"
     assert "Error" not in output and "Timed out" not in output
+
+
+def test_nonfinite_stop_policy_ends_the_run_on_every_rank_naming_rank_and_step(tmp_path) -> None:
+    output = run_failing(
+        "straggler", tmp_path, "--devices 3 --threshold 1 --nan-rank 2 --nan-step 3 --nonfinite stop", bound=60
+    )
+    assert "NonFiniteGradientError: hybrid_sgd: rank 2's gradient at step 3 held NaN or Inf" in output
+    # the others stop too, told by the server that rank 2 failed
+    assert "[rank0]: lightning_hybrid.errors.PeerLostError: hybrid_sgd: worker rank 2 was lost" in output
+    assert "[rank1]: lightning_hybrid.errors.PeerLostError: hybrid_sgd: worker rank 2 was lost" in output

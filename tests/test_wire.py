@@ -1,0 +1,99 @@
+"""Bad messages on the wire, over real gloo between two processes: a message of the wrong kind, sender,
+length, dtype or version is refused with an error that names it, and the run stops (the sender too is
+told why); nothing is unpickled, every message is tensors of known sizes."""
+
+from __future__ import annotations
+
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.server import ParameterServer
+from lightning_hybrid.transport import AbortCode, Header, Kind, RemoteServerLink, ServerEndpoint
+
+pytestmark = pytest.mark.multiprocess
+NUMEL = 10
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def send_bad_message(case: str, group: dist.ProcessGroup) -> None:
+    layout = FlatLayout.of([torch.zeros(NUMEL)])
+    if case == "version":  # a well-formed push, for parameters the server never had
+        link = RemoteServerLink(1, group, layout, FlatLayout.of([]), peer_timeout=30)
+        link.start_push(version=7, flags=0)
+        for chunk in layout.chunk_views([torch.ones(NUMEL)]):
+            link.send_chunk(chunk)
+        link._complete_sends()
+        return
+    header, payload = {
+        "kind": (Header(99, 1), []),
+        "sender": (Header(Kind.DRAIN, 2), []),
+        "length": (Header(Kind.PUSH, 1, numel=NUMEL + 1, code=layout.signature), []),
+        "dtype": (
+            Header(Kind.PUSH, 1, numel=NUMEL, code=FlatLayout.of([torch.zeros(NUMEL, dtype=torch.float64)]).signature),
+            [torch.ones(NUMEL, dtype=torch.float64)],
+        ),
+    }[case]
+    dist.send(header.to_tensor(), dst=0, group=group)
+    for tensor in payload:  # queued, as the real link does; the server refuses the header before reading it
+        dist.isend(tensor, dst=0, group=group)
+
+
+def rank_main(rank: int, port: int, case: str, results: mp.Queue) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        group = dist.new_group([0, 1], backend="gloo")
+        if rank == 0:
+            server = ParameterServer([torch.zeros(NUMEL)], lambda p: torch.optim.SGD(p, lr=0.1), 2, threshold=1)
+            endpoint = ServerEndpoint(server, {1: group}, FlatLayout.of([]), lambda out: None, peer_timeout=30)
+            endpoint.start()
+            endpoint.close(timeout=30)
+            results.put(("server", str(endpoint._failure), server.version))
+        else:
+            send_bad_message(case, group)
+            notice = torch.empty(Header.SIZE, dtype=torch.int64)
+            dist.recv(notice, src=0, group=group)
+            results.put(("sender", Header.from_tensor(notice)))
+    except BaseException:  # report, so that the test fails with the child's traceback instead of hanging
+        results.put(("error", traceback.format_exc()))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("kind", "rank 1 sent a message of unknown kind 99"),
+        ("sender", "a message on rank 1's channel claims to come from rank 2"),
+        ("length", "rank 1 announced a gradient of 11 elements"),
+        ("dtype", "every rank must build the same model, with the same parameter dtypes"),
+        ("version", "worker 1 pushed a gradient for version 7, but the server is at version 0"),
+    ],
+)
+def test_bad_message_is_refused_by_name_and_its_sender_is_told(case: str, message: str) -> None:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=rank_main, args=(r, port, case, results)) for r in (0, 1)]
+    for process in processes:
+        process.start()
+    reports = {}
+    for _ in processes:
+        report = results.get(timeout=60)
+        assert report[0] != "error", report[1]
+        reports[report[0]] = report[1:]
+    for process in processes:
+        process.join(30)
+    failure, version = reports["server"]
+    assert "broke the parameter-server protocol" in failure and message in failure
+    assert version == 0, "nothing of the bad message reached the master weights"
+    (notice,) = reports["sender"]
+    assert notice.kind == Kind.ABORT and notice.code == AbortCode.PROTOCOL and notice.detail == 1
