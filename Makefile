@@ -18,6 +18,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	WANDB_MODE=offline $(BIN)/python -m pytest
+	WANDB_MODE=offline $(BIN)/python -m pytest -m soak
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/throughput.py

@@ -1,6 +1,6 @@
 """The Hydra training app (also installed as ``lightning-hybrid-train``); see lightning_hybrid/app.py.
 
-python examples/train.py strategy=hybrid threshold=linear trainer.devices=4
+python examples/train.py strategy=hybrid threshold=cosine trainer.devices=4
 python examples/train.py -m strategy=sync,async,hybrid seed=1,2
 """
 

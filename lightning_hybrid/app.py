@@ -1,6 +1,6 @@
 """The Hydra training app: ``lightning-hybrid-train`` (or ``python examples/train.py``).
 
-    lightning-hybrid-train strategy=hybrid threshold=linear trainer.devices=4
+    lightning-hybrid-train strategy=hybrid threshold=cosine trainer.devices=4
     lightning-hybrid-train -m strategy=sync,async,hybrid seed=1,2     # a sweep, one W&B run per job
 
 Each job writes ``result.json`` (final validation metrics, updates, staleness) into its output folder.

@@ -119,8 +119,9 @@ class HybridSGDStrategy(DDPStrategy):
         nonfinite: what a gradient holding NaN or Inf does: ``"skip"`` (it is rejected, counted and logged,
             the master weights untouched, training goes on) or ``"stop"`` (rejected, then the run stops on
             every rank with :class:`NonFiniteGradientError` naming the rank and step).
-        peer_timeout: seconds a worker waits for the server's answer before it fails with a clear error
-            (a hung or lost peer). Raise it when stragglers are legitimately slower.
+        peer_timeout: seconds a worker waits for the server's answer, or for one of its sends to go out,
+            before it fails with a clear error (a hung, lost or cut-off peer). Raise it when stragglers are
+            legitimately slower.
         timeout: timeout of the process groups (Lightning's default group and the server's channels).
         start_method: ``"popen"`` (default: a script launched per process, like DDP; works with torchrun
             and SLURM) or ``"spawn"``/``"fork"``/``"forkserver"``.
@@ -506,6 +507,7 @@ class HybridSGDStrategy(DDPStrategy):
         if self._link is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         # decided before the closure runs backward, so that the gradient can stream out during backward
+        # (a stop signal raised during backward then travels with the next message)
         final = self._is_final_step_of_epoch()
         threshold = self._take_threshold_request()
         if self._stream is not None:

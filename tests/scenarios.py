@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import time
 from datetime import timedelta
@@ -21,6 +22,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, OnExceptionCh
 
 import lightning_hybrid
 from lightning_hybrid.data import DigitsDataModule
+from lightning_hybrid.delays import DelayDistribution, InjectDelays
 from lightning_hybrid.models import MLPClassifier
 
 
@@ -391,6 +393,47 @@ def nodes(args: argparse.Namespace) -> None:
         version=strategy.version,
         global_step=run.global_step,
         update_sizes=dict(strategy.update_sizes),
+        weights=weights(model),
+    )
+
+
+class RandomThreshold(Callback):
+    """Rank 0 sets a random K every ``every`` steps; also samples this process's resident memory."""
+
+    def __init__(self, every: int, seed: int) -> None:
+        self.every, self.random = every, random.Random(seed)
+        self.rss_mib: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank == 0 and trainer.global_step % self.every == 0:
+            trainer.strategy.threshold = self.random.randint(1, trainer.world_size)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        with open("/proc/self/statm") as statm:
+            self.rss_mib.append(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+
+
+def soak(args: argparse.Namespace) -> None:
+    """Minutes of training: random per-step delays (heavy-tailed on a slowed rank), K changed at random
+    every 3 steps, pulled work; every rank records its pushes and its memory at each epoch end."""
+    pl.seed_everything(args.seed)
+    strategy = lightning_hybrid.HybridSGDStrategy(threshold="async", pull_work=True, peer_timeout=60)
+    delays = InjectDelays(
+        ranks=[args.devices - 1], slowdown=2.0, extra=DelayDistribution("pareto", 0.002, 1.5), seed=args.seed
+    )
+    changes = RandomThreshold(every=3, seed=args.seed)
+    run = trainer(strategy, args.devices, max_time=args.max_time, max_epochs=-1, callbacks=[delays, changes])
+    model = MLPClassifier(lr=args.lr)
+    run.fit(model, datamodule=DigitsDataModule(seed=args.seed))
+    save(
+        args.out,
+        run.global_rank,
+        pushes=strategy.steps,
+        epochs=run.current_epoch,
+        rss_mib=changes.rss_mib,
+        update_sizes=dict(strategy.update_sizes),
+        rejected=dict(strategy.rejected),
+        version=strategy.version,
         weights=weights(model),
     )
 

@@ -62,7 +62,7 @@ def test_a_wrong_key_or_type_is_refused_naming_it(tmp_path, override, message) -
 def test_console_script_is_installed(tmp_path) -> None:
     script = Path(sys.executable).with_name("lightning-hybrid-train")
     result = subprocess.run([str(script), "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert "scheduled: true" in result.stdout and "name: linear" in result.stdout
+    assert "scheduled: true" in result.stdout and "name: cosine" in result.stdout
 
 
 def test_delays_from_config_slow_the_chosen_rank(tmp_path) -> None:
