@@ -543,7 +543,9 @@ class HybridSGDStrategy(DDPStrategy):
         else:
             self._layout.pack([p.grad for p in self._params], self._gradient)
             self._drained = False
-            reply = self._link.push(self._gradient, self._version, flags | (Flag.DRAIN if final else 0), threshold)
+            reply = self._link.push(
+                self._gradient, self._version, flags | (Flag.DRAIN if final else Flag.NONE), threshold
+            )
         if reply is not None:
             self._absorb(reply)
             if self._server_stop and not final:

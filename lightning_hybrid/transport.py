@@ -2,9 +2,10 @@
 
 Every remote worker talks to the server rank over its own two-member gloo group, so its traffic
 never collides with Lightning's collectives on the default group nor with other workers'. A
-message is a fixed int64 header and, for some kinds, flat payload buffers (one per dtype) whose
-sizes both sides know from the model: nothing is ever pickled. GPU tensors are staged through
-(pinned) host memory, since gloo moves host memory.
+message is a fixed int64 header and, for some kinds, flat payload buffers whose sizes both sides
+know from the model (a gradient travels in the layout's chunks, see ``FlatLayout.chunks``; its header
+carries the layout's signature): nothing is ever pickled. GPU tensors are staged through (pinned)
+host memory, since gloo moves host memory.
 
 The worker rank that shares the server's process talks to it in memory (:class:`LocalServerLink`);
 every other rank uses :class:`RemoteServerLink`. Both answer ``push``/``drain``/``leave`` alike.
