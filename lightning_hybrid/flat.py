@@ -52,6 +52,9 @@ class FlatLayout:
         self.slots: tuple[_Slot, ...] = tuple(slots)
         self.sizes: tuple[int, ...] = tuple(sizes)
         self.chunks, self.chunk_of = self._plan_chunks()
+        # a checksum of the dtypes and sizes: a gradient message announces it, so that a payload of another
+        # layout (e.g. float64 instead of float32) is refused before its bytes are read
+        self.signature = zlib.crc32(repr([(str(d), n) for d, n in zip(self.dtypes, self.sizes)]).encode())
 
     def _plan_chunks(self) -> tuple[tuple[_Chunk, ...], tuple[int, ...]]:
         """Cut the buffers into wire chunks of whole tensors, last tensors first (the order in which backward
@@ -79,12 +82,6 @@ class FlatLayout:
     @property
     def numel(self) -> int:
         return sum(self.sizes)
-
-    @property
-    def signature(self) -> int:
-        """A checksum of the buffers' dtypes and sizes: a message announces it, so that a payload of
-        another layout (e.g. float64 instead of float32) is refused before its bytes are read."""
-        return zlib.crc32(repr([(str(d), n) for d, n in zip(self.dtypes, self.sizes)]).encode())
 
     def allocate(self, device: torch.device | str = "cpu", pin_memory: bool = False) -> list[Tensor]:
         return [torch.zeros(n, dtype=d, device=device, pin_memory=pin_memory) for n, d in zip(self.sizes, self.dtypes)]

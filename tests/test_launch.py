@@ -1,20 +1,13 @@
 """Launching like DDP: two node launches on loopback, by torchrun and by Lightning's own environment."""
 
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import SCENARIOS, clean_env, results
+from conftest import SCENARIOS, clean_env, free_port, results
 
 pytestmark = pytest.mark.multiprocess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_nodes(commands_and_envs, timeout: float = 180) -> None:

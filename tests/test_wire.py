@@ -4,52 +4,42 @@ told why); nothing is unpickled, every message is tensors of known sizes."""
 
 from __future__ import annotations
 
-import socket
 import traceback
+from multiprocessing.synchronize import Event
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.server import ParameterServer
-from lightning_hybrid.transport import AbortCode, Header, Kind, RemoteServerLink, ServerEndpoint
+from lightning_hybrid.transport import AbortCode, Header, Kind, ServerEndpoint
 
 pytestmark = pytest.mark.multiprocess
 NUMEL = 10
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def send_bad_message(case: str, group: dist.ProcessGroup) -> None:
+def send_bad_message(case: str, group: dist.ProcessGroup) -> list[dist.Work]:
+    """Send the message; its payload's sends are returned unfinished, as the real link queues them."""
     layout = FlatLayout.of([torch.zeros(NUMEL)])
-    if case == "version":  # a well-formed push, for parameters the server never had
-        link = RemoteServerLink(1, group, layout, FlatLayout.of([]), peer_timeout=30)
-        link.start_push(version=7, flags=0)
-        for chunk in layout.chunk_views([torch.ones(NUMEL)]):
-            link.send_chunk(chunk)
-        link._complete_sends()
-        return
     header, payload = {
         "kind": (Header(99, 1), []),
         "sender": (Header(Kind.DRAIN, 2), []),
         "length": (Header(Kind.PUSH, 1, numel=NUMEL + 1, code=layout.signature), []),
+        # a well-formed push, for parameters the server never had
+        "version": (Header(Kind.PUSH, 1, version=7, numel=NUMEL, code=layout.signature), [torch.ones(NUMEL)]),
         "dtype": (
             Header(Kind.PUSH, 1, numel=NUMEL, code=FlatLayout.of([torch.zeros(NUMEL, dtype=torch.float64)]).signature),
             [torch.ones(NUMEL, dtype=torch.float64)],
         ),
     }[case]
     dist.send(header.to_tensor(), dst=0, group=group)
-    for tensor in payload:  # queued, as the real link does; the server refuses the header before reading it
-        dist.isend(tensor, dst=0, group=group)
+    return [dist.isend(tensor, dst=0, group=group) for tensor in payload]  # after a refused header: never read
 
 
-def rank_main(rank: int, port: int, case: str, results: mp.Queue) -> None:
+def rank_main(rank: int, port: int, case: str, results: mp.Queue, sender_done: Event) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
         group = dist.new_group([0, 1], backend="gloo")
@@ -59,13 +49,18 @@ def rank_main(rank: int, port: int, case: str, results: mp.Queue) -> None:
             endpoint.start()
             endpoint.close(timeout=30)
             results.put(("server", str(endpoint._failure), server.version))
+            sender_done.wait(60)  # the abort notice leaves from a daemon thread: stay until it has arrived
         else:
-            send_bad_message(case, group)
+            queued = send_bad_message(case, group)
             notice = torch.empty(Header.SIZE, dtype=torch.int64)
             dist.recv(notice, src=0, group=group)
             results.put(("sender", Header.from_tensor(notice)))
+            del queued  # the payload's sends lived until the notice was read
     except BaseException:  # report, so that the test fails with the child's traceback instead of hanging
         results.put(("error", traceback.format_exc()))
+    finally:
+        if rank == 1:
+            sender_done.set()
 
 
 @pytest.mark.parametrize(
@@ -80,9 +75,9 @@ def rank_main(rank: int, port: int, case: str, results: mp.Queue) -> None:
 )
 def test_bad_message_is_refused_by_name_and_its_sender_is_told(case: str, message: str) -> None:
     context = mp.get_context("spawn")
-    results = context.Queue()
+    results, sender_done = context.Queue(), context.Event()
     port = free_port()
-    processes = [context.Process(target=rank_main, args=(r, port, case, results)) for r in (0, 1)]
+    processes = [context.Process(target=rank_main, args=(r, port, case, results, sender_done)) for r in (0, 1)]
     for process in processes:
         process.start()
     reports = {}
