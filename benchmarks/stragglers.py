@@ -3,8 +3,10 @@
     python benchmarks/stragglers.py                      # 4 CPU workers, rank 3 three times slower
     python benchmarks/stragglers.py --workers 4 --base-delay 0.02 --epochs 4
 
-Every worker sleeps ``base-delay`` seconds per step on top of its compute (the slow one 3x as long):
-sleeping simulates heterogeneous machines without needing more cores than this machine has. Each
+Every worker sleeps ``base-delay`` seconds per step on top of its compute, and the slow one sleeps so that
+its whole step before the push (compute plus sleep) takes ``factor`` times as long (the library's
+:class:`InjectDelays`): sleeping simulates heterogeneous machines without needing more cores than this
+machine has. Each
 configuration is a real multi-process Lightning run on scikit-learn's digits (1,437 training samples,
 batch 32); epoch times are rank 0's training time per epoch, averaged over the epochs after the first.
 """
@@ -24,6 +26,7 @@ from launch import run_configuration, write_result
 
 import lightning_hybrid
 from lightning_hybrid.data import DigitsDataModule
+from lightning_hybrid.delays import DelayDistribution, InjectDelays
 from lightning_hybrid.models import MLPClassifier
 
 CONFIGURATIONS = {
@@ -35,11 +38,10 @@ CONFIGURATIONS = {
 }
 
 
-class Straggle(pl.Callback):
-    """Sleeps per step (the slow rank ``factor`` times longer) and times each epoch's training."""
+class EpochTimer(pl.Callback):
+    """Times each epoch's training and counts this rank's batches."""
 
-    def __init__(self, base: float, slow_rank: int, factor: float) -> None:
-        self.base, self.slow_rank, self.factor = base, slow_rank, factor
+    def __init__(self) -> None:
         self.epoch_seconds: list[float] = []
         self.batches = 0
 
@@ -48,7 +50,6 @@ class Straggle(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self.batches += 1
-        time.sleep(self.base * (self.factor if trainer.global_rank == self.slow_rank else 1.0))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self.epoch_seconds.append(time.perf_counter() - self._start)
@@ -59,7 +60,10 @@ def run_one(args: argparse.Namespace) -> None:
     pl.seed_everything(0)
     name, threshold, pull = CONFIGURATIONS[args.configuration]
     strategy: Any = name if name == "ddp" else lightning_hybrid.HybridSGDStrategy(threshold=threshold, pull_work=pull)
-    straggle = Straggle(args.base_delay, slow_rank=args.workers - 1, factor=args.factor)
+    timer = EpochTimer()
+    straggle = InjectDelays(
+        ranks=[args.workers - 1], slowdown=args.factor, extra=DelayDistribution("fixed", args.base_delay)
+    )
     trainer = pl.Trainer(
         strategy=strategy,
         accelerator="cpu",
@@ -69,12 +73,12 @@ def run_one(args: argparse.Namespace) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[straggle],
+        callbacks=[timer, straggle],
     )
     trainer.fit(MLPClassifier(lr=0.05), datamodule=DigitsDataModule(batch_size=32))
     result = {
-        "epoch_seconds": straggle.epoch_seconds,
-        "batches": straggle.batches,
+        "epoch_seconds": timer.epoch_seconds,
+        "batches": timer.batches,
         "val_acc": float(trainer.callback_metrics["val_acc"]),
     }
     write_result(args.out, trainer.global_rank, result)
@@ -95,8 +99,9 @@ def main() -> None:
         return
 
     print(
-        f"{args.workers} CPU workers, rank {args.workers - 1} {args.factor:g}x slower ({args.base_delay * 1000:g} ms "
-        f"vs {args.base_delay * args.factor * 1000:g} ms per step); digits, 1,437 samples per epoch; "
+        f"{args.workers} CPU workers, rank {args.workers - 1} {args.factor:g}x slower (every rank sleeps "
+        f"{args.base_delay * 1000:g} ms per step on top of its compute; rank {args.workers - 1}'s compute and sleep "
+        f"take {args.factor:g}x as long); digits, 1,437 samples per epoch; "
         f"{args.epochs} epochs; {os.cpu_count()} CPU cores"
     )
     header = f"{'configuration':<22} {'epoch s':>8} {'samples/s':>10} {'vs DDP':>7} {'batches/epoch per rank':>24} {'val acc':>8}"

@@ -374,6 +374,7 @@ class HybridSGDStrategy(DDPStrategy):
                 self._buffer_layout,
                 read_buffers=lambda out: self._buffer_layout.pack(self._buffers, out),
                 peer_timeout=self._peer_timeout,
+                local_params=self._flat_params,
             )
             self._endpoint.start()
             self._link = self._endpoint.link(SERVER_RANK)

@@ -152,9 +152,13 @@ class ServerEndpoint:
         buffer_layout: FlatLayout,
         read_buffers: Callable[[list[Tensor]], None],
         peer_timeout: float,
+        local_params: Optional[list[Tensor]] = None,
     ) -> None:
-        """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain)."""
+        """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain).
+        ``local_params`` (flat buffers of the server's layout: the local worker's model, see ``FlatLayout.bind``)
+        receive the local worker's answers, so that every release is delivered when ``_dispatch`` returns."""
         self.server = server
+        self._local_params = local_params
         self._channels = channels
         self._buffer_layout = buffer_layout
         self._read_buffers = read_buffers
@@ -222,6 +226,8 @@ class ServerEndpoint:
                 if header.rank != rank:
                     raise ProtocolError(f"a message on rank {rank}'s channel claims to come from rank {header.rank}")
                 if header.kind == Kind.PUSH:
+                    if rank in self.server.pending_workers:  # its buffer may hold the pending sum: read nothing
+                        raise ProtocolError(f"worker {rank} sent a gradient while it still waits for its answer")
                     layout = self.server.layout
                     if header.numel != layout.numel or header.code != layout.signature:
                         raise ProtocolError(
@@ -282,10 +288,17 @@ class ServerEndpoint:
                 buffers = self._buffer_layout.allocate()
                 self._read_buffers(buffers)
             if SERVER_RANK in release.workers:
-                self._local.set(self._reply(release, SERVER_RANK, release.params, buffers))
+                params = release.params
+                if self._local_params is not None:
+                    for mine, snapshot in zip(self._local_params, params):
+                        mine.copy_(snapshot)
+                    params = self._local_params
+                self._local.set(self._reply(release, SERVER_RANK, params, buffers))
             remote = [worker for worker in release.workers if worker != SERVER_RANK]
             if remote:
                 self._send_replies(remote, release, [p.cpu() for p in release.params], buffers)
+            if self._local_params is not None or SERVER_RANK not in release.workers:
+                self.server.recycle(release.params)  # delivered: every send completed, nobody else holds it
 
     def _reply(self, release: Release, worker: int, params: list[Tensor], buffers: Optional[list[Tensor]]) -> Reply:
         return Reply(

@@ -37,6 +37,23 @@ def test_updates_wait_for_k_gradients_and_average_them() -> None:
     assert server.update_sizes == {2: 1}
 
 
+def test_first_gradient_of_an_update_holds_the_sum_and_snapshots_are_reused() -> None:
+    # the server keeps no gradient buffer of its own: an update's first gradient (idle until its worker is
+    # answered) accumulates the others and is handed to the optimizer as the mean
+    server = make_server(workers=3, threshold=2)
+    first, second = grad(1), grad(3)
+    server.push(0, first, version=0)
+    (release,) = server.push(1, second, version=0)
+    assert torch.equal(first[0], torch.full((7,), 2.0)) and torch.equal(second[0], torch.full((7,), 3.0))
+    assert all(p.grad is None for p in server.parameters)
+    # a delivered snapshot is recycled: the next release copies the master into the same buffers
+    server.recycle(release.params)
+    server.push(2, grad(1), version=1)
+    (later,) = server.push(0, grad(1), version=1)
+    assert later.params[0] is release.params[0]
+    assert torch.equal(later.params[0], master(server)) and torch.equal(master(server), torch.full((7,), -3.0))
+
+
 def test_staleness_is_version_gap_at_application() -> None:
     server = make_server(workers=3, threshold=1)
     server.push(0, grad(1), version=0)  # v -> 1, staleness 0

@@ -1,5 +1,5 @@
 """Bad messages on the wire, over real gloo between two processes: a message of the wrong kind, sender,
-length, dtype or version is refused with an error that names it, and the run stops (the sender too is
+length, dtype or version, or a second push before the answer, is refused with an error that names it, and the run stops (the sender too is
 told why); nothing is unpickled, every message is tensors of known sizes."""
 
 from __future__ import annotations
@@ -24,19 +24,29 @@ NUMEL = 10
 def send_bad_message(case: str, group: dist.ProcessGroup) -> list[dist.Work]:
     """Send the message; its payload's sends are returned unfinished, as the real link queues them."""
     layout = FlatLayout.of([torch.zeros(NUMEL)])
-    header, payload = {
-        "kind": (Header(99, 1), []),
-        "sender": (Header(Kind.DRAIN, 2), []),
-        "length": (Header(Kind.PUSH, 1, numel=NUMEL + 1, code=layout.signature), []),
+    push = (Header(Kind.PUSH, 1, numel=NUMEL, code=layout.signature), [torch.ones(NUMEL)])
+    messages = {
+        "kind": [(Header(99, 1), [])],
+        "sender": [(Header(Kind.DRAIN, 2), [])],
+        "length": [(Header(Kind.PUSH, 1, numel=NUMEL + 1, code=layout.signature), [])],
         # a well-formed push, for parameters the server never had
-        "version": (Header(Kind.PUSH, 1, version=7, numel=NUMEL, code=layout.signature), [torch.ones(NUMEL)]),
-        "dtype": (
-            Header(Kind.PUSH, 1, numel=NUMEL, code=FlatLayout.of([torch.zeros(NUMEL, dtype=torch.float64)]).signature),
-            [torch.ones(NUMEL, dtype=torch.float64)],
-        ),
+        "version": [(Header(Kind.PUSH, 1, version=7, numel=NUMEL, code=layout.signature), [torch.ones(NUMEL)])],
+        "dtype": [
+            (
+                Header(
+                    Kind.PUSH, 1, numel=NUMEL, code=FlatLayout.of([torch.zeros(NUMEL, dtype=torch.float64)]).signature
+                ),
+                [torch.ones(NUMEL, dtype=torch.float64)],
+            )
+        ],
+        # a second push before the answer to the first (K = 2: the first waits for rank 0, which never pushes)
+        "twice": [push, push],
     }[case]
-    dist.send(header.to_tensor(), dst=0, group=group)
-    return [dist.isend(tensor, dst=0, group=group) for tensor in payload]  # after a refused header: never read
+    works = []
+    for header, payload in messages:
+        dist.send(header.to_tensor(), dst=0, group=group)
+        works += [dist.isend(tensor, dst=0, group=group) for tensor in payload]  # after a refused header: never read
+    return works
 
 
 def rank_main(rank: int, port: int, case: str, results: mp.Queue, sender_done: Event) -> None:
@@ -44,7 +54,8 @@ def rank_main(rank: int, port: int, case: str, results: mp.Queue, sender_done: E
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
         group = dist.new_group([0, 1], backend="gloo")
         if rank == 0:
-            server = ParameterServer([torch.zeros(NUMEL)], lambda p: torch.optim.SGD(p, lr=0.1), 2, threshold=1)
+            threshold = 2 if case == "twice" else 1
+            server = ParameterServer([torch.zeros(NUMEL)], lambda p: torch.optim.SGD(p, lr=0.1), 2, threshold)
             endpoint = ServerEndpoint(server, {1: group}, FlatLayout.of([]), lambda out: None, peer_timeout=30)
             endpoint.start()
             endpoint.close(timeout=30)
@@ -71,6 +82,8 @@ def rank_main(rank: int, port: int, case: str, results: mp.Queue, sender_done: E
         ("length", "rank 1 announced a gradient of 11 elements"),
         ("dtype", "every rank must build the same model, with the same parameter dtypes"),
         ("version", "worker 1 pushed a gradient for version 7, but the server is at version 0"),
+        # refused before its payload is read: the pending first gradient's buffer holds the update's sum
+        ("twice", "worker 1 sent a gradient while it still waits for its answer"),
     ],
 )
 def test_bad_message_is_refused_by_name_and_its_sender_is_told(case: str, message: str) -> None:
