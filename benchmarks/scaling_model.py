@@ -72,7 +72,10 @@ def check(path: Path, cores: int) -> None:
         n = row["workers"]
         compute = row["alone_ms_per_step"] / 1000 * max(1.0, n / cores)
         model_bytes, update = 4 * row["numel"], row["update_ms"] / 1000
-        design = "single K=1" if row["strategy"] == "K=1" else "single K=N"
+        threshold, _, variant = row["strategy"].partition("/")
+        design = ("sharded" if variant == "sharded" else "single") + (" K=1" if threshold == "K=1" else " K=N")
+        if variant == "sharded":
+            update *= n  # rank 0 timed its own shard's updates: 1/N of the model
         predicted = steps_per_second(design, n, model_bytes, row["bandwidth"], compute, update) / steps_per_second(
             "ddp", n, model_bytes, row["bandwidth"], compute, update
         )

@@ -29,12 +29,14 @@ from lightning_hybrid.data import DigitsDataModule
 from lightning_hybrid.delays import DelayDistribution, InjectDelays
 from lightning_hybrid.models import MLPClassifier
 
-CONFIGURATIONS = {
-    "ddp": ("ddp", None, None),
-    "async, static shards": ("hybrid_sgd", "async", False),
-    "async, pulled work": ("hybrid_sgd", "async", True),
-    "hybrid K=N/2, pulled": ("hybrid_sgd", "50%", True),
-    "sync K=N, pulled": ("hybrid_sgd", "sync", True),
+CONFIGURATIONS = {  # name: (strategy, threshold, pull_work, shard_server)
+    "ddp": ("ddp", None, None, False),
+    "async, static shards": ("hybrid_sgd", "async", False, False),
+    "async, pulled work": ("hybrid_sgd", "async", True, False),
+    "hybrid K=N/2, pulled": ("hybrid_sgd", "50%", True, False),
+    "sync K=N, pulled": ("hybrid_sgd", "sync", True, False),
+    "async, pulled, sharded": ("hybrid_sgd", "async", True, True),
+    "K=N/2, pulled, sharded": ("hybrid_sgd", "50%", True, True),
 }
 
 
@@ -58,8 +60,12 @@ class EpochTimer(pl.Callback):
 def run_one(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    name, threshold, pull = CONFIGURATIONS[args.configuration]
-    strategy: Any = name if name == "ddp" else lightning_hybrid.HybridSGDStrategy(threshold=threshold, pull_work=pull)
+    name, threshold, pull, sharded = CONFIGURATIONS[args.configuration]
+    strategy: Any = (
+        name
+        if name == "ddp"
+        else lightning_hybrid.HybridSGDStrategy(threshold=threshold, pull_work=pull, shard_server=sharded)
+    )
     timer = EpochTimer()
     straggle = InjectDelays(
         ranks=[args.workers - 1], slowdown=args.factor, extra=DelayDistribution("fixed", args.base_delay)

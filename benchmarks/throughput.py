@@ -1,13 +1,13 @@
-"""Throughput of hybrid_sgd (K = N, with and without overlap_push, and K = 1) against Lightning's DDP with
-equal workers, side by side.
+"""Throughput of hybrid_sgd (K = N and K = 1, with one server on rank 0 and sharded over all ranks) against
+Lightning's DDP with equal workers, side by side.
 
     python benchmarks/throughput.py                                  # 2 and 4 CPU workers, 1M and 10M models
-    python benchmarks/throughput.py --workers 2 --models 1m --steps 100
+    python benchmarks/throughput.py --workers 2 --models 1m --steps 100 --overlap
 
 Every configuration is a real multi-process Lightning run (this script relaunched with ``--run``).
 Each rank times its steps after a warm-up. The table shows samples/s of all workers together and the
 ratio to DDP with the same workers and model; on the server's rank (rank 0) the time per update
-(mean gradient, optimizer step, parameter snapshot) and peak RSS against DDP's rank 0; the bytes a
+(finiteness checks, gradient sum, optimizer step, parameter snapshot; with a sharded server rank 0's shard) and peak RSS against DDP's rank 0; the bytes a
 remote worker moves per step; and the loopback bandwidth of a gloo send measured first in the same run.
 """
 
@@ -75,9 +75,11 @@ def run_one(args: argparse.Namespace) -> None:
     data = TensorDataset(torch.randn(samples, widths[0]), torch.randint(0, CLASSES, (samples,)))
     if args.strategy in ("ddp", "single"):
         strategy: Any = "ddp" if args.strategy == "ddp" else "auto"
-    else:  # "K=<k>" or "K=<k>/no-overlap"
+    else:  # "K=<k>", "K=<k>/overlap" or "K=<k>/sharded"
         threshold, _, variant = args.strategy.removeprefix("K=").partition("/")
-        strategy = lightning_hybrid.HybridSGDStrategy(threshold=int(threshold), overlap_push=variant != "no-overlap")
+        strategy = lightning_hybrid.HybridSGDStrategy(
+            threshold=int(threshold), overlap_push=variant == "overlap", shard_server=variant == "sharded"
+        )
     timer = StepTimer(warmup=min(10, args.steps // 4))
     trainer = pl.Trainer(
         strategy=strategy,
@@ -142,6 +144,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=80, help="steps per worker")
+    parser.add_argument("--overlap", action="store_true", help="also run K=N with overlap_push")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here (for scaling_model.py)")
     args = parser.parse_args()
     if args.run:
@@ -170,7 +173,8 @@ def main() -> None:
             print("-" * len(header))
             for workers in args.workers:
                 ddp_samples, ddp_rss = 0.0, 0.0
-                for flag in ("ddp", f"K={workers}/no-overlap", f"K={workers}", "K=1"):
+                configurations = ["ddp", f"K={workers}"] + [f"K={workers}/overlap"] * args.overlap
+                for flag in configurations + ["K=1", f"K={workers}/sharded", "K=1/sharded"]:
                     strategy = flag if flag == "ddp" else f"hybrid {flag}"
                     folder = Path(tmp, f"{model}-{workers}-{flag.replace('/', '-')}")
                     flags = ("--strategy", flag, "--steps", str(args.steps), "--models", model)
@@ -180,9 +184,9 @@ def main() -> None:
                         ddp_samples, ddp_rss = samples, rss
                     update_ms = f"{ranks[0]['update_ms']:.2f}" if "update_ms" in ranks[0] else "-"
                     memory = f"{rss:.0f}" if strategy == "ddp" else f"{rss:.0f} ({rss - ddp_rss:+.0f})"
-                    # a remote worker sends a gradient and receives parameters: 2 model sizes per step;
-                    # DDP's ring all-reduce moves 2 (N-1)/N model sizes per rank
-                    factor = 2 * (workers - 1) / workers if strategy == "ddp" else 2
+                    # a remote worker sends a gradient and receives parameters: 2 model sizes per step; DDP's
+                    # ring all-reduce and a sharded server's worker (N-1 of N slices) move 2 (N-1)/N per rank
+                    factor = 2 * (workers - 1) / workers if strategy == "ddp" or "sharded" in flag else 2
                     rows.append(
                         {
                             "model": model,

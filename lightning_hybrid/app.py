@@ -51,6 +51,7 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
         pull_work=strategy.pull_work,
         staleness_scaling=strategy.staleness_scaling,
         overlap_push=strategy.overlap_push,
+        shard_server=strategy.shard_server,
         nonfinite=strategy.nonfinite,
         peer_timeout=strategy.peer_timeout,
     )

@@ -24,6 +24,7 @@ class StrategyConfig:
     pull_work: Optional[bool] = None
     staleness_scaling: bool = False
     overlap_push: bool = False
+    shard_server: bool = False  # every rank serves a slice of the model (element-wise optimizers)
     nonfinite: str = "skip"  # skip | stop
     peer_timeout: float = 600.0
 

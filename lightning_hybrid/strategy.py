@@ -4,8 +4,9 @@ Processes are launched and the default process group is set up exactly as Lightn
 (so ``torchrun``, SLURM and ``num_nodes > 1`` work, the DistributedSampler is injected and
 ``barrier``/``broadcast``/metric syncs keep working). What changes is the optimizer step: each
 worker runs the closure (forward, backward, accumulation, precision) as Lightning does, pushes its
-gradient to the parameter server on global rank 0, waits for the answer and loads the new
-parameters. Workers never step the optimizer themselves.
+gradient to the parameter server on global rank 0 (or, with ``shard_server=True``, each slice of it
+to the rank that serves that slice), waits for the answer and loads the new parameters. Workers
+never step the optimizer themselves.
 
 Rules a user can rely on:
 
@@ -60,17 +61,20 @@ from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.launcher import HydraJobLauncher
 from lightning_hybrid.overlap import GradientStream
 from lightning_hybrid.server import GradientClipping, ParameterServer, clone_optimizer
+from lightning_hybrid.shards import ELEMENTWISE_OPTIMIZERS, ShardPlan
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec, resolve_threshold
 from lightning_hybrid.transport import (
     SERVER_RANK,
     STOP_FLAGS,
     AbortCode,
+    AnyServerLink,
     Flag,
     RemoteServerLink,
     Reply,
     ServerEndpoint,
     ServerLink,
+    ShardedServerLink,
 )
 from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader
 
@@ -116,6 +120,11 @@ class HybridSGDStrategy(DDPStrategy):
             change gradients afterwards (``on_after_backward``, ``on_before_optimizer_step``) do not reach
             the server. Off by default: on a 2-core machine over loopback it changed throughput by -3 % to
             +4 % (noise), since sending costs the same cores as backward; try it where a NIC moves the bytes.
+        shard_server: serve the parameters from every rank, each holding ``1/N`` of the master weights and
+            optimizer state (as BytePS does), instead of all from global rank 0: every rank then moves what a ring
+            all-reduce moves, and no rank carries all traffic and every update. Each shard counts its own K
+            arrivals and versions. Needs an element-wise optimizer (SGD, Adam, AdamW, RMSprop, ...); clipping by
+            norm and ``overlap_push`` are refused. Off by default.
         nonfinite: what a gradient holding NaN or Inf does: ``"skip"`` (it is rejected, counted and logged,
             the master weights untouched, training goes on) or ``"stop"`` (rejected, then the run stops on
             every rank with :class:`NonFiniteGradientError` naming the rank and step).
@@ -135,6 +144,7 @@ class HybridSGDStrategy(DDPStrategy):
         pull_work: Optional[bool] = None,
         staleness_scaling: bool = False,
         overlap_push: bool = False,
+        shard_server: bool = False,
         nonfinite: Literal["skip", "stop"] = "skip",
         peer_timeout: float = 600.0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -165,6 +175,12 @@ class HybridSGDStrategy(DDPStrategy):
         self._pull_work = pull_work
         self._staleness_scaling = bool(staleness_scaling)
         self._overlap_push = bool(overlap_push)
+        self._shard_server = bool(shard_server)
+        if self._shard_server and self._overlap_push:
+            raise ValueError(
+                "overlap_push streams a gradient to one server; with shard_server=True each rank serves a slice: "
+                "choose one of them"
+            )
         if nonfinite not in ("skip", "stop"):
             raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
         self._nonfinite = nonfinite
@@ -176,8 +192,11 @@ class HybridSGDStrategy(DDPStrategy):
     def _reset_session(self) -> None:
         """Per-``fit`` state: each fit starts a new server at version 0 (a checkpoint restores it), as
         Lightning builds new optimizers for each fit."""
-        self._endpoint: Optional[ServerEndpoint] = None
-        self._link: Optional[ServerLink] = None
+        self._endpoint: Optional[ServerEndpoint] = None  # this rank's server (rank 0's, or every rank's shard)
+        self._link: Optional[AnyServerLink] = None
+        self._plan: Optional[ShardPlan] = None  # with shard_server
+        self._shard_progress: Optional[list[dict[str, Any]]] = None  # every shard's counters, for a checkpoint
+        self._shard_scalars: Optional[list[dict[int, dict[str, Any]]]] = None  # shards' step counts, likewise
         self._stream: Optional[GradientStream] = None
         self._params: list[Tensor] = []
         self._buffers: list[Tensor] = []
@@ -219,14 +238,15 @@ class HybridSGDStrategy(DDPStrategy):
         self._threshold = k
         if self._endpoint is not None:
             self._endpoint.apply_requests(Flag.NONE, k)
-        elif self._link is not None:
-            self._threshold_request = k
+        if self._link is not None and (self._endpoint is None or self._plan is not None):
+            self._threshold_request = k  # with a sharded server the other shards hear of it with the next push
         else:
             self._threshold_spec = k
 
     @property
     def version(self) -> int:
-        """Updates applied by the server: exact on the server's rank, as of the last answer elsewhere."""
+        """Updates applied by the server: exact on the server's rank, as of the last answer elsewhere. With a
+        sharded server, global rank 0 reports its own shard's counters (here and in the properties below)."""
         return self._endpoint.server.version if self._endpoint is not None else self._version
 
     @property
@@ -258,7 +278,7 @@ class HybridSGDStrategy(DDPStrategy):
 
     @property
     def server(self) -> Optional[ParameterServer]:
-        """The parameter server while ``fit`` runs, on global rank 0 only."""
+        """The parameter server while ``fit`` runs: on global rank 0; with ``shard_server`` every rank's own shard."""
         return self._endpoint.server if self._endpoint is not None else None
 
     # ------------------------------------------------------------------ set-up
@@ -273,12 +293,15 @@ class HybridSGDStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         if self._channels is None:
-            # new_group is collective: every rank creates every channel, in the same order.
+            # new_group is collective: every rank creates every channel, in the same order. A sharded server
+            # needs one channel per pair of ranks (each serves the other), a single one one per worker.
             self._channels = {}
-            for worker in range(1, self.world_size):
-                group = dist.new_group([SERVER_RANK, worker], backend="gloo", timeout=self._timeout)
-                if self.global_rank in (SERVER_RANK, worker):
-                    self._channels[worker] = group
+            servers = range(self.world_size) if self._shard_server else [SERVER_RANK]
+            for server in servers:
+                for worker in range(server + 1, self.world_size):
+                    group = dist.new_group([server, worker], backend="gloo", timeout=self._timeout)
+                    if self.global_rank in (server, worker):
+                        self._channels[worker if self.global_rank == server else server] = group
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -357,42 +380,108 @@ class HybridSGDStrategy(DDPStrategy):
         self._pulling = self._threshold < self.world_size if self._pull_work is None else self._pull_work
         if self._pulling:
             self._check_pulled_work(trainer)
-        if self.global_rank == SERVER_RANK:
-            server = ParameterServer(
-                self._params,
-                lambda master: clone_optimizer(optimizer, master),
-                num_workers=self.world_size,
-                threshold=self._threshold,
-                gradient_clipping=self._take_gradient_clipping(trainer),
-                hyperparameters=lambda: optimizer.param_groups,
-                device=self.root_device,
-                staleness_scaling=self._staleness_scaling,
+        if self._shard_server:
+            self._start_sharded(trainer, optimizer)
+        elif self.global_rank == SERVER_RANK:
+            self._endpoint = self._start_server(
+                trainer, optimizer, self._params, self._buffer_layout, self._flat_params
             )
-            self._endpoint = ServerEndpoint(
-                server,
-                self._channels or {},
-                self._buffer_layout,
-                read_buffers=lambda out: self._buffer_layout.pack(self._buffers, out),
-                peer_timeout=self._peer_timeout,
-                local_params=self._flat_params,
-            )
-            self._endpoint.start()
             self._link = self._endpoint.link(SERVER_RANK)
         else:
             self._take_gradient_clipping(trainer)
             assert self._channels is not None
-            self._link = RemoteServerLink(
-                self.global_rank,
-                self._channels[self.global_rank],
-                self._layout,
-                self._buffer_layout,
-                self._peer_timeout,
-                receive_into=self._flat_params if self.root_device.type == "cpu" else None,
-                pin_memory=self.root_device.type == "cuda",
-            )
+            self._link = self._remote_link(SERVER_RANK, self._layout, self._buffer_layout, self._flat_params)
             if self._overlap_push and self.root_device.type == "cpu":
                 self._stream = GradientStream(self._params, self._layout, self._gradient, self._link)
         self._replace_lockstep_checks(trainer)
+
+    def _start_server(
+        self,
+        trainer: "pl.Trainer",
+        optimizer: Optimizer,
+        params: list[Tensor],
+        buffer_layout: FlatLayout,
+        local_params: list[Tensor],
+        group_sizes: Optional[list[int]] = None,
+    ) -> ServerEndpoint:
+        """This rank's server over ``params`` (the whole model, or this rank's shard of it), serving every channel."""
+        server = ParameterServer(
+            params,
+            lambda master: clone_optimizer(optimizer, master, group_sizes),
+            num_workers=self.world_size,
+            threshold=self._threshold,
+            gradient_clipping=self._take_gradient_clipping(trainer),
+            hyperparameters=lambda: optimizer.param_groups,
+            device=self.root_device,
+            staleness_scaling=self._staleness_scaling,
+        )
+        endpoint = ServerEndpoint(
+            server,
+            self._channels or {},
+            buffer_layout,
+            read_buffers=lambda out: buffer_layout.pack(self._buffers, out),
+            peer_timeout=self._peer_timeout,
+            local_params=local_params,
+            rank=self.global_rank,
+        )
+        endpoint.start()
+        return endpoint
+
+    def _remote_link(
+        self, server_rank: int, layout: FlatLayout, buffer_layout: FlatLayout, params: list[Tensor]
+    ) -> RemoteServerLink:
+        """A link to the server on ``server_rank``; a CPU model's flat ``params`` receive the answers directly."""
+        assert self._channels is not None
+        return RemoteServerLink(
+            self.global_rank,
+            self._channels[server_rank],
+            layout,
+            buffer_layout,
+            self._peer_timeout,
+            receive_into=params if self.root_device.type == "cpu" else None,
+            pin_memory=self.root_device.type == "cuda",
+            server_rank=server_rank,
+        )
+
+    def _start_sharded(self, trainer: "pl.Trainer", optimizer: Optimizer) -> None:
+        """Every rank serves its shard of the model and talks to every shard (see :class:`ShardPlan`)."""
+        self._check_shardable(trainer, optimizer)
+        assert self._layout is not None and self._buffer_layout is not None
+        rank, plan = self.global_rank, ShardPlan(self._layout, self.world_size)
+        no_buffers = FlatLayout.of([])  # rank 0's module buffers travel with shard 0's answers only
+        param_slices = [plan.views(shard, self._flat_params) for shard in range(plan.shards)]
+        self._endpoint = self._start_server(
+            trainer,
+            optimizer,
+            plan.piece_tensors(rank, self._params),
+            self._buffer_layout if rank == 0 else no_buffers,
+            param_slices[rank],
+            plan.group_sizes(rank, optimizer),
+        )
+        links: list[ServerLink] = [
+            self._endpoint.link(rank)
+            if shard == rank
+            else self._remote_link(
+                shard, plan.layouts[shard], self._buffer_layout if shard == 0 else no_buffers, param_slices[shard]
+            )
+            for shard in range(plan.shards)
+        ]
+        self._link = ShardedServerLink(rank, links, plan, self._gradient, self._flat_params, param_slices)
+        self._plan = plan
+
+    def _check_shardable(self, trainer: "pl.Trainer", optimizer: Optimizer) -> None:
+        fix = "or use HybridSGDStrategy(shard_server=False)"
+        if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
+            names = ", ".join(o.__name__ for o in ELEMENTWISE_OPTIMIZERS)
+            raise MisconfigurationException(
+                f"shard_server=True steps slices of parameters, which is exact for element-wise optimizers only; "
+                f"{type(optimizer).__name__} is not one of {names}: use one of them, {fix}."
+            )
+        if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
+            raise MisconfigurationException(
+                "clipping by norm needs the norm of the whole aggregated gradient, which no shard of a sharded "
+                f"server holds: use Trainer(gradient_clip_algorithm='value'), {fix}."
+            )
 
     def _check_pulled_work(self, trainer: "pl.Trainer") -> None:
         """With pulled work ranks train different numbers of batches per epoch, so nothing may be
@@ -423,7 +512,8 @@ class HybridSGDStrategy(DDPStrategy):
             trainer.gradient_clip_val = value
 
         self._restore.append(restore)
-        return GradientClipping(float(value), str(algorithm or "norm"))
+        # Lightning stores the algorithm as a GradClipAlgorithmType, whose str() is not its value
+        return GradientClipping(float(value), str(getattr(algorithm, "value", algorithm) or "norm"))
 
     def _replace_lockstep_checks(self, trainer: "pl.Trainer") -> None:
         """Lightning broadcasts rank 0's SIGTERM flag on every step and from its SIGTERM handler, and a
@@ -540,7 +630,7 @@ class HybridSGDStrategy(DDPStrategy):
         elif self._stream is not None:
             self._drained = False
             self._stream.finish()
-            reply = self._link.finish_push()
+            reply = self._link.await_reply()
         else:
             self._layout.pack([p.grad for p in self._params], self._gradient)
             self._drained = False
@@ -673,13 +763,22 @@ class HybridSGDStrategy(DDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self.drain()
         self._work_state = self._gather_work_state()
+        if self._plan is not None and self._endpoint is not None:
+            self._shard_progress = self._gather_to_zero(self._endpoint.server.progress_state())
         return super().lightning_module_state_dict()
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The server's optimizer state, in the unsharded format. With a sharded server this is collective (every
+        rank calls it when Lightning dumps a checkpoint) and only global rank 0 gets the state."""
         if self._endpoint is None:
             return super().optimizer_state(optimizer)
         state = self._endpoint.server.optimizer.state_dict()
+        if self._plan is not None:
+            shard_states = self._gather_to_zero(state)
+            if shard_states is None:
+                return {}
+            state, self._shard_scalars = self._plan.merge_states(shard_states, optimizer.param_groups)
         for saved, local in zip(state["param_groups"], optimizer.param_groups):
             saved.update({k: v for k, v in local.items() if k != "params"})
         return state
@@ -690,7 +789,15 @@ class HybridSGDStrategy(DDPStrategy):
     ) -> None:
         if self.is_global_zero:
             checkpoint[CHECKPOINT_KEY] = self._progress_state()
+            if self._shard_progress is not None:  # each shard's own version, counters and step counts
+                checkpoint[CHECKPOINT_KEY].update(shards=self._shard_progress, shard_scalars=self._shard_scalars)
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def _gather_to_zero(self, obj: Any) -> Optional[list[Any]]:
+        """Every rank's ``obj`` on global rank 0 (``None`` elsewhere); collective on the default group."""
+        gathered: Optional[list[Any]] = [None] * self.world_size if self.is_global_zero else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
 
     def _progress_state(self) -> dict[str, Any]:
         if self._endpoint is not None:
@@ -710,9 +817,24 @@ class HybridSGDStrategy(DDPStrategy):
         if self._endpoint is None:
             return
         server = self._endpoint.server
-        server.optimizer.load_state_dict(checkpoint["optimizer_states"][0])
-        if progress is not None:
-            server.load_progress_state(progress)
+        state = checkpoint["optimizer_states"][0]
+        if self._plan is None:
+            server.optimizer.load_state_dict(state)
+            if progress is not None:
+                server.load_progress_state(progress)
+        else:
+            # a checkpoint of as many shards restores each shard's own counters; any other (unsharded, DDP,
+            # another world size) gives every shard the whole server's
+            shards = (progress or {}).get("shards")
+            same = shards is not None and len(shards) == self.world_size
+            rank = self.global_rank
+            server.optimizer.load_state_dict(
+                self._plan.shard_state(rank, state, progress["shard_scalars"][rank] if same else None)
+            )
+            if progress is not None:
+                server.load_progress_state(shards[rank] if same else progress)
+                assert isinstance(self._link, ShardedServerLink)
+                self._link.versions = [s["version"] for s in shards] if same else [self._version] * self.world_size
         for optimizer in self.optimizers:
             optimizer.state.clear()  # the server's copy is the one that steps
 
@@ -754,7 +876,8 @@ class HybridSGDStrategy(DDPStrategy):
             return
         try:
             if error is not None and self._endpoint is not None:
-                self._endpoint.abort(AbortCode.SERVER_FAILED, SERVER_RANK, f": rank 0 raised {type(error).__name__}")
+                rank = self.global_rank
+                self._endpoint.abort(AbortCode.SERVER_FAILED, rank, f": rank {rank} raised {type(error).__name__}")
             elif error is not None:
                 link.leave(Flag.FAILED)
             else:
@@ -768,7 +891,12 @@ class HybridSGDStrategy(DDPStrategy):
         if self._endpoint is not None:
             self._endpoint.close(timeout=self._peer_timeout if error is None else 1.0)
             server = self._endpoint.server
-            self.optimizers[0].load_state_dict(self.optimizer_state(self.optimizers[0]))
+            if self._plan is None or error is None:  # gathering shards is collective: not after an error
+                if self._plan is not None:  # kept for a checkpoint saved after fit
+                    self._shard_progress = self._gather_to_zero(server.progress_state())
+                state = self.optimizer_state(self.optimizers[0])
+                if state:
+                    self.optimizers[0].load_state_dict(state)
             self._version, self._threshold = server.version, server.threshold
             self.worker_staleness = server.stats
             self._update_sizes = server.update_sizes

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,11 +29,16 @@ from torch import Tensor
 
 from lightning_hybrid.errors import PeerLostError, ProtocolError
 from lightning_hybrid.flat import FlatLayout
-from lightning_hybrid.server import ParameterServer, Release
+from lightning_hybrid.server import ParameterServer, Release, all_finite
+from lightning_hybrid.shards import ShardPlan
 
 log = logging.getLogger(__name__)
 
-SERVER_RANK = 0
+SERVER_RANK = 0  # the server's rank when it is not sharded
+# A pair of ranks shares one channel in both directions when the server is sharded (each serves the other):
+# requests (worker -> server) and answers (server -> worker) carry different tags, so that a rank's receiver
+# thread and its own worker never take each other's messages.
+REQUEST_TAG, ANSWER_TAG = 1, 2
 
 
 class Kind(enum.IntEnum):
@@ -51,6 +57,7 @@ class Flag(enum.IntFlag):
     BUFFERS = 8  # on REPLY: module buffers (rank 0's) follow the parameters
     REJECTED = 16  # on REPLY: the pushed gradient held NaN/Inf and was not applied
     FAILED = 32  # on LEAVE: the worker raised an exception; the run stops everywhere
+    NONFINITE = 64  # on PUSH: the worker's whole gradient holds NaN/Inf (a shard sees part of it): reject it
 
 
 STOP_FLAGS = Flag.SIGTERM | Flag.STOP
@@ -153,11 +160,14 @@ class ServerEndpoint:
         read_buffers: Callable[[list[Tensor]], None],
         peer_timeout: float,
         local_params: Optional[list[Tensor]] = None,
+        rank: int = SERVER_RANK,
     ) -> None:
         """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain).
         ``local_params`` (flat buffers of the server's layout: the local worker's model, see ``FlatLayout.bind``)
-        receive the local worker's answers, so that every release is delivered when ``_dispatch`` returns."""
+        receive the local worker's answers, so that every release is delivered when ``_dispatch`` returns.
+        ``rank``: this server's (and its local worker's) rank."""
         self.server = server
+        self.rank = rank
         self._local_params = local_params
         self._channels = channels
         self._buffer_layout = buffer_layout
@@ -167,8 +177,11 @@ class ServerEndpoint:
         self._send_locks = {rank: threading.Lock() for rank in channels}
         self._threads: list[threading.Thread] = []
         self._failure: Optional[BaseException] = None
+        self._sending: queue.SimpleQueue = queue.SimpleQueue()  # posted answers: (works, snapshot to recycle)
+        self._sender = threading.Thread(target=self._complete_sends, name="hybrid-sgd-sends", daemon=True)
 
     def start(self) -> None:
+        self._sender.start()
         for rank in self._channels:
             thread = threading.Thread(target=self._serve, args=(rank,), name=f"hybrid-sgd-server-{rank}", daemon=True)
             thread.start()
@@ -179,6 +192,8 @@ class ServerEndpoint:
         for thread in self._threads:
             thread.join(timeout)
         self._threads = [t for t in self._threads if t.is_alive()]
+        self._sending.put(None)
+        self._sender.join(timeout)
 
     # ------------------------------------------------------------------ local worker (same process)
     def link(self, rank: int) -> LocalServerLink:
@@ -200,7 +215,7 @@ class ServerEndpoint:
         error_type = ProtocolError if code == AbortCode.PROTOCOL else PeerLostError
         self._failure = error_type(_abort_message(code, rank, why))
         self._local.set(error=self._failure)
-        header = Header(Kind.ABORT, SERVER_RANK, self.server.version, detail=rank, code=int(code)).to_tensor()
+        header = Header(Kind.ABORT, self.rank, self.server.version, detail=rank, code=int(code)).to_tensor()
         # a lost worker cannot be told; one that broke the protocol hears why, like everybody else
         notify = [worker for worker in self._channels if worker != rank or code == AbortCode.PROTOCOL]
         threading.Thread(target=self._notify_abort, args=(notify, header), name="hybrid-sgd-abort", daemon=True).start()
@@ -209,7 +224,7 @@ class ServerEndpoint:
         for worker in workers:
             try:
                 with self._send_locks[worker]:
-                    dist.send(header, dst=worker, group=self._channels[worker])
+                    dist.send(header, dst=worker, group=self._channels[worker], tag=ANSWER_TAG)
             except RuntimeError:
                 log.debug("could not tell rank %d about the abort", worker, exc_info=True)
 
@@ -221,7 +236,7 @@ class ServerEndpoint:
         header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
         try:
             while True:  # after an abort too: a worker blocked in a send must get through to read the ABORT
-                dist.recv(header_buffer, src=rank, group=group)
+                dist.recv(header_buffer, src=rank, group=group, tag=REQUEST_TAG)
                 header = Header.from_tensor(header_buffer)
                 if header.rank != rank:
                     raise ProtocolError(f"a message on rank {rank}'s channel claims to come from rank {header.rank}")
@@ -236,7 +251,7 @@ class ServerEndpoint:
                             "rank must build the same model, with the same parameter dtypes"
                         )
                     for chunk in chunks:
-                        dist.recv(chunk, src=rank, group=group)
+                        dist.recv(chunk, src=rank, group=group, tag=REQUEST_TAG)
                 self._handle(rank, header, gradient)
                 if header.kind == Kind.LEAVE:
                     return
@@ -258,7 +273,8 @@ class ServerEndpoint:
             return
         self.apply_requests(header.flags, header.threshold)
         if header.kind == Kind.PUSH:
-            releases = self.server.push(rank, gradient, header.version, drain=bool(header.flags & Flag.DRAIN))
+            drain, nonfinite = bool(header.flags & Flag.DRAIN), bool(header.flags & Flag.NONFINITE)
+            releases = self.server.push(rank, gradient, header.version, drain=drain, nonfinite=nonfinite)
         elif header.kind == Kind.DRAIN:
             releases = self.server.drain(rank)
         else:
@@ -287,18 +303,19 @@ class ServerEndpoint:
             if release.drained and self._buffer_layout.numel:
                 buffers = self._buffer_layout.allocate()
                 self._read_buffers(buffers)
-            if SERVER_RANK in release.workers:
+            local = self.rank in release.workers
+            if local:
                 params = release.params
                 if self._local_params is not None:
                     for mine, snapshot in zip(self._local_params, params):
                         mine.copy_(snapshot)
                     params = self._local_params
-                self._local.set(self._reply(release, SERVER_RANK, params, buffers))
-            remote = [worker for worker in release.workers if worker != SERVER_RANK]
-            if remote:
-                self._send_replies(remote, release, [p.cpu() for p in release.params], buffers)
-            if self._local_params is not None or SERVER_RANK not in release.workers:
-                self.server.recycle(release.params)  # delivered: every send completed, nobody else holds it
+                self._local.set(self._reply(release, self.rank, params, buffers))
+            remote = [worker for worker in release.workers if worker != self.rank]
+            works = self._send_replies(remote, release, [p.cpu() for p in release.params], buffers)
+            # once every send completed nobody holds the snapshot (unless an old-style local reply carries it)
+            recycle = release.params if self._local_params is not None or not local else []
+            self._sending.put((works, recycle))
 
     def _reply(self, release: Release, worker: int, params: list[Tensor], buffers: Optional[list[Tensor]]) -> Reply:
         return Reply(
@@ -320,11 +337,10 @@ class ServerEndpoint:
 
     def _send_replies(
         self, workers: list[int], release: Release, params: list[Tensor], buffers: Optional[list[Tensor]]
-    ) -> None:
-        """Answer several workers at once, each over its own gloo pair, instead of one after another.
-
-        Each worker's send lock is held until its reply is out, so messages to one worker never interleave;
-        the locks are taken in rank order, so two dispatching threads cannot deadlock."""
+    ) -> list[tuple[int, Tensor, dist.Work]]:
+        """Post the answers to several workers at once, each over its own gloo pair; :meth:`_complete_sends`
+        waits for them. Each worker's send lock is held while its reply is posted, so messages to one worker
+        never interleave; the locks are taken in rank order, so two dispatching threads cannot deadlock."""
         works = []
         with contextlib.ExitStack() as held:
             for worker in sorted(workers):
@@ -332,7 +348,7 @@ class ServerEndpoint:
             for worker in workers:
                 header = Header(
                     Kind.REPLY,
-                    SERVER_RANK,
+                    self.rank,
                     release.version,
                     flags=int(self._reply_flags(release, worker, buffers)),
                     threshold=self.server.threshold,
@@ -341,9 +357,24 @@ class ServerEndpoint:
                 )
                 group = self._channels[worker]
                 for tensor in [header.to_tensor(), *params, *(buffers or [])]:
-                    works.append((tensor, dist.isend(tensor, dst=worker, group=group)))
-            for _, work in works:  # the tensors stay referenced until their sends complete
-                work.wait()
+                    works.append((worker, tensor, dist.isend(tensor, dst=worker, group=group, tag=ANSWER_TAG)))
+        return works  # the tensors stay referenced until their sends complete
+
+    def _complete_sends(self) -> None:
+        """Wait for the answers' sends off the dispatching threads. A gloo send completes only once its receiver
+        reads it, and a rank's own worker thread dispatches too: two ranks that serve each other (a sharded
+        server) would deadlock if each waited for its answers to go out before reading the other's."""
+        while (item := self._sending.get()) is not None:
+            works, recycle = item
+            try:
+                for worker, _, work in works:
+                    work.wait(timedelta(seconds=self._peer_timeout))
+            except RuntimeError as err:
+                if self._failure is None:
+                    log.error("hybrid_sgd: could not answer worker rank %d: %s", worker, err)
+                    self.abort(AbortCode.WORKER_LOST, worker)
+                continue
+            self.server.recycle(recycle)
 
 
 class LocalServerLink:
@@ -356,8 +387,10 @@ class LocalServerLink:
     def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
         endpoint = self._endpoint
         endpoint.apply_requests(flags, threshold)
-        drain = bool(flags & Flag.DRAIN)
-        return endpoint._local_call(lambda: endpoint.server.push(self._rank, gradient, version, drain=drain))
+        drain, nonfinite = bool(flags & Flag.DRAIN), bool(flags & Flag.NONFINITE)
+        return endpoint._local_call(
+            lambda: endpoint.server.push(self._rank, gradient, version, drain=drain, nonfinite=nonfinite)
+        )
 
     def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
         self._endpoint.apply_requests(flags, threshold)
@@ -380,10 +413,12 @@ class RemoteServerLink:
         peer_timeout: float,
         receive_into: Optional[list[Tensor]] = None,
         pin_memory: bool = False,
+        server_rank: int = SERVER_RANK,
     ) -> None:
         """Parameters are received into ``receive_into`` (host buffers of ``layout``; the CPU model's own flat
         parameters make the reply the model without a copy), else into buffers of the link's own."""
         self._rank = rank
+        self._server = server_rank
         self._group = group
         self._layout = layout
         self._buffer_layout = buffer_layout
@@ -397,6 +432,11 @@ class RemoteServerLink:
 
     def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
         """Send a whole gradient (flat buffers of the layout) and wait for the answer."""
+        self.post_push(gradient, version, flags, threshold)
+        return self.await_reply()
+
+    def post_push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> None:
+        """Queue a whole gradient; :meth:`await_reply` waits for the answer."""
         if gradient and gradient[0].device.type != "cpu":
             for staged, tensor in zip(self._staging, gradient):
                 staged.copy_(tensor)
@@ -404,7 +444,6 @@ class RemoteServerLink:
         self.start_push(version, flags, threshold)
         for chunk in self._layout.chunk_views(gradient):
             self.send_chunk(chunk)
-        return self.finish_push()
 
     def start_push(self, version: int, flags: Flag, threshold: int = 0) -> None:
         """Begin a gradient message; its chunks follow with :meth:`send_chunk`, in the layout's wire order."""
@@ -417,7 +456,8 @@ class RemoteServerLink:
         """Queue one chunk; it travels while the caller goes on (e.g. while backward still runs)."""
         self._post(chunk)
 
-    def finish_push(self) -> Reply:
+    def await_reply(self) -> Reply:
+        """Wait until the queued message is out, then for the server's answer."""
         self._complete_sends()
         return self._receive()
 
@@ -427,9 +467,11 @@ class RemoteServerLink:
         self._broken = True
 
     def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+        self.post_drain(flags, threshold)
+        return self.await_reply()
+
+    def post_drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> None:
         self._post(Header(Kind.DRAIN, self._rank, flags=int(flags), threshold=threshold).to_tensor())
-        self._complete_sends()
-        return self._receive()
 
     def leave(self, flags: Flag = Flag.NONE) -> None:
         if not self._broken:
@@ -440,7 +482,7 @@ class RemoteServerLink:
         if self._broken:
             raise PeerLostError(f"hybrid_sgd: rank {self._rank}'s connection to the parameter server is closed")
         try:
-            self._sending.append((tensor, dist.isend(tensor, dst=SERVER_RANK, group=self._group)))
+            self._sending.append((tensor, dist.isend(tensor, dst=self._server, group=self._group, tag=REQUEST_TAG)))
         except RuntimeError as err:
             self._broken = True
             raise self._server_lost(err) from err
@@ -454,7 +496,7 @@ class RemoteServerLink:
             self._sending.clear()
 
     def _recv(self, tensor: Tensor) -> None:
-        self._wait(dist.irecv(tensor, src=SERVER_RANK, group=self._group))
+        self._wait(dist.irecv(tensor, src=self._server, group=self._group, tag=ANSWER_TAG))
 
     def _wait(self, work: dist.Work) -> None:
         """Sends wait as long as receives: over a cut link a send never completes (found by the partition test)."""
@@ -468,8 +510,8 @@ class RemoteServerLink:
 
     def _server_lost(self, err: RuntimeError) -> PeerLostError:
         return PeerLostError(
-            f"hybrid_sgd: rank {self._rank} lost the parameter server (rank {SERVER_RANK}): its process died or "
-            f"its connection closed ({err}). Check rank {SERVER_RANK}'s log, then resume from the last checkpoint."
+            f"hybrid_sgd: rank {self._rank} lost the parameter server (rank {self._server}): its process died or "
+            f"its connection closed ({err}). Check rank {self._server}'s log, then resume from the last checkpoint."
         )
 
     def _receive(self) -> Reply:
@@ -503,8 +545,84 @@ class RemoteServerLink:
         )
 
 
+class ShardedServerLink:
+    """A worker's connection to a sharded server: rank ``s`` serves shard ``s`` (see :class:`ShardPlan`).
+
+    A push sends each shard its slice of the flat gradient (remote shards first, without waiting, then the local
+    one in memory) and the answers land straight in the slices of the model's flat parameters. Every shard keeps
+    its own version: a worker tracks the version of each; its reply reports the lowest. The worker checks its whole
+    gradient for NaN/Inf before it leaves, so that every shard rejects the same gradients."""
+
+    def __init__(
+        self,
+        rank: int,
+        links: list[ServerLink],
+        plan: ShardPlan,
+        gradient: list[Tensor],
+        params: list[Tensor],
+        param_slices: list[list[Tensor]],
+    ) -> None:
+        """``links[s]`` reaches shard ``s`` (a :class:`LocalServerLink` for this rank's own); ``gradient`` and
+        ``params`` are the worker's flat buffers; ``param_slices[s]`` (``plan.views(s, params)``) are where
+        ``links[s]`` receives its answers."""
+        self._rank = rank
+        self._links = links
+        self._gradient = gradient
+        self._gradient_slices = [plan.views(s, gradient) for s in range(plan.shards)]
+        self._params = params
+        self._param_slices = param_slices
+        self.versions = [0] * plan.shards
+
+    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+        """Push ``gradient`` (the worker's flat gradient buffers); ``version`` is ignored: each shard gets its own."""
+        assert gradient is self._gradient, "a sharded push sends the gradient buffers the link was built with"
+        if not all(all_finite(g) for g in gradient):
+            flags |= Flag.NONFINITE
+        for shard, link in self._remote():
+            link.post_push(self._gradient_slices[shard], self.versions[shard], flags, threshold)
+        local = self._links[self._rank].push(
+            self._gradient_slices[self._rank], self.versions[self._rank], flags, threshold
+        )
+        return self._merge(local)
+
+    def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+        for _, link in self._remote():
+            link.post_drain(flags, threshold)
+        return self._merge(self._links[self._rank].drain(flags, threshold))
+
+    def leave(self, flags: Flag = Flag.NONE) -> None:
+        for link in self._links:
+            link.leave(flags)
+
+    def _remote(self) -> list[tuple[int, RemoteServerLink]]:
+        return [(s, link) for s, link in enumerate(self._links) if isinstance(link, RemoteServerLink)]
+
+    def _merge(self, local: Reply) -> Reply:
+        """One reply from every shard's: their versions, the union of their flags, shard 0's buffers (rank 0's
+        module buffers) and the largest staleness."""
+        replies = {self._rank: local, **{shard: link.await_reply() for shard, link in self._remote()}}
+        for shard, reply in replies.items():
+            if reply.params is not self._param_slices[shard]:  # received into staging buffers (a GPU model)
+                for mine, received in zip(self._param_slices[shard], reply.params):
+                    mine.copy_(received)
+        self.versions = [replies[s].version for s in range(len(self._links))]
+        flags = Flag.NONE
+        for reply in replies.values():
+            flags |= reply.flags
+        staleness = [r.staleness for r in replies.values() if r.staleness is not None]
+        return Reply(
+            version=min(self.versions),
+            threshold=replies[0].threshold,
+            flags=flags,
+            params=self._params,
+            buffers=replies[0].buffers,
+            staleness=max(staleness) if staleness else None,
+        )
+
+
 def _pin(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
 ServerLink = LocalServerLink | RemoteServerLink
+AnyServerLink = ServerLink | ShardedServerLink

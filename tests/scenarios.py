@@ -200,13 +200,17 @@ def ddp_equivalence(args: argparse.Namespace) -> None:
     fit_kwargs: dict[str, Any] = dict(max_epochs=args.epochs, limit_train_batches=args.batches)
     if args.optimizer == "sgd":
         fit_kwargs.update(gradient_clip_val=0.5, accumulate_grad_batches=2)
+        if args.shard_server:  # no shard holds the whole gradient's norm
+            fit_kwargs.update(gradient_clip_algorithm="value", gradient_clip_val=0.05)
     results = {}
     for name in ("ddp", "hybrid_sgd"):
         pl.seed_everything(args.seed)
         strategy = (
             "ddp"
             if name == "ddp"
-            else lightning_hybrid.HybridSGDStrategy(threshold="sync", overlap_push=args.overlap_push)
+            else lightning_hybrid.HybridSGDStrategy(
+                threshold="sync", overlap_push=args.overlap_push, shard_server=args.shard_server
+            )
         )
         run = trainer(strategy, args.devices, **fit_kwargs)
         model = MLPClassifier(**model_kwargs)
@@ -225,7 +229,11 @@ def straggler(args: argparse.Namespace) -> None:
     clock = StepClock(slow_rank=args.slow_rank, delay=args.delay)
     evaluation = ModelAtEvaluation()
     strategy = lightning_hybrid.HybridSGDStrategy(
-        threshold=args.threshold, pull_work=args.pull_work, nonfinite=args.nonfinite, peer_timeout=60
+        threshold=args.threshold,
+        pull_work=args.pull_work,
+        nonfinite=args.nonfinite,
+        peer_timeout=60,
+        shard_server=args.shard_server,
     )
     extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}
     callbacks: list[Callback] = [clock, evaluation]
@@ -269,9 +277,9 @@ def resume(args: argparse.Namespace) -> None:
     """Checkpoints: ``--phase full`` trains straight through; ``first`` trains and saves; ``second`` resumes
     and trains on; ``restore`` only restores (its epochs are done) and saves again."""
     pl.seed_everything(args.seed)
-    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold)
+    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, shard_server=args.shard_server)
     run = trainer(strategy, args.devices, max_epochs=args.epochs, limit_train_batches=args.batches)
-    model = MLPClassifier(optimizer="sgd", lr=args.lr, lr_step=1, batch_norm=True)
+    model = MLPClassifier(optimizer=args.optimizer, lr=args.lr, lr_step=1, batch_norm=True)
     ckpt = args.out / "epoch1.ckpt"
     resuming = args.phase in ("second", "restore")
     run.fit(model, datamodule=DigitsDataModule(seed=args.seed), ckpt_path=ckpt if resuming else None)
@@ -451,6 +459,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--batch-norm", action="store_true")
     parser.add_argument("--overlap-push", action="store_true")
+    parser.add_argument("--shard-server", action="store_true")
     parser.add_argument("--threshold", default="sync")
     parser.add_argument("--slow-rank", type=int, default=-1)
     parser.add_argument("--delay", type=float, default=0.0)

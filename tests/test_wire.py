@@ -15,7 +15,7 @@ from conftest import free_port
 
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.server import ParameterServer
-from lightning_hybrid.transport import AbortCode, Header, Kind, ServerEndpoint
+from lightning_hybrid.transport import ANSWER_TAG, REQUEST_TAG, AbortCode, Header, Kind, ServerEndpoint
 
 pytestmark = pytest.mark.multiprocess
 NUMEL = 10
@@ -44,8 +44,10 @@ def send_bad_message(case: str, group: dist.ProcessGroup) -> list[dist.Work]:
     }[case]
     works = []
     for header, payload in messages:
-        dist.send(header.to_tensor(), dst=0, group=group)
-        works += [dist.isend(tensor, dst=0, group=group) for tensor in payload]  # after a refused header: never read
+        dist.send(header.to_tensor(), dst=0, group=group, tag=REQUEST_TAG)
+        works += [
+            dist.isend(tensor, dst=0, group=group, tag=REQUEST_TAG) for tensor in payload
+        ]  # after a refused header: never read
     return works
 
 
@@ -64,7 +66,7 @@ def rank_main(rank: int, port: int, case: str, results: mp.Queue, sender_done: E
         else:
             queued = send_bad_message(case, group)
             notice = torch.empty(Header.SIZE, dtype=torch.int64)
-            dist.recv(notice, src=0, group=group)
+            dist.recv(notice, src=0, group=group, tag=ANSWER_TAG)
             results.put(("sender", Header.from_tensor(notice)))
             del queued  # the payload's sends lived until the notice was read
     except BaseException:  # report, so that the test fails with the child's traceback instead of hanging

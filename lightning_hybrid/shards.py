@@ -1,0 +1,148 @@
+"""How a sharded parameter server splits the model: rank ``s`` serves one contiguous slice of every flat buffer.
+
+Shard ``s`` of N holds elements ``[n*s//N, n*(s+1)//N)`` of each dtype's flat buffer of ``n`` elements, so a
+shard's gradient, master and reply are plain views of the workers' flat buffers (no packing), and every rank
+sends and receives ``(N-1)/N`` of the model per step, as a ring all-reduce does. A slice cuts tensors into
+*pieces*; the shard's optimizer steps the pieces, which is exact for element-wise optimizers only (their
+per-element state is sliced with the parameters). Optimizer state travels in checkpoints in the unsharded
+format (one entry per whole parameter), so checkpoints move freely between sharded, unsharded and DDP runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_hybrid.flat import FlatLayout
+
+# optimizers whose update of an element depends only on that element's gradient, state and scalar step count
+ELEMENTWISE_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.Adamax,
+    torch.optim.ASGD,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Rprop,
+)
+
+
+def _per_element(value: Any) -> bool:
+    """Optimizer state with one value per parameter element (a momentum buffer), not a scalar (a step count)."""
+    return isinstance(value, Tensor) and value.dim() > 0
+
+
+class ShardPlan:
+    """Which piece of which parameter each of ``shards`` server ranks holds."""
+
+    def __init__(self, layout: FlatLayout, shards: int) -> None:
+        if not 1 <= shards <= layout.numel:
+            raise ValueError(f"cannot split {layout.numel} parameter elements into {shards} shards")
+        self.layout = layout
+        self.shards = shards
+        self.ranges = [[(n * s // shards, n * (s + 1) // shards) for n in layout.sizes] for s in range(shards)]
+        # pieces[s]: (tensor index, first element, end) of every tensor slice shard s holds, in tensor order
+        self.pieces: list[list[tuple[int, int, int]]] = []
+        self.layouts: list[FlatLayout] = []
+        for ranges in self.ranges:
+            pieces = []
+            for index, slot in enumerate(layout.slots):
+                start, end = ranges[slot.bucket]
+                low, high = max(slot.offset, start), min(slot.offset + slot.numel, end)
+                if high > low:
+                    pieces.append((index, low - slot.offset, high - slot.offset))
+            self.pieces.append(pieces)
+            self.layouts.append(
+                FlatLayout(
+                    [torch.Size([end - start]) for _, start, end in pieces],
+                    [layout.dtypes[layout.slots[index].bucket] for index, _, _ in pieces],
+                )
+            )
+
+    def views(self, shard: int, buffers: Sequence[Tensor]) -> list[Tensor]:
+        """Shard ``shard``'s flat buffers (in its own layout's dtype order) as views of the whole model's."""
+        ranges = self.ranges[shard]
+        buckets = [self.layout.dtypes.index(dtype) for dtype in self.layouts[shard].dtypes]
+        return [buffers[b][ranges[b][0] : ranges[b][1]] for b in buckets]
+
+    def piece_tensors(self, shard: int, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The shard's pieces of ``tensors`` (the whole model's, in layout order), as flat views."""
+        return [tensors[index].detach().reshape(-1)[start:end] for index, start, end in self.pieces[shard]]
+
+    def group_sizes(self, shard: int, optimizer: Optimizer) -> list[int]:
+        """How many of the shard's pieces fall in each of ``optimizer``'s parameter groups."""
+        group_of = [g for g, group in enumerate(optimizer.param_groups) for _ in group["params"]]
+        sizes = [0] * len(optimizer.param_groups)
+        for index, _, _ in self.pieces[shard]:
+            sizes[group_of[index]] += 1
+        return sizes
+
+    # ------------------------------------------------------------------ optimizer state
+    def shard_state(
+        self, shard: int, full: dict[str, Any], scalars: dict[int, dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """Shard ``shard``'s slice of an unsharded optimizer ``state_dict``; ``scalars`` (from :meth:`merge_states`
+        of a run with as many shards) restores the shard's own step counts, which differ between shards when
+        updates are asynchronous."""
+        state: dict[int, dict[str, Any]] = {}
+        for piece, (index, start, end) in enumerate(self.pieces[shard]):
+            if index in full["state"]:
+                state[piece] = {
+                    key: value.reshape(-1)[start:end] if _per_element(value) else value
+                    for key, value in {**full["state"][index], **(scalars or {}).get(piece, {})}.items()
+                }
+                # copies: optimizers update their state in place (e.g. Adam's step tensor), shards must not share it
+                state[piece] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state[piece].items()}
+        groups = []
+        for group in full["param_groups"]:
+            members = set(group["params"])
+            groups.append(
+                {**group, "params": [p for p, (index, _, _) in enumerate(self.pieces[shard]) if index in members]}
+            )
+        return {"state": state, "param_groups": groups}
+
+    def merge_states(
+        self, shard_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]
+    ) -> tuple[dict[str, Any], list[dict[int, dict[str, Any]]]]:
+        """The unsharded ``state_dict`` of the shards' optimizers (per-element state joined, scalars taken from
+        the first piece), and each shard's scalar state per piece, to restore it exactly."""
+        owners: dict[int, list[tuple[int, int]]] = {}
+        for shard, pieces in enumerate(self.pieces):
+            for piece, (index, _, _) in enumerate(pieces):
+                owners.setdefault(index, []).append((shard, piece))
+        state: dict[int, dict[str, Any]] = {}
+        for index, slot in enumerate(self.layout.slots):
+            parts = [shard_states[shard]["state"].get(piece) for shard, piece in owners[index]]
+            if all(part is None for part in parts):
+                continue
+            if any(part is None for part in parts):
+                raise RuntimeError(
+                    f"hybrid_sgd: parameter {index} has optimizer state on some shards only; save checkpoints "
+                    "after a drain (Lightning's checkpoints do)"
+                )
+            state[index] = {
+                key: torch.cat([part[key].reshape(-1) for part in parts]).view(slot.shape)
+                if _per_element(value)
+                else value
+                for key, value in parts[0].items()
+            }
+        scalars = [
+            {piece: {k: v for k, v in entry.items() if not _per_element(v)} for piece, entry in s["state"].items()}
+            for s in shard_states
+        ]
+        start, groups = 0, []
+        for group in param_groups:
+            count = len(group["params"])
+            groups.append(
+                {**{k: v for k, v in group.items() if k != "params"}, "params": list(range(start, start + count))}
+            )
+            start += count
+        return {"state": state, "param_groups": groups}, scalars
