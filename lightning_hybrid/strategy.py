@@ -240,7 +240,7 @@ class HybridSGDStrategy(DDPStrategy):
             self._endpoint.apply_requests(Flag.NONE, k)
         if self._link is not None and (self._endpoint is None or self._plan is not None):
             self._threshold_request = k  # with a sharded server the other shards hear of it with the next push
-        else:
+        elif self._link is None:
             self._threshold_spec = k
 
     @property

@@ -364,7 +364,9 @@ def lost_worker(args: argparse.Namespace) -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
 
     run = trainer(
-        lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, peer_timeout=args.peer_timeout),
+        lightning_hybrid.HybridSGDStrategy(
+            threshold=args.threshold, peer_timeout=args.peer_timeout, shard_server=args.shard_server
+        ),
         args.devices,
         max_epochs=args.epochs,
         callbacks=[Killer()],

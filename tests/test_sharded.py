@@ -12,6 +12,7 @@ from conftest import launch, results
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from test_checkpoint import assert_same_optimizer_state
 from test_config_errors import fit
+from test_faults import run_failing
 
 from lightning_hybrid import HybridSGDStrategy
 from lightning_hybrid.flat import FlatLayout
@@ -157,3 +158,14 @@ def test_sharded_checkpoint_restores_every_shard(tmp_path, optimizer: str, thres
         assert torch.equal(restored["state_dict"][name], value), name
     versions = [s["version"] for s in progress["shards"]]
     assert versions == [6, 6, 6] if threshold == "sync" else len(set(versions)) == 1 and versions[0] >= 6
+
+
+@pytest.mark.multiprocess
+def test_killed_rank_stops_every_rank_of_a_sharded_server(tmp_path) -> None:
+    # rank 1 is a worker and a shard's server: SIGKILL at its step 5 stops every rank well before peer_timeout,
+    # the survivors naming rank 1 (Lightning's launcher SIGKILLs the rest once a child failed: which survivor's
+    # message gets out first varies)
+    output = run_failing(
+        "lost_worker", tmp_path, "--devices 3 --slow-rank 1 --peer-timeout 60 --shard-server", bound=40
+    )
+    assert "hybrid_sgd: lost worker rank 1" in output or "worker rank 1 was lost" in output
