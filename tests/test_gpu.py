@@ -13,9 +13,17 @@ pytestmark = [
 ]
 
 
-def test_sync_on_gpu_matches_ddp_on_nccl(tmp_path) -> None:
+@pytest.mark.parametrize("sharded", ["", "--shard-server"])
+def test_sync_on_gpu_matches_ddp_on_nccl(tmp_path, sharded: str) -> None:
     devices = min(torch.cuda.device_count(), 2)
-    launch("ddp_equivalence", tmp_path, "--accelerator gpu --devices", devices, "--epochs 2 --batches 6 --batch-norm")
+    launch(
+        "ddp_equivalence",
+        tmp_path,
+        "--accelerator gpu --devices",
+        devices,
+        "--epochs 2 --batches 6 --batch-norm",
+        sharded,
+    )
     for rank in results(tmp_path, devices):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
         assert rank["version"] == 6
