@@ -35,8 +35,7 @@ CONFIGURATIONS = {  # name: (strategy, threshold, pull_work, shard_server)
     "async, pulled work": ("hybrid_sgd", "async", True, False),
     "hybrid K=N/2, pulled": ("hybrid_sgd", "50%", True, False),
     "sync K=N, pulled": ("hybrid_sgd", "sync", True, False),
-    "async, pulled, sharded": ("hybrid_sgd", "async", True, True),
-    "K=N/2, pulled, sharded": ("hybrid_sgd", "50%", True, True),
+    "async, pulled, sharded": ("hybrid_sgd", "async", True, True),  # a sharded server takes K = 1 or N only
 }
 
 

@@ -122,9 +122,10 @@ class HybridSGDStrategy(DDPStrategy):
             +4 % (noise), since sending costs the same cores as backward; try it where a NIC moves the bytes.
         shard_server: serve the parameters from every rank, each holding ``1/N`` of the master weights and
             optimizer state (as BytePS does), instead of all from global rank 0: every rank then moves what a ring
-            all-reduce moves, and no rank carries all traffic and every update. Each shard counts its own K
-            arrivals and versions. Needs an element-wise optimizer (SGD, Adam, AdamW, RMSprop, ...); clipping by
-            norm and ``overlap_push`` are refused. Off by default.
+            all-reduce moves, and no rank carries all traffic and every update. Each shard counts its own
+            arrivals and versions, so K must be 1 or N and stay fixed while fitting (shards choosing different
+            groups of gradients can deadlock). Needs an element-wise optimizer (SGD, Adam, AdamW, RMSprop, ...); clipping by norm and
+            ``overlap_push`` are refused. Off by default.
         nonfinite: what a gradient holding NaN or Inf does: ``"skip"`` (it is rejected, counted and logged,
             the master weights untouched, training goes on) or ``"stop"`` (rejected, then the run stops on
             every rank with :class:`NonFiniteGradientError` naming the rank and step).
@@ -235,6 +236,15 @@ class HybridSGDStrategy(DDPStrategy):
     @threshold.setter
     def threshold(self, value: ThresholdSpec) -> None:
         k = resolve_threshold(value, self.world_size)
+        if self._shard_server:
+            self._check_sharded_threshold(k)
+            if self._link is not None and k != self.threshold:
+                raise ValueError(
+                    f"cannot change K from {self.threshold} to {k} while a sharded server runs: every shard would "
+                    "take the change at a different moment relative to the other workers' pushes, and shards "
+                    "with different K can wait for each other forever (found by the soak test). Set K before "
+                    "fit, or use HybridSGDStrategy(shard_server=False) to move K while training."
+                )
         self._threshold = k
         if self._endpoint is not None:
             self._endpoint.apply_requests(Flag.NONE, k)
@@ -469,8 +479,20 @@ class HybridSGDStrategy(DDPStrategy):
         self._link = ShardedServerLink(rank, links, plan, self._gradient, self._flat_params, param_slices)
         self._plan = plan
 
+    def _check_sharded_threshold(self, k: int) -> None:
+        """Shards that each take the first K of N gradients can pick different workers, and a worker waits for
+        every shard: with 1 < K < N they can wait for each other forever (found by the soak test). K = 1 never
+        waits and K = N waits for everyone on every shard, so those two are safe, as long as K stays fixed."""
+        if k not in (1, self.world_size):
+            raise ValueError(
+                f"threshold K={k} with shard_server=True: independent shards may choose different groups of K "
+                f"gradients and deadlock, so a sharded server supports K = 1 (async) and K = N = {self.world_size} "
+                "(sync) only: use one of those, or HybridSGDStrategy(shard_server=False) for the hybrid in between."
+            )
+
     def _check_shardable(self, trainer: "pl.Trainer", optimizer: Optimizer) -> None:
         fix = "or use HybridSGDStrategy(shard_server=False)"
+        self._check_sharded_threshold(self._threshold or 0)
         if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
             names = ", ".join(o.__name__ for o in ELEMENTWISE_OPTIMIZERS)
             raise MisconfigurationException(

@@ -312,10 +312,13 @@ class ServerEndpoint:
                     params = self._local_params
                 self._local.set(self._reply(release, self.rank, params, buffers))
             remote = [worker for worker in release.workers if worker != self.rank]
-            works = self._send_replies(remote, release, [p.cpu() for p in release.params], buffers)
-            # once every send completed nobody holds the snapshot (unless an old-style local reply carries it)
+            # the snapshot is free once every send completed, unless the local reply is the snapshot itself
             recycle = release.params if self._local_params is not None or not local else []
-            self._sending.put((works, recycle))
+            if remote:
+                works = self._send_replies(remote, release, [p.cpu() for p in release.params], buffers)
+                self._sending.put((works, recycle))
+            else:
+                self.server.recycle(recycle)
 
     def _reply(self, release: Release, worker: int, params: list[Tensor], buffers: Optional[list[Tensor]]) -> Reply:
         return Reply(

@@ -52,6 +52,7 @@ def test_multirun_sweep_runs_each_job_once_with_its_own_workers(tmp_path) -> Non
         ("strategy.threshhold=1", "Key 'threshhold' not in 'StrategyConfig'"),
         ("trainer.devices=two", "Value 'two' of type 'str' could not be converted to Integer"),
         ("strategy=hybird", "Could not find 'strategy/hybird'"),
+        ("strategy.shard_server=true", "strategy.shard_server=true keeps K fixed"),
     ],
 )
 def test_a_wrong_key_or_type_is_refused_naming_it(tmp_path, override, message) -> None:

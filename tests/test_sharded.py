@@ -169,3 +169,16 @@ def test_killed_rank_stops_every_rank_of_a_sharded_server(tmp_path) -> None:
         "lost_worker", tmp_path, "--devices 3 --slow-rank 1 --peer-timeout 60 --shard-server", bound=40
     )
     assert "hybrid_sgd: lost worker rank 1" in output or "worker rank 1 was lost" in output
+
+
+@pytest.mark.multiprocess
+def test_threshold_between_1_and_n_or_changed_is_refused_for_a_sharded_server(tmp_path) -> None:
+    # independent shards may choose different groups of gradients and wait for each other forever (found by
+    # the soak test with K changed at random: shards each waited for a worker blocked on another)
+    output = run_failing("straggler", tmp_path / "between", "--devices 3 --threshold 2 --shard-server", bound=60)
+    assert "supports K = 1 (async) and K = N = 3 (sync) only" in output
+    # rank 0 tries to move K from 3 to 1 at its step 2
+    output = run_failing(
+        "straggler", tmp_path / "moved", "--devices 3 --threshold 3 --set-threshold 0:2:1 --shard-server", bound=60
+    )
+    assert "cannot change K from 3 to 1 while a sharded server runs" in output
