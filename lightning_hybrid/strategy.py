@@ -86,6 +86,10 @@ CHECKPOINT_KEY = "hybrid_sgd"
 _SESSIONS = itertools.count(1)
 
 
+def _on_host(value: Any) -> Any:
+    return value.cpu() if isinstance(value, Tensor) else value
+
+
 class _PushingOptimizer:
     """Stands in for the user's optimizer in Lightning's precision plugin: ``step`` runs the closure,
     then pushes the gradient instead of stepping. Everything else is the user's optimizer."""
@@ -797,6 +801,8 @@ class HybridSGDStrategy(DDPStrategy):
             return super().optimizer_state(optimizer)
         state = self._endpoint.server.optimizer.state_dict()
         if self._plan is not None:
+            # on the host: pieces gathered from other GPUs would arrive on their devices and not concatenate
+            state["state"] = {i: {k: _on_host(v) for k, v in entry.items()} for i, entry in state["state"].items()}
             shard_states = self._gather_to_zero(state)
             if shard_states is None:
                 return {}
