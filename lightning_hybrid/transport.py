@@ -570,6 +570,7 @@ class ShardedServerLink:
         ``links[s]`` receives its answers."""
         self._rank = rank
         self._links = links
+        self._remote = [(s, link) for s, link in enumerate(links) if isinstance(link, RemoteServerLink)]
         self._gradient = gradient
         self._gradient_slices = [plan.views(s, gradient) for s in range(plan.shards)]
         self._params = params
@@ -581,7 +582,7 @@ class ShardedServerLink:
         assert gradient is self._gradient, "a sharded push sends the gradient buffers the link was built with"
         if not all(all_finite(g) for g in gradient):
             flags |= Flag.NONFINITE
-        for shard, link in self._remote():
+        for shard, link in self._remote:
             link.post_push(self._gradient_slices[shard], self.versions[shard], flags, threshold)
         local = self._links[self._rank].push(
             self._gradient_slices[self._rank], self.versions[self._rank], flags, threshold
@@ -589,7 +590,7 @@ class ShardedServerLink:
         return self._merge(local)
 
     def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
-        for _, link in self._remote():
+        for _, link in self._remote:
             link.post_drain(flags, threshold)
         return self._merge(self._links[self._rank].drain(flags, threshold))
 
@@ -597,13 +598,10 @@ class ShardedServerLink:
         for link in self._links:
             link.leave(flags)
 
-    def _remote(self) -> list[tuple[int, RemoteServerLink]]:
-        return [(s, link) for s, link in enumerate(self._links) if isinstance(link, RemoteServerLink)]
-
     def _merge(self, local: Reply) -> Reply:
         """One reply from every shard's: their versions, the union of their flags, shard 0's buffers (rank 0's
         module buffers) and the largest staleness."""
-        replies = {self._rank: local, **{shard: link.await_reply() for shard, link in self._remote()}}
+        replies = {self._rank: local, **{shard: link.await_reply() for shard, link in self._remote}}
         for shard, reply in replies.items():
             if reply.params is not self._param_slices[shard]:  # received into staging buffers (a GPU model)
                 for mine, received in zip(self._param_slices[shard], reply.params):
