@@ -96,12 +96,31 @@ class ThresholdScheduler(pl.Callback):
             dtype=torch.float64,
             device=strategy.root_device,
         )
+        # Every rank has pushed its last gradient of the epoch once it reaches the barrier, and none pushes
+        # again before the all_gather below, which rank 0 joins only after it read the server: so the
+        # server's figures are exactly this epoch's (a rank already in the next epoch would raise K early).
+        strategy.barrier("hybrid_sgd epoch telemetry")
+        if trainer.is_global_zero:
+            server_figures, staleness_counts = self._server_figures(trainer)
         workers = strategy.all_gather(mine).reshape(trainer.world_size, 4).cpu().tolist()  # every rank takes part
         if not trainer.is_global_zero:
             return
+        metrics = {**server_figures, "epoch": float(trainer.current_epoch)}
+        for rank, (steps, waited, elapsed, samples) in enumerate(workers):
+            metrics[f"hybrid/worker{rank}/steps"] = steps
+            metrics[f"hybrid/worker{rank}/wait_fraction"] = waited / elapsed if elapsed else 0.0
+            metrics[f"hybrid/worker{rank}/samples_per_s"] = samples / elapsed if elapsed else 0.0
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self._log_histogram(trainer, staleness_counts)
+
+    @staticmethod
+    def _server_figures(trainer: pl.Trainer) -> tuple[dict[str, float], Counter]:
+        """The server's counters on rank 0, and the staleness of every gradient it applied so far."""
+        strategy: HybridSGDStrategy = trainer.strategy
         progress, stats = strategy.progress, strategy.staleness
         sizes = Counter({int(k): v for k, v in progress.get("update_sizes", {}).items()})
-        metrics = {
+        figures = {
             "hybrid/threshold": float(strategy.threshold),
             "hybrid/version": float(strategy.version),
             "hybrid/staleness_mean": stats.mean,
@@ -110,15 +129,8 @@ class ThresholdScheduler(pl.Callback):
             "hybrid/staleness_p95": float(stats.quantile(0.95)),
             "hybrid/gradients_per_update": sum(k * n for k, n in sizes.items()) / max(sum(sizes.values()), 1),
             "hybrid/rejected": float(sum(progress.get("rejected", {}).values())),
-            "epoch": float(trainer.current_epoch),
         }
-        for rank, (steps, waited, elapsed, samples) in enumerate(workers):
-            metrics[f"hybrid/worker{rank}/steps"] = steps
-            metrics[f"hybrid/worker{rank}/wait_fraction"] = waited / elapsed if elapsed else 0.0
-            metrics[f"hybrid/worker{rank}/samples_per_s"] = samples / elapsed if elapsed else 0.0
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        self._log_histogram(trainer, stats.counts)
+        return figures, Counter(stats.counts)
 
     def _log_histogram(self, trainer: pl.Trainer, counts: Counter) -> None:
         """The staleness of this epoch's gradients as a wandb.Histogram, for W&B loggers."""
