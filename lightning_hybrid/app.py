@@ -46,11 +46,6 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
         return HydraDDPStrategy()
     if strategy.name != "hybrid_sgd":
         raise ValueError(f"strategy.name must be 'hybrid_sgd' or 'ddp', got {strategy.name!r}")
-    if strategy.shard_server and strategy.scheduled and config.threshold.name != "none":
-        raise ValueError(
-            "strategy.shard_server=true keeps K fixed (1 or N), but this strategy moves K with the threshold "
-            "schedule: use strategy=sync or strategy=async with the sharded server, or drop shard_server"
-        )
     return lightning_hybrid.HybridSGDStrategy(
         threshold=strategy.threshold,
         pull_work=strategy.pull_work,

@@ -59,7 +59,12 @@ class Release:
     params: list[Tensor]
     drained: bool = False
     rejected: tuple[int, ...] = ()
-    staleness: dict[int, int] = field(default_factory=dict)
+    staleness: dict[int, int] = field(default_factory=dict)  # of every gradient the update applied, by worker
+
+    @property
+    def applied(self) -> tuple[int, ...]:
+        """The workers whose gradients this update applied (draining ones are answered later): its group."""
+        return tuple(sorted(self.staleness))
 
 
 def clone_optimizer(
@@ -193,8 +198,7 @@ class ParameterServer:
                     self._unreported_rejections.add(worker)
                     return self._settle()
                 return [self._release((worker,), rejected=(worker,))] + self._settle()
-            self._accumulate(gradient, 1.0 / (1 + self._version - version) if self._staleness_scaling else 1.0)
-            self._pending[worker] = version
+            self._arrive(worker, gradient, version)
             self.update_seconds += time.perf_counter() - started
             return self._settle()
 
@@ -276,6 +280,14 @@ class ParameterServer:
                 "every rank must build the same model (same parameter shapes and dtypes, same order)"
             )
 
+    def _arrive(self, worker: int, gradient: Sequence[Tensor], version: int) -> None:
+        """A finite gradient joins the pending set; it is summed at once (overlapping the wait for the others)."""
+        self._accumulate(gradient, self._weight(version))
+        self._pending[worker] = version
+
+    def _weight(self, version: int) -> float:
+        return 1.0 / (1 + self._version - version) if self._staleness_scaling else 1.0
+
     def _settle(self) -> list[Release]:
         releases = []
         if self._pending:
@@ -284,13 +296,18 @@ class ParameterServer:
             if len(self._pending) >= quorum or everyone_waits:
                 if len(self._pending) < quorum:
                     self.flushed_updates += 1
-                releases.append(self._apply())
-        if self._draining and self._active <= self._draining:
+                releases.append(self._apply(tuple(self._pending)))
+        return self._with_drained(releases)
+
+    def _with_drained(self, releases: list[Release]) -> list[Release]:
+        """Once every active worker drains and nothing is pending, all draining workers are answered. Updates
+        that answer nobody (all their workers drain) are kept: a sharded server's followers must hear of them."""
+        if self._draining and self._active <= self._draining and not self._pending:
             rejected = tuple(sorted(self._unreported_rejections & self._draining))
             releases.append(self._release(tuple(sorted(self._draining)), drained=True, rejected=rejected))
             self._unreported_rejections.clear()
             self._draining.clear()
-        return [r for r in releases if r.workers]
+        return [r for r in releases if r.workers or r.staleness]
 
     def _accumulate(self, gradient: Sequence[Tensor], weight: float) -> None:
         """Add a gradient to the pending sum. The first one of an update *becomes* the sum when it lives on the
@@ -312,9 +329,10 @@ class ParameterServer:
         for total, g in zip(self._sum, gradient):
             total.add_(g.to(total.device), alpha=weight)
 
-    def _apply(self) -> Release:
+    def _apply(self, group: tuple[int, ...]) -> Release:
+        """One optimizer step with the pending sum, which holds the gradients of exactly ``group``."""
         started = time.perf_counter()
-        count = len(self._pending)
+        count = len(group)
         assert self._sum is not None
         if count > 1:
             for total in self._sum:
@@ -330,13 +348,12 @@ class ParameterServer:
         for param in self.parameters:
             param.grad = None  # the sum's buffers go back to their worker with its answer
         self._sum = None
-        staleness = {worker: self._version - version for worker, version in self._pending.items()}
+        staleness = {worker: self._version - self._pending.pop(worker) for worker in group}
         for worker, value in staleness.items():
             self.stats.record(worker, value)
         self.update_sizes[count] += 1
         self._version += 1
-        answered = tuple(w for w in sorted(self._pending) if w not in self._draining and w in self._active)
-        self._pending.clear()
+        answered = tuple(w for w in sorted(group) if w not in self._draining and w in self._active)
         release = self._release(answered, staleness=staleness)
         self.update_seconds += time.perf_counter() - started
         return release
@@ -357,3 +374,47 @@ class ParameterServer:
         with self._lock:
             if params and len(self._spare_snapshots) < 4:
                 self._spare_snapshots.append(params)
+
+
+class FollowerServer(ParameterServer):
+    """A shard of a sharded server other than shard 0: it applies exactly the groups of gradients that shard 0
+    (the coordinator) chose, in shard 0's order, so that every shard takes the same K-of-N decisions and keeps
+    the same version. Shards that each took their own first K arrivals could choose different groups and then
+    wait for each other forever (found by the soak test); shard 0 alone applies K and its schedule."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._arrived: dict[int, Sequence[Tensor]] = {}  # pending gradients, summed once their group is decided
+        self._decisions: dict[int, tuple[int, ...]] = {}  # shard 0's groups by the version they produce
+
+    def decide(self, version: int, group: Sequence[int]) -> list[Release]:
+        """Shard 0's update to ``version`` applied the gradients of ``group``: apply the same here, in version
+        order, once they have all arrived."""
+        with self._lock:
+            for worker in group:
+                self._check_worker(worker)
+            if not group or version <= self._version or version in self._decisions:
+                raise ProtocolError(
+                    f"shard 0 decided update {version} with workers {list(group)}, but this shard is at version "
+                    f"{self._version} and has decided {sorted(self._decisions)}: decisions are unique, non-empty "
+                    "and come after the current version"
+                )
+            self._decisions[version] = tuple(group)
+            return self._settle()
+
+    def _arrive(self, worker: int, gradient: Sequence[Tensor], version: int) -> None:
+        self._arrived[worker] = gradient  # its buffer is idle until the worker is answered
+        self._pending[worker] = version
+
+    def _settle(self) -> list[Release]:
+        releases = []
+        while (group := self._decisions.get(self._version + 1)) is not None and all(
+            worker in self._pending for worker in group
+        ):
+            del self._decisions[self._version + 1]
+            started = time.perf_counter()
+            for worker in group:  # weights as at shard 0, where no update happened while these were pending
+                self._accumulate(self._arrived.pop(worker), self._weight(self._pending[worker]))
+            self.update_seconds += time.perf_counter() - started
+            releases.append(self._apply(group))
+        return self._with_drained(releases)

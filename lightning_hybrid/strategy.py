@@ -60,7 +60,7 @@ from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.launcher import HydraJobLauncher
 from lightning_hybrid.overlap import GradientStream
-from lightning_hybrid.server import GradientClipping, ParameterServer, clone_optimizer
+from lightning_hybrid.server import FollowerServer, GradientClipping, ParameterServer, clone_optimizer
 from lightning_hybrid.shards import ELEMENTWISE_OPTIMIZERS, ShardPlan
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec, resolve_threshold
@@ -126,10 +126,10 @@ class HybridSGDStrategy(DDPStrategy):
             +4 % (noise), since sending costs the same cores as backward; try it where a NIC moves the bytes.
         shard_server: serve the parameters from every rank, each holding ``1/N`` of the master weights and
             optimizer state (as BytePS does), instead of all from global rank 0: every rank then moves what a ring
-            all-reduce moves, and no rank carries all traffic and every update. Each shard counts its own
-            arrivals and versions, so K must be 1 or N and stay fixed while fitting (shards choosing different
-            groups of gradients can deadlock). Needs an element-wise optimizer (SGD, Adam, AdamW, RMSprop, ...); clipping by norm and
-            ``overlap_push`` are refused. Off by default.
+            all-reduce moves, and no rank carries all traffic and every update. Shard 0 chooses the groups of
+            K gradients (any K, schedules too) and the other shards apply the same groups. Needs an element-wise
+            optimizer (SGD, Adam, AdamW, RMSprop, ...); clipping by norm and ``overlap_push`` are refused. Off
+            by default.
         nonfinite: what a gradient holding NaN or Inf does: ``"skip"`` (it is rejected, counted and logged,
             the master weights untouched, training goes on) or ``"stop"`` (rejected, then the run stops on
             every rank with :class:`NonFiniteGradientError` naming the rank and step).
@@ -240,20 +240,11 @@ class HybridSGDStrategy(DDPStrategy):
     @threshold.setter
     def threshold(self, value: ThresholdSpec) -> None:
         k = resolve_threshold(value, self.world_size)
-        if self._shard_server:
-            self._check_sharded_threshold(k)
-            if self._link is not None and k != self.threshold:
-                raise ValueError(
-                    f"cannot change K from {self.threshold} to {k} while a sharded server runs: every shard would "
-                    "take the change at a different moment relative to the other workers' pushes, and shards "
-                    "with different K can wait for each other forever (found by the soak test). Set K before "
-                    "fit, or use HybridSGDStrategy(shard_server=False) to move K while training."
-                )
         self._threshold = k
         if self._endpoint is not None:
             self._endpoint.apply_requests(Flag.NONE, k)
         if self._link is not None and (self._endpoint is None or self._plan is not None):
-            self._threshold_request = k  # with a sharded server the other shards hear of it with the next push
+            self._threshold_request = k  # with a sharded server shard 0 hears of it with the next push
         elif self._link is None:
             self._threshold_spec = k
 
@@ -417,9 +408,12 @@ class HybridSGDStrategy(DDPStrategy):
         buffer_layout: FlatLayout,
         local_params: list[Tensor],
         group_sizes: Optional[list[int]] = None,
+        shards: int = 1,
     ) -> ServerEndpoint:
-        """This rank's server over ``params`` (the whole model, or this rank's shard of it), serving every channel."""
-        server = ParameterServer(
+        """This rank's server over ``params`` (the whole model, or this rank's shard of it, one of ``shards``),
+        serving every channel. Of a sharded server, shard 0 decides every update's group, the others follow."""
+        follower = shards > 1 and self.global_rank != 0
+        server = (FollowerServer if follower else ParameterServer)(
             params,
             lambda master: clone_optimizer(optimizer, master, group_sizes),
             num_workers=self.world_size,
@@ -437,6 +431,8 @@ class HybridSGDStrategy(DDPStrategy):
             peer_timeout=self._peer_timeout,
             local_params=local_params,
             rank=self.global_rank,
+            followers=range(1, shards) if shards > 1 and not follower else (),
+            coordinator=0 if follower else None,
         )
         endpoint.start()
         return endpoint
@@ -471,6 +467,7 @@ class HybridSGDStrategy(DDPStrategy):
             self._buffer_layout if rank == 0 else no_buffers,
             param_slices[rank],
             plan.group_sizes(rank, optimizer),
+            shards=plan.shards,
         )
         links: list[ServerLink] = [
             self._endpoint.link(rank)
@@ -483,20 +480,8 @@ class HybridSGDStrategy(DDPStrategy):
         self._link = ShardedServerLink(rank, links, plan, self._gradient, self._flat_params, param_slices)
         self._plan = plan
 
-    def _check_sharded_threshold(self, k: int) -> None:
-        """Shards that each take the first K of N gradients can pick different workers, and a worker waits for
-        every shard: with 1 < K < N they can wait for each other forever (found by the soak test). K = 1 never
-        waits and K = N waits for everyone on every shard, so those two are safe, as long as K stays fixed."""
-        if k not in (1, self.world_size):
-            raise ValueError(
-                f"threshold K={k} with shard_server=True: independent shards may choose different groups of K "
-                f"gradients and deadlock, so a sharded server supports K = 1 (async) and K = N = {self.world_size} "
-                "(sync) only: use one of those, or HybridSGDStrategy(shard_server=False) for the hybrid in between."
-            )
-
     def _check_shardable(self, trainer: "pl.Trainer", optimizer: Optimizer) -> None:
         fix = "or use HybridSGDStrategy(shard_server=False)"
-        self._check_sharded_threshold(self._threshold or 0)
         if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
             names = ", ".join(o.__name__ for o in ELEMENTWISE_OPTIMIZERS)
             raise MisconfigurationException(

@@ -18,7 +18,7 @@ import enum
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lightning_hybrid.errors import PeerLostError, ProtocolError
 from lightning_hybrid.flat import FlatLayout
-from lightning_hybrid.server import ParameterServer, Release, all_finite
+from lightning_hybrid.server import FollowerServer, ParameterServer, Release, all_finite
 from lightning_hybrid.shards import ShardPlan
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ SERVER_RANK = 0  # the server's rank when it is not sharded
 # requests (worker -> server) and answers (server -> worker) carry different tags, so that a rank's receiver
 # thread and its own worker never take each other's messages.
 REQUEST_TAG, ANSWER_TAG = 1, 2
+# Shard 0 of a sharded server tells the other shards which gradients each of its updates applied: one int64
+# message [version, count, worker, ..., -1 padding] of num_workers + 2 values; version END_OF_DECISIONS ends.
+DECISION_TAG = 3
+END_OF_DECISIONS = -1
 
 
 class Kind(enum.IntEnum):
@@ -161,13 +165,20 @@ class ServerEndpoint:
         peer_timeout: float,
         local_params: Optional[list[Tensor]] = None,
         rank: int = SERVER_RANK,
+        followers: Sequence[int] = (),
+        coordinator: Optional[int] = None,
     ) -> None:
         """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain).
         ``local_params`` (flat buffers of the server's layout: the local worker's model, see ``FlatLayout.bind``)
         receive the local worker's answers, so that every release is delivered when ``_dispatch`` returns.
-        ``rank``: this server's (and its local worker's) rank."""
+        ``rank``: this server's (and its local worker's) rank. Sharded: shard 0 tells its ``followers`` the group
+        of every update; a :class:`FollowerServer` hears them from its ``coordinator``."""
+        if (coordinator is not None) != isinstance(server, FollowerServer):
+            raise ValueError("a FollowerServer needs a coordinator rank, and only a FollowerServer takes one")
         self.server = server
         self.rank = rank
+        self._followers = list(followers)
+        self._coordinator = coordinator
         self._local_params = local_params
         self._channels = channels
         self._buffer_layout = buffer_layout
@@ -182,16 +193,22 @@ class ServerEndpoint:
 
     def start(self) -> None:
         self._sender.start()
-        for rank in self._channels:
-            thread = threading.Thread(target=self._serve, args=(rank,), name=f"hybrid-sgd-server-{rank}", daemon=True)
+        targets = [(self._serve, rank, f"hybrid-sgd-server-{rank}") for rank in self._channels]
+        if self._coordinator is not None:
+            targets.append((self._follow, self._coordinator, "hybrid-sgd-decisions"))
+        for target, rank, name in targets:
+            thread = threading.Thread(target=target, args=(rank,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Wait for the receiver threads, which end when their worker leaves or is lost."""
+        """Wait for the receiver threads, which end when their worker leaves or is lost (a follower's decision
+        thread when shard 0, whose workers have all left, ends the decisions)."""
         for thread in self._threads:
             thread.join(timeout)
         self._threads = [t for t in self._threads if t.is_alive()]
+        if self._followers and self._failure is None:
+            self._tell_followers(END_OF_DECISIONS, ())
         self._sending.put(None)
         self._sender.join(timeout)
 
@@ -229,12 +246,29 @@ class ServerEndpoint:
                 log.debug("could not tell rank %d about the abort", worker, exc_info=True)
 
     # ------------------------------------------------------------------ remote workers
+    @contextlib.contextmanager
+    def _aborting_on_failure(self, rank: int) -> Iterator[None]:
+        """A receiver thread's failure ends the run on every rank, with the reason, instead of leaving peers
+        waiting for answers that will never come."""
+        try:
+            yield
+        except ProtocolError as err:
+            log.error("%s", err)
+            self.abort(AbortCode.PROTOCOL, rank, f": {err}")
+        except (RuntimeError, OSError) as err:
+            if self._failure is None:
+                log.error("hybrid_sgd: lost worker rank %d: %s", rank, err)
+                self.abort(AbortCode.WORKER_LOST, rank)
+        except BaseException as err:  # the server itself failed: nobody may wait forever
+            log.exception("hybrid_sgd: the parameter server failed while serving rank %d", rank)
+            self.abort(AbortCode.SERVER_FAILED, rank, f": {type(err).__name__}: {err}")
+
     def _serve(self, rank: int) -> None:
         group = self._channels[rank]
         gradient = self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
         chunks = self.server.layout.chunk_views(gradient)
         header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
-        try:
+        with self._aborting_on_failure(rank):
             while True:  # after an abort too: a worker blocked in a send must get through to read the ABORT
                 dist.recv(header_buffer, src=rank, group=group, tag=REQUEST_TAG)
                 header = Header.from_tensor(header_buffer)
@@ -255,16 +289,30 @@ class ServerEndpoint:
                 self._handle(rank, header, gradient)
                 if header.kind == Kind.LEAVE:
                     return
-        except ProtocolError as err:
-            log.error("%s", err)
-            self.abort(AbortCode.PROTOCOL, rank, f": {err}")
-        except (RuntimeError, OSError) as err:
-            if self._failure is None:
-                log.error("hybrid_sgd: lost worker rank %d: %s", rank, err)
-                self.abort(AbortCode.WORKER_LOST, rank)
-        except BaseException as err:  # the server itself failed: nobody may wait forever
-            log.exception("hybrid_sgd: the parameter server failed while serving rank %d", rank)
-            self.abort(AbortCode.SERVER_FAILED, rank, f": {type(err).__name__}: {err}")
+
+    def _follow(self, coordinator: int) -> None:
+        """A follower shard applies shard 0's decisions as they come (see :class:`FollowerServer`)."""
+        assert isinstance(self.server, FollowerServer)
+        message = torch.empty(self.server.num_workers + 2, dtype=torch.int64)
+        with self._aborting_on_failure(coordinator):
+            while True:
+                dist.recv(message, src=coordinator, group=self._channels[coordinator], tag=DECISION_TAG)
+                version, count, *workers = message.tolist()
+                if version == END_OF_DECISIONS:
+                    return
+                if self._failure is None:
+                    self._dispatch(self.server.decide(version, workers[:count]))
+
+    def _tell_followers(self, version: int, group: Sequence[int]) -> None:
+        """Post shard 0's decision (or the end of them) to every follower; the sender thread completes it."""
+        message = torch.full((self.server.num_workers + 2,), -1, dtype=torch.int64)
+        message[:2] = torch.tensor([version, len(group)])
+        message[2 : 2 + len(group)] = torch.tensor(group, dtype=torch.int64)
+        works = [
+            (rank, message, dist.isend(message, dst=rank, group=self._channels[rank], tag=DECISION_TAG))
+            for rank in self._followers
+        ]
+        self._sending.put((works, []))
 
     def _handle(self, rank: int, header: Header, gradient: list[Tensor]) -> None:
         if header.kind not in (Kind.PUSH, Kind.DRAIN, Kind.LEAVE):
@@ -299,6 +347,10 @@ class ServerEndpoint:
         if self._failure is not None:
             return
         for release in releases:
+            if self._followers and release.applied:
+                self._tell_followers(release.version, release.applied)
+            if not release.workers:
+                continue
             buffers = None
             if release.drained and self._buffer_layout.numel:
                 buffers = self._buffer_layout.allocate()

@@ -408,15 +408,14 @@ def nodes(args: argparse.Namespace) -> None:
 
 
 class RandomThreshold(Callback):
-    """Rank 0 sets a random K every ``every`` steps (never with ``fixed``: a sharded server's K stays fixed);
-    also samples this process's resident memory."""
+    """Rank 0 sets a random K every ``every`` steps; also samples this process's resident memory."""
 
-    def __init__(self, every: int, seed: int, fixed: bool = False) -> None:
-        self.every, self.random, self.fixed = every, random.Random(seed), fixed
+    def __init__(self, every: int, seed: int) -> None:
+        self.every, self.random = every, random.Random(seed)
         self.rss_mib: list[float] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if not self.fixed and trainer.global_rank == 0 and trainer.global_step % self.every == 0:
+        if trainer.global_rank == 0 and trainer.global_step % self.every == 0:
             trainer.strategy.threshold = self.random.randint(1, trainer.world_size)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -434,7 +433,7 @@ def soak(args: argparse.Namespace) -> None:
     delays = InjectDelays(
         ranks=[args.devices - 1], slowdown=2.0, extra=DelayDistribution("pareto", 0.002, 1.5), seed=args.seed
     )
-    changes = RandomThreshold(every=3, seed=args.seed, fixed=args.shard_server)
+    changes = RandomThreshold(every=3, seed=args.seed)
     run = trainer(strategy, args.devices, max_time=args.max_time, max_epochs=-1, callbacks=[delays, changes])
     model = MLPClassifier(lr=args.lr)
     run.fit(model, datamodule=DigitsDataModule(seed=args.seed))

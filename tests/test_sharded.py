@@ -4,6 +4,8 @@ The plan and the optimizer-state conversion in one process; then real multi-proc
 async shards agree on every update, checkpoints restore each shard exactly, bad combinations are refused.
 """
 
+import collections
+import random
 import statistics
 
 import pytest
@@ -15,9 +17,10 @@ from test_config_errors import fit
 from test_faults import run_failing
 
 from lightning_hybrid import HybridSGDStrategy
+from lightning_hybrid.errors import ProtocolError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.models import MLPClassifier
-from lightning_hybrid.server import clone_optimizer
+from lightning_hybrid.server import FollowerServer, ParameterServer, clone_optimizer
 from lightning_hybrid.shards import ShardPlan
 
 
@@ -101,6 +104,111 @@ def test_one_shard_trains_like_the_single_server() -> None:
     assert trainer.strategy.version == 3
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_follower_shard_applies_shard_0s_groups_whatever_the_arrival_order(seed: int) -> None:
+    # Two shards of 4 workers serve the same (float64) parameters, so their masters must agree. Messages reach
+    # each shard in its own random interleaving (FIFO per worker, as over a gloo pair), shard 0's decisions reach
+    # the follower in random order, K moves at random, workers drain and leave; a worker pushes again only once
+    # both shards answered it, as ShardedServerLink does.
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    start = [torch.randn(6, dtype=torch.float64)]
+    kwargs = dict(num_workers=4, threshold=2, staleness_scaling=True)
+    make_optimizer = lambda master: torch.optim.Adam(master, lr=0.1)  # noqa: E731
+    servers = (ParameterServer(start, make_optimizer, **kwargs), FollowerServer(start, make_optimizer, **kwargs))
+    inboxes = [{w: collections.deque() for w in range(4)} for _ in servers]
+    decisions: list[tuple[int, tuple[int, ...]]] = []
+    answered_by = {w: set() for w in range(4)}
+    versions = {w: [0, 0] for w in range(4)}
+    active, waiting, in_a_drain, pushes = set(range(4)), set(), set(), 0
+
+    def deliver(shard: int, releases: list) -> None:
+        for release in releases:
+            if shard == 0 and release.applied:
+                decisions.append((release.version, release.applied))
+            for worker in release.workers:
+                versions[worker][shard] = release.version
+                answered_by[worker].add(shard)
+                if answered_by[worker] == {0, 1}:
+                    answered_by[worker].clear()
+                    waiting.discard(worker)
+                    in_a_drain.discard(worker)
+
+    def send(worker: int, message: tuple) -> None:
+        if message[0] != "leave":  # which needs no answer
+            waiting.add(worker)
+        if message[0] == "drain" or message[-1] is True:  # a drain, or a push that also drains
+            in_a_drain.add(worker)
+        for shard, inbox in enumerate(inboxes):
+            inbox[worker].append(
+                message if message[0] != "push" else (*message[:2], versions[worker][shard], message[3])
+            )
+
+    def step(allow_new_messages: bool) -> None:
+        nonlocal pushes
+        idle = sorted(active - waiting)
+        queued = [(shard, w) for shard, inbox in enumerate(inboxes) for w, q in inbox.items() if q]
+        weights = {  # a rare leave, so that several workers stay for most of the run
+            "push": 30 * bool(idle and allow_new_messages),
+            "deliver": 40 * bool(queued),
+            "decide": 20 * bool(decisions),
+            "k": 5 * bool(allow_new_messages),
+            "leave": 1 * bool(idle and allow_new_messages),
+        }
+        (action,) = rng.choices(list(weights), list(weights.values()))
+        if action == "push":
+            worker = rng.choice(idle)
+            gradient = torch.randn(6, dtype=torch.float64)
+            send(worker, ("push", gradient, 0, rng.random() < 0.15))
+            pushes += 1
+        elif action == "deliver":
+            shard, worker = rng.choice(queued)
+            kind, *rest = inboxes[shard][worker].popleft()
+            server = servers[shard]
+            if kind == "push":
+                gradient, version, drain = rest
+                deliver(shard, server.push(worker, [gradient.clone()], version, drain=drain))
+            elif kind == "drain":
+                deliver(shard, server.drain(worker))
+            else:
+                deliver(shard, server.leave(worker))
+        elif action == "decide":
+            version, group = decisions.pop(rng.randrange(len(decisions)))
+            deliver(1, servers[1].decide(version, group))
+        elif action == "k":
+            deliver(0, servers[0].set_threshold(rng.randint(1, 4)))
+        elif action == "leave" and len(active) > 1:
+            worker = rng.choice(idle)
+            send(worker, ("leave",))
+            active.discard(worker)
+
+    for _ in range(400):
+        step(allow_new_messages=True)
+    to_drain = active - in_a_drain  # the end of fit: every worker drains (once), after its answer
+    while to_drain or any(q for inbox in inboxes for q in inbox.values()) or decisions:
+        for worker in sorted(to_drain - waiting):
+            send(worker, ("drain",))
+            to_drain.discard(worker)
+        step(allow_new_messages=False)
+    assert not waiting, "every worker was answered by both shards"
+    coordinator, follower = servers
+    assert follower.version == coordinator.version and coordinator.version > 20
+    assert follower.update_sizes == coordinator.update_sizes and len(coordinator.update_sizes) > 1
+    assert sum(size * n for size, n in coordinator.update_sizes.items()) == pushes
+    assert follower.stats.state_dict() == coordinator.stats.state_dict()
+    # the same gradients, weights and steps; only the order of additions in a sum may differ
+    torch.testing.assert_close(follower.parameters[0], coordinator.parameters[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_follower_refuses_a_decision_it_already_took() -> None:
+    follower = FollowerServer([torch.zeros(3)], lambda p: torch.optim.SGD(p, lr=1.0), num_workers=2, threshold=1)
+    follower.push(0, [torch.ones(3)], version=0)
+    (release,) = follower.decide(1, [0])
+    assert release.workers == (0,) and follower.version == 1
+    with pytest.raises(ProtocolError, match="decisions are unique, non-empty and come after the current version"):
+        follower.decide(1, [1])
+
+
 @pytest.mark.multiprocess
 def test_sharded_sync_matches_ddp_with_three_uneven_shards(tmp_path) -> None:
     # SGD momentum, StepLR, clipping by value, accumulation of 2, BatchNorm: 3 epochs x 8 batches -> 12 updates
@@ -172,13 +280,21 @@ def test_killed_rank_stops_every_rank_of_a_sharded_server(tmp_path) -> None:
 
 
 @pytest.mark.multiprocess
-def test_threshold_between_1_and_n_or_changed_is_refused_for_a_sharded_server(tmp_path) -> None:
-    # independent shards may choose different groups of gradients and wait for each other forever (found by
-    # the soak test with K changed at random: shards each waited for a worker blocked on another)
-    output = run_failing("straggler", tmp_path / "between", "--devices 3 --threshold 2 --shard-server", bound=60)
-    assert "supports K = 1 (async) and K = N = 3 (sync) only" in output
-    # rank 0 tries to move K from 3 to 1 at its step 2
-    output = run_failing(
-        "straggler", tmp_path / "moved", "--devices 3 --threshold 3 --set-threshold 0:2:1 --shard-server", bound=60
+def test_sharded_hybrid_shards_apply_the_same_groups_while_k_moves(tmp_path) -> None:
+    # K = 2 of 3 with a slow rank 2, then rank 0 moves K to 1 at its step 4: before the coordinator existed this
+    # deadlocked (shards each took their own first K arrivals) and was refused
+    launch(
+        "straggler",
+        tmp_path,
+        "--devices 3 --threshold 2 --epochs 2 --batches 8 --slow-rank 2 --delay 0.05 --set-threshold 0:4:1 "
+        "--shard-server",
     )
-    assert "cannot change K from 3 to 1 while a sharded server runs" in output
+    ranks = results(tmp_path, 3)
+    for rank in ranks[1:]:  # each rank reports its own shard: the same updates of the same gradients
+        assert rank["version"] == ranks[0]["version"] and rank["update_sizes"] == ranks[0]["update_sizes"]
+        assert rank["staleness"] == ranks[0]["staleness"]
+        assert all(torch.equal(rank["weights"][k], ranks[0]["weights"][k]) for k in rank["weights"])
+    sizes = ranks[0]["update_sizes"]
+    assert sizes[2] >= 1 and sizes[1] >= 1, sizes  # K = 2 first, then K = 1
+    assert sum(size * count for size, count in sizes.items()) == sum(r["global_step"] for r in ranks)
+    assert ranks[0]["threshold"] == 1
