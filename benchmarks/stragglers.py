@@ -35,7 +35,8 @@ CONFIGURATIONS = {  # name: (strategy, threshold, pull_work, shard_server)
     "async, pulled work": ("hybrid_sgd", "async", True, False),
     "hybrid K=N/2, pulled": ("hybrid_sgd", "50%", True, False),
     "sync K=N, pulled": ("hybrid_sgd", "sync", True, False),
-    "async, pulled, sharded": ("hybrid_sgd", "async", True, True),  # a sharded server takes K = 1 or N only
+    "async, pulled, sharded": ("hybrid_sgd", "async", True, True),
+    "hybrid K=N/2, pulled, sharded": ("hybrid_sgd", "50%", True, True),
 }
 
 

@@ -59,12 +59,7 @@ class Release:
     params: list[Tensor]
     drained: bool = False
     rejected: tuple[int, ...] = ()
-    staleness: dict[int, int] = field(default_factory=dict)  # of every gradient the update applied, by worker
-
-    @property
-    def applied(self) -> tuple[int, ...]:
-        """The workers whose gradients this update applied (draining ones are answered later): its group."""
-        return tuple(sorted(self.staleness))
+    staleness: dict[int, int] = field(default_factory=dict)
 
 
 def clone_optimizer(
@@ -149,6 +144,9 @@ class ParameterServer:
         self.flushed_updates = 0  # updates of fewer than K gradients: nobody else would push before a drain
         self.update_seconds = 0.0  # server compute: arrival checks and sums, mean, clipping, step, snapshots
         self.stop_flags = 0
+        # called with (version, workers) under the lock just before an update of those workers' gradients is
+        # applied: shard 0 of a sharded server tells the other shards, which then step in parallel with it
+        self.on_decision: Optional[Callable[[int, tuple[int, ...]], None]] = None
 
     # ------------------------------------------------------------------ queries
     @property
@@ -300,14 +298,13 @@ class ParameterServer:
         return self._with_drained(releases)
 
     def _with_drained(self, releases: list[Release]) -> list[Release]:
-        """Once every active worker drains and nothing is pending, all draining workers are answered. Updates
-        that answer nobody (all their workers drain) are kept: a sharded server's followers must hear of them."""
+        """Once every active worker drains and nothing is pending, all draining workers are answered."""
         if self._draining and self._active <= self._draining and not self._pending:
             rejected = tuple(sorted(self._unreported_rejections & self._draining))
             releases.append(self._release(tuple(sorted(self._draining)), drained=True, rejected=rejected))
             self._unreported_rejections.clear()
             self._draining.clear()
-        return [r for r in releases if r.workers or r.staleness]
+        return [r for r in releases if r.workers]
 
     def _accumulate(self, gradient: Sequence[Tensor], weight: float) -> None:
         """Add a gradient to the pending sum. The first one of an update *becomes* the sum when it lives on the
@@ -331,6 +328,8 @@ class ParameterServer:
 
     def _apply(self, group: tuple[int, ...]) -> Release:
         """One optimizer step with the pending sum, which holds the gradients of exactly ``group``."""
+        if self.on_decision is not None:
+            self.on_decision(self._version + 1, tuple(sorted(group)))
         started = time.perf_counter()
         count = len(group)
         assert self._sum is not None

@@ -179,6 +179,8 @@ class ServerEndpoint:
         self.rank = rank
         self._followers = list(followers)
         self._coordinator = coordinator
+        if self._followers:
+            server.on_decision = self._tell_followers
         self._local_params = local_params
         self._channels = channels
         self._buffer_layout = buffer_layout
@@ -347,10 +349,6 @@ class ServerEndpoint:
         if self._failure is not None:
             return
         for release in releases:
-            if self._followers and release.applied:
-                self._tell_followers(release.version, release.applied)
-            if not release.workers:
-                continue
             buffers = None
             if release.drained and self._buffer_layout.numel:
                 buffers = self._buffer_layout.allocate()
