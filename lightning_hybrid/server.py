@@ -10,6 +10,9 @@ receiver threads. Semantics (``shared/DESIGN.md`` section 1):
   then pending gradients are applied (even fewer than K) and all receive the latest parameters;
 * a worker that *leaves* no longer counts: K is capped at the number of active workers;
 * gradients holding NaN or Inf are rejected and counted; the master weights are untouched.
+
+A sharded server runs one :class:`ParameterServer` (shard 0, which decides every update's group) and one
+:class:`FollowerServer` per other shard (which applies the same groups).
 """
 
 from __future__ import annotations

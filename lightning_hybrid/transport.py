@@ -602,9 +602,10 @@ class ShardedServerLink:
     """A worker's connection to a sharded server: rank ``s`` serves shard ``s`` (see :class:`ShardPlan`).
 
     A push sends each shard its slice of the flat gradient (remote shards first, without waiting, then the local
-    one in memory) and the answers land straight in the slices of the model's flat parameters. Every shard keeps
-    its own version: a worker tracks the version of each; its reply reports the lowest. The worker checks its whole
-    gradient for NaN/Inf before it leaves, so that every shard rejects the same gradients."""
+    one in memory) and the answers land straight in the slices of the model's flat parameters. The shards apply the
+    same updates (shard 0 decides, see :class:`FollowerServer`), but a rejected gradient is answered at once with
+    each shard's current slice, so a worker tracks the version of each shard; its reply reports the lowest. The
+    worker checks its whole gradient for NaN/Inf before it leaves, so that every shard rejects the same gradients."""
 
     def __init__(
         self,
