@@ -110,7 +110,7 @@ def main() -> None:
         f"take {args.factor:g}x as long); digits, 1,437 samples per epoch; "
         f"{args.epochs} epochs; {os.cpu_count()} CPU cores"
     )
-    header = f"{'configuration':<22} {'epoch s':>8} {'samples/s':>10} {'vs DDP':>7} {'batches/epoch per rank':>24} {'val acc':>8}"
+    header = f"{'configuration':<29} {'epoch s':>8} {'samples/s':>10} {'vs DDP':>7} {'batches/epoch per rank':>24} {'val acc':>8}"
     print(header)
     print("-" * len(header))
     baseline = None
@@ -135,7 +135,7 @@ def main() -> None:
             baseline = baseline or rate
             batches = "/".join(f"{r['batches'] / args.epochs:g}" for r in ranks)
             print(
-                f"{configuration:<22} {epoch:>8.3f} {rate:>10.0f} {rate / baseline:>6.2f}x {batches:>24} {ranks[0]['val_acc']:>8.3f}"
+                f"{configuration:<29} {epoch:>8.3f} {rate:>10.0f} {rate / baseline:>6.2f}x {batches:>24} {ranks[0]['val_acc']:>8.3f}"
             )
 
 

@@ -181,6 +181,7 @@ class ServerEndpoint:
         self._coordinator = coordinator
         if self._followers:
             server.on_decision = self._tell_followers
+        server.answers_in_place = frozenset(channels)  # each remote worker has a receive buffer of its own
         self._local_params = local_params
         self._channels = channels
         self._buffer_layout = buffer_layout
@@ -363,7 +364,7 @@ class ServerEndpoint:
                 self._local.set(self._reply(release, self.rank, params, buffers))
             remote = [worker for worker in release.workers if worker != self.rank]
             # the snapshot is free once every send completed, unless the local reply is the snapshot itself
-            recycle = release.params if self._local_params is not None or not local else []
+            recycle = release.params if (self._local_params is not None or not local) and not release.in_place else []
             if remote:
                 works = self._send_replies(remote, release, [p.cpu() for p in release.params], buffers)
                 self._sending.put((works, recycle))

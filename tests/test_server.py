@@ -54,6 +54,23 @@ def test_first_gradient_of_an_update_holds_the_sum_and_snapshots_are_reused() ->
     assert torch.equal(later.params[0], master(server)) and torch.equal(master(server), torch.full((7,), -3.0))
 
 
+def test_an_answer_to_one_remote_worker_travels_in_its_own_idle_gradient_buffer() -> None:
+    # a remote worker's receive buffer is idle once its gradient is applied, and it pushes into it again only
+    # after reading its answer: the server writes that answer there instead of into a snapshot of its own
+    server = make_server(workers=3, threshold=1)
+    server.answers_in_place = frozenset({1, 2})
+    gradient = grad(2)
+    (alone,) = server.push(1, gradient, version=0)
+    assert alone.in_place and alone.params[0] is gradient[0]
+    assert torch.equal(gradient[0], master(server)) and torch.equal(master(server), torch.full((7,), -2.0))
+    (local,) = server.push(0, grad(1), version=1)  # the local worker (not in answers_in_place): a snapshot
+    assert not local.in_place and torch.equal(local.params[0], master(server))
+    server.set_threshold(2)
+    server.push(1, grad(1), version=2)
+    (together,) = server.push(2, grad(1), version=2)  # one snapshot for both
+    assert together.workers == (1, 2) and not together.in_place
+
+
 def test_staleness_is_version_gap_at_application() -> None:
     server = make_server(workers=3, threshold=1)
     server.push(0, grad(1), version=0)  # v -> 1, staleness 0
