@@ -100,11 +100,11 @@ class ThresholdScheduler(pl.Callback):
         # again before the all_gather below, which rank 0 joins only after it read the server: so the
         # server's figures are exactly this epoch's (a rank already in the next epoch would raise K early).
         strategy.barrier("hybrid_sgd epoch telemetry")
-        if trainer.is_global_zero:
-            server_figures, staleness_counts = self._server_figures(trainer)
+        server = self._server_figures(trainer) if trainer.is_global_zero else None
         workers = strategy.all_gather(mine).reshape(trainer.world_size, 4).cpu().tolist()  # every rank takes part
-        if not trainer.is_global_zero:
+        if server is None:
             return
+        server_figures, staleness_counts = server
         metrics = {**server_figures, "epoch": float(trainer.current_epoch)}
         for rank, (steps, waited, elapsed, samples) in enumerate(workers):
             metrics[f"hybrid/worker{rank}/steps"] = steps
