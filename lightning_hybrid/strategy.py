@@ -857,10 +857,11 @@ class HybridSGDStrategy(DDPStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
+        if isinstance(exception, HybridSGDError):  # said first: Lightning's launcher may SIGKILL this process soon
+            log.error("[rank %d] %s", self.global_rank, exception)
         super().on_exception(exception)
         self._end_session(error=None if isinstance(exception, SIGTERMException) else exception)
         if isinstance(exception, HybridSGDError):
-            log.error("[rank %d] %s", self.global_rank, exception)
             self._stop_local_children()
 
     def _stop_local_children(self, grace: float = 3.0) -> None:

@@ -49,13 +49,11 @@ def save(out: Path, rank: int, **results: Any) -> None:
     torch.save(results, out / f"rank{rank}.pt")
 
 
-class StepClock(Callback):
-    """Per-rank wall time of every training step, slowed by ``delay`` seconds on ``slow_rank``."""
+class SlowRank(Callback):
+    """Slows every training step of ``slow_rank`` by ``delay`` seconds; records each rank's pid and exception."""
 
-    def __init__(self, slow_rank: int = -1, delay: float = 0.0, nan_at: int = -1) -> None:
-        self.slow_rank, self.delay, self.nan_at = slow_rank, delay, nan_at
-        self.durations: list[float] = []
-        self._start = 0.0
+    def __init__(self, slow_rank: int = -1, delay: float = 0.0) -> None:
+        self.slow_rank, self.delay = slow_rank, delay
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         (Path(os.environ["SCENARIO_OUT"]) / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
@@ -64,12 +62,8 @@ class StepClock(Callback):
         (Path(os.environ["SCENARIO_OUT"]) / f"exception{trainer.global_rank}").write_text(type(exception).__name__)
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int) -> None:
-        self._start = time.perf_counter()
         if trainer.global_rank == self.slow_rank:
             time.sleep(self.delay)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
-        self.durations.append(time.perf_counter() - self._start)
 
 
 class SetThreshold(Callback):
@@ -226,7 +220,7 @@ def ddp_equivalence(args: argparse.Namespace) -> None:
 def straggler(args: argparse.Namespace) -> None:
     """One slowed worker under threshold K; optionally a NaN gradient and a max_time budget."""
     pl.seed_everything(args.seed)
-    clock = StepClock(slow_rank=args.slow_rank, delay=args.delay)
+    slow = SlowRank(slow_rank=args.slow_rank, delay=args.delay)
     evaluation = ModelAtEvaluation()
     strategy = lightning_hybrid.HybridSGDStrategy(
         threshold=args.threshold,
@@ -236,7 +230,7 @@ def straggler(args: argparse.Namespace) -> None:
         shard_server=args.shard_server,
     )
     extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}
-    callbacks: list[Callback] = [clock, evaluation]
+    callbacks: list[Callback] = [slow, evaluation]
     if args.checkpoint_every:
         # a checkpoint and a user's barrier (any collective) in the middle of an epoch
         callbacks.append(ModelCheckpoint(args.out / "ckpts", every_n_train_steps=args.checkpoint_every, save_top_k=-1))
@@ -250,16 +244,12 @@ def straggler(args: argparse.Namespace) -> None:
     )
     model = NaNOnce(nan_rank=args.nan_rank, nan_step=args.nan_step, lr=args.lr)
     data = DigitsDataModule(seed=args.seed)
-    started = time.perf_counter()
     run.fit(model, datamodule=data)
-    fit_seconds = time.perf_counter() - started
     run.test(model, datamodule=data, verbose=False)
     run.predict(model, datamodule=data)
     save(
         args.out,
         run.global_rank,
-        durations=clock.durations,
-        fit_seconds=fit_seconds,
         version=strategy.version,
         threshold=strategy.threshold,
         update_sizes=dict(strategy.update_sizes),
@@ -302,7 +292,7 @@ def pulled(args: argparse.Namespace) -> None:
     os.environ["SCENARIO_PHASE"] = args.phase
     pl.seed_everything(args.seed)
     ckpt = args.out / "preempted.ckpt"
-    callbacks: list[Callback] = [StepClock(slow_rank=args.slow_rank, delay=args.delay)]
+    callbacks: list[Callback] = [SlowRank(slow_rank=args.slow_rank, delay=args.delay)]
     if args.phase == "preempt":
         callbacks += [SigtermAt(rank=1, step=args.nan_step), OnExceptionCheckpoint(args.out, "preempted")]
     if args.phase == "twice":  # a first, separate trainer in the same processes before the one recorded
@@ -334,7 +324,7 @@ def telemetry(args: argparse.Namespace) -> None:
     pl.seed_everything(args.seed)
     schedule = lightning_hybrid.LinearSchedule(start="async", end="sync", length=args.epochs - 1)
     loggers = [WandbLogger(project="hybrid-tests", save_dir=str(args.out), offline=True), CSVLogger(args.out)]
-    callbacks: list[Callback] = [lightning_hybrid.ThresholdScheduler(schedule), StepClock(args.slow_rank, args.delay)]
+    callbacks: list[Callback] = [lightning_hybrid.ThresholdScheduler(schedule), SlowRank(args.slow_rank, args.delay)]
     run = trainer(
         lightning_hybrid.HybridSGDStrategy(threshold="async"),
         args.devices,
@@ -381,7 +371,7 @@ def nodes(args: argparse.Namespace) -> None:
     strategy = lightning_hybrid.HybridSGDStrategy(
         threshold=args.threshold, peer_timeout=args.peer_timeout, timeout=timedelta(seconds=args.pg_timeout)
     )
-    callbacks: list[Callback] = [StepClock(slow_rank=args.slow_rank, delay=args.delay)]
+    callbacks: list[Callback] = [SlowRank(slow_rank=args.slow_rank, delay=args.delay)]
     if args.checkpoint_every:
         callbacks.append(ModelCheckpoint(args.out / "ckpts", every_n_train_steps=args.checkpoint_every, save_top_k=-1))
     run = trainer(

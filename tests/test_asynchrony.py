@@ -1,7 +1,5 @@
 """K < N with real worker processes: update sizes, staleness, no hidden lockstep, same model for evaluation."""
 
-import statistics
-
 import pytest
 import torch
 from conftest import launch, results
@@ -35,10 +33,8 @@ def test_async_fast_worker_does_not_wait_for_slow_one(tmp_path) -> None:
     # staleness > 0 was recorded: the fast worker applied updates while the slow one computed
     assert fast["staleness"]["counts"].keys() - {0}
     assert slow["worker_staleness"]["counts"].keys() - {0}
-    # the fast rank's step time does not grow with the slow rank's (medians; last step of an epoch drains)
-    fast_step, slow_step = statistics.median(fast["durations"]), statistics.median(slow["durations"])
-    assert slow_step >= 0.1
-    assert fast_step < 0.25 * slow_step, (fast_step, slow_step)
+    # the fast rank does not wait for the slow one: it pulls most of the batches (in lockstep each trains half)
+    assert fast["global_step"] >= 2 * slow["global_step"], (fast["global_step"], slow["global_step"])
     assert_every_rank_evaluates_the_same_model([fast, slow])
 
 
@@ -78,7 +74,7 @@ def test_time_budget_stops_every_rank_without_lockstep(tmp_path) -> None:
     )
     fast, slow = results(tmp_path, 2)
     assert fast["global_step"] < 1000 * 23
-    assert statistics.median(fast["durations"]) < 0.25 * statistics.median(slow["durations"])
+    assert fast["global_step"] >= 2 * slow["global_step"], "no lockstep: the fast rank pulled most batches"
     assert fast["version"] == slow["version"], "both ranks ended on the final drain"
 
 

@@ -26,8 +26,10 @@ def test_killed_worker_stops_every_rank_naming_it(tmp_path, threshold) -> None:
     output = run_failing(
         "lost_worker", tmp_path, f"--devices 3 --threshold {threshold} --slow-rank 1 --peer-timeout 60", bound=40
     )
-    assert "[rank2]: lightning_hybrid.errors.PeerLostError: hybrid_sgd: worker rank 1 was lost" in output
-    assert "[rank0]: lightning_hybrid.errors.PeerLostError: hybrid_sgd: worker rank 1 was lost" in output
+    # every survivor names the lost rank as soon as it raises PeerLostError (its traceback may not get out:
+    # Lightning's launcher, in rank 0's process, SIGKILLs every rank within 5 s of a child's death)
+    for survivor in (0, 2):
+        assert f"[rank {survivor}] hybrid_sgd: worker rank 1 was lost" in output
 
 
 def test_killed_server_rank_stops_every_worker(tmp_path) -> None:
@@ -92,6 +94,6 @@ def test_nonfinite_stop_policy_ends_the_run_on_every_rank_naming_rank_and_step(t
         "straggler", tmp_path, "--devices 3 --threshold 1 --nan-rank 2 --nan-step 3 --nonfinite stop", bound=60
     )
     assert "NonFiniteGradientError: hybrid_sgd: rank 2's gradient at step 3 held NaN or Inf" in output
-    # the others stop too, told by the server that rank 2 failed
-    assert "[rank0]: lightning_hybrid.errors.PeerLostError: hybrid_sgd: worker rank 2 was lost" in output
-    assert "[rank1]: lightning_hybrid.errors.PeerLostError: hybrid_sgd: worker rank 2 was lost" in output
+    # the others stop too, told by the server that rank 2 failed (their log lines: see the killed-worker test)
+    for survivor in (0, 1):
+        assert f"[rank {survivor}] hybrid_sgd: worker rank 2 was lost" in output

@@ -6,7 +6,6 @@ async shards agree on every update, checkpoints restore each shard exactly, bad 
 
 import collections
 import random
-import statistics
 
 import pytest
 import torch
@@ -241,9 +240,10 @@ def test_async_shards_reject_the_same_nan_gradient_and_never_wait(tmp_path) -> N
         assert rank["staleness"]["counts"].keys() - {0}
     for other in ranks[1:]:
         assert all(torch.equal(other["weights"][k], ranks[0]["weights"][k]) for k in other["weights"])
-    # the fast ranks' steps do not wait for the slow rank, although it serves a third of every update
-    fast, slow = statistics.median(ranks[0]["durations"]), statistics.median(ranks[2]["durations"])
-    assert slow >= 0.1 and fast < 0.25 * slow, (fast, slow)
+    # the fast ranks do not wait for the slow rank, although it serves a third of every update: they pull most
+    # of the batches (in lockstep each would train a third)
+    fast, slow = ranks[0]["global_step"], ranks[2]["global_step"]
+    assert fast >= 2 * slow, (fast, slow)
 
 
 @pytest.mark.multiprocess
