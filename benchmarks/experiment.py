@@ -1,7 +1,7 @@
 """The paper's comparison in a fixed wall-clock budget: sync, async, the hybrid schedules and prior art.
 
     python benchmarks/experiment.py                                   # digits, 4 workers, rank 3 slowed 3x
-    python benchmarks/experiment.py --lr 0.02 0.05 0.1 --staleness-scaling both
+    python benchmarks/experiment.py --lr 0.02 0.05 0.1 --rules step momentum none
     python benchmarks/experiment.py --data mnist --root ../shared/data/mnist --slowed 2 --delay pareto
 
 Every (method, learning rate, seed) is one run of the Hydra app (``examples/train.py``) with
@@ -12,6 +12,12 @@ validation loss over the seeds). Each table gives final loss and accuracy, updat
 seconds to the target accuracy, per seed and mean ± std; a PNG plots accuracy and loss against
 wall-clock time for both protocols. Finished runs are reused when the script is run again with the
 same settings and ``--out``, so an interrupted grid picks up where it stopped.
+
+``--rules`` names the update rules that every method whose gradients can be stale runs with (one row per
+method and rule, e.g. ``hybrid linear [step]``): how an update is sized to its group (``group_scaling``),
+alone or with the staleness-aware weighting or a staleness bound. Sync and DDP have no stale gradients and run
+once. Threshold schedules count progress in percent of the time budget (``threshold.progress=time``): a ramp
+spans the whole budget and the switch happens half-way, whatever the speed of the method.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from lightning_hybrid.launcher import environment_for_a_new_launch
 
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 SYNC = "sync (K=N)"
-SCALED = " +scaling"
+OVER_THE_BUDGET = ["threshold.progress=time", "threshold.options.length=100"]
 
 # method -> app overrides; K for "backup" is N - 1 (one backup worker), set from --workers
 METHODS: dict[str, list[str]] = {
@@ -38,25 +44,44 @@ METHODS: dict[str, list[str]] = {
     SYNC: ["strategy=sync"],
     "async (K=1)": ["strategy=async"],
     "hybrid K=50% (default)": ["strategy=hybrid", "strategy.scheduled=false", "strategy.threshold=50%"],
-    "hybrid linear": ["strategy=hybrid", "threshold=linear"],
-    "hybrid exponential": ["strategy=hybrid", "threshold=exponential"],
-    "hybrid cosine": ["strategy=hybrid", "threshold=cosine"],
-    "hybrid cosine from 50%": ["strategy=hybrid", "threshold=cosine", "threshold.options.start=50%"],
-    "hybrid step": ["strategy=hybrid", "threshold=step"],
+    "hybrid linear": ["strategy=hybrid", "threshold=linear", *OVER_THE_BUDGET],
+    "hybrid exponential": ["strategy=hybrid", "threshold=exponential", *OVER_THE_BUDGET],
+    "hybrid cosine": ["strategy=hybrid", "threshold=cosine", *OVER_THE_BUDGET],
+    "hybrid cosine from 50%": ["strategy=hybrid", "threshold=cosine_from_half", *OVER_THE_BUDGET],
+    "hybrid step": ["strategy=hybrid", "threshold=step", *OVER_THE_BUDGET],
     "backup workers (K=N-1)": ["strategy=sync"],
     "AdaSync": ["strategy=hybrid", "threshold=adasync"],
-    "sync-first switch": ["strategy=hybrid", "threshold=switch"],
+    "sync-first switch": ["strategy=hybrid", "threshold=switch", "threshold.progress=time", "threshold.options.at=50"],
 }
-# methods whose gradients can be stale, so the staleness-aware step size changes them
+# methods whose gradients can be stale, so the update rules change them
 STALE = [method for method in METHODS if method not in ("ddp", SYNC)]
+# update rules; "{bound}" is --max-staleness
+RULES: dict[str, list[str]] = {
+    "none": ["strategy.group_scaling=none"],
+    "step": ["strategy.group_scaling=step"],
+    "sqrt": ["strategy.group_scaling=sqrt_step"],
+    "momentum": ["strategy.group_scaling=momentum"],
+    "none+weighted": ["strategy.group_scaling=none", "strategy.staleness_scaling=true"],
+    "step+weighted": ["strategy.group_scaling=step", "strategy.staleness_scaling=true"],
+    "momentum+weighted": ["strategy.group_scaling=momentum", "strategy.staleness_scaling=true"],
+    "step+bound": ["strategy.group_scaling=step", "strategy.max_staleness={bound}"],
+    "momentum+bound": ["strategy.group_scaling=momentum", "strategy.max_staleness={bound}"],
+}
+
+
+def split_row(row: str) -> tuple[str, Optional[str]]:
+    """``"hybrid linear [step]"`` -> ``("hybrid linear", "step")``; sync and DDP rows have no rule."""
+    method, _, rule = row.partition(" [")
+    return method, rule.removesuffix("]") or None
 
 Runs = dict[tuple[str, float], list[dict[str, Any]]]
 
 
-def overrides_for(method: str, lr: float, seed: int, args: argparse.Namespace, job: Path) -> list[str]:
-    base = method.removesuffix(SCALED)
+def overrides_for(row: str, lr: float, seed: int, args: argparse.Namespace, job: Path) -> list[str]:
+    base, rule = split_row(row)
     overrides = [
         *METHODS[base],
+        *(override.format(bound=args.max_staleness) for override in RULES.get(rule or "", [])),
         f"seed={seed}",
         f"trainer.devices={args.workers}",
         f"trainer.max_time=00:00:00:{args.budget:02d}",
@@ -65,14 +90,13 @@ def overrides_for(method: str, lr: float, seed: int, args: argparse.Namespace, j
         f"data={args.data}",
         f"model.lr={lr}",
         f"model.optimizer={args.optimizer}",
+        f"model.name={args.model}",
         f"delays.ranks=[{','.join(str(rank) for rank in slowed_ranks(args))}]",
         f"delays.slowdown={args.slowdown}",
         f"delays.extra.kind={args.delay}",
         f"delays.extra.scale={args.compute}",
         f"hydra.run.dir={job}",
     ]
-    if method.endswith(SCALED):
-        overrides.append("strategy.staleness_scaling=true")
     if base.startswith("backup"):
         overrides.append(f"strategy.threshold={args.workers - 1}")
     if args.root:
@@ -86,7 +110,9 @@ def slowed_ranks(args: argparse.Namespace) -> list[int]:
 
 def run(method: str, lr: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One app run, or its saved result when the same overrides already ran into the same folder."""
-    name = method.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "").replace("+", "")
+    name = method
+    for character in " ()=+[]":
+        name = name.replace(character, "_" if character in " [" else "")
     job = args.out / f"{name}-lr{lr:g}-seed{seed}"
     overrides = overrides_for(method, lr, seed, args, job)
     saved, result = job / "overrides.json", job / "result.json"
@@ -129,7 +155,7 @@ def summary(values: list[Optional[float]], digits: int) -> str:
 def print_table(title: str, chosen: dict[str, float], results: Runs, args: argparse.Namespace) -> None:
     print(f"\n{title}")
     header = (
-        f"{'method':<33} {'lr':>6} {'seed':>4} {'val loss':>16} {'val acc':>16} {'updates':>12} "
+        f"{'method':<44} {'lr':>6} {'seed':>4} {'val loss':>16} {'val acc':>16} {'updates':>12} "
         f"{'staleness':>12} {'s to ' + str(args.target):>14}"
     )
     print(header)
@@ -138,16 +164,16 @@ def print_table(title: str, chosen: dict[str, float], results: Runs, args: argpa
         runs = results[method, lr]
         for seed, result in zip(args.seeds, runs):
             if result.get("failed"):
-                print(f"{method:<33} {lr:>6g} {seed:>4} {'failed':>16}")
+                print(f"{method:<44} {lr:>6g} {seed:>4} {'failed':>16}")
                 continue
             reach = seconds_to(result["curve"], args.target)
             print(
-                f"{method:<33} {lr:>6g} {seed:>4} {result['val_loss']:>16.4f} {result['val_acc']:>16.4f} "
+                f"{method:<44} {lr:>6g} {seed:>4} {result['val_loss']:>16.4f} {result['val_acc']:>16.4f} "
                 f"{result.get('version', 0):>12} {result.get('staleness_mean', 0.0):>12.2f} "
                 f"{'-' if reach is None else f'{reach:.1f}':>14}"
             )
         print(
-            f"{method:<33} {lr:>6g} {'all':>4} {summary([r['val_loss'] for r in runs], 4):>16} "
+            f"{method:<44} {lr:>6g} {'all':>4} {summary([r['val_loss'] for r in runs], 4):>16} "
             f"{summary([r['val_acc'] for r in runs], 4):>16} {summary([r.get('version') for r in runs], 0):>12} "
             f"{summary([r.get('staleness_mean') for r in runs], 2):>12} "
             f"{summary([seconds_to(r['curve'], args.target) for r in runs], 1):>14}"
@@ -164,7 +190,8 @@ def plot(protocols: dict[str, dict[str, float]], results: Runs, path: Path, titl
     for (protocol, chosen), (accuracy, loss) in zip(protocols.items(), axes):
         for index, (method, lr) in enumerate(chosen.items()):
             color = f"C{index % 10}"
-            style = "--" if method in ("ddp", SYNC, "async (K=1)") else ":" if method.endswith(SCALED) else "-"
+            rule = split_row(method)[1]
+            style = "--" if method in ("ddp", SYNC) else ":" if rule and rule != "step" else "-"
             for number, result in enumerate(results[method, lr]):
                 seconds = [p["seconds"] for p in result["curve"]]
                 label = f"{method} (lr {lr:g})" if number == 0 else None
@@ -190,9 +217,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--lr", type=float, nargs="+", default=[0.05], help="learning rate grid")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd has momentum 0.9")
+    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
     parser.add_argument(
-        "--staleness-scaling", default="off", choices=["off", "on", "both"], help="weigh gradients by 1/(1+staleness)"
+        "--rules", nargs="+", default=["step"], choices=list(RULES), help="update rules of the stale methods"
     )
+    parser.add_argument("--max-staleness", type=int, default=None, help="the bound of the +bound rules (default 2N)")
     parser.add_argument("--target", type=float, default=0.9, help="accuracy for the time-to-target column")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
     parser.add_argument("--out", type=Path, default=Path("experiment_runs"))
@@ -204,9 +233,9 @@ def main() -> None:
     if len(args.lr) > 1 and SYNC not in args.methods:
         parser.error(f"a learning rate grid needs {SYNC!r} among --methods: its best rate is the shared one")
 
-    methods = [m for m in args.methods if args.staleness_scaling != "on" or m not in STALE]
-    if args.staleness_scaling != "off":
-        methods += [m + SCALED for m in args.methods if m in STALE]
+    args.max_staleness = args.max_staleness or 2 * args.workers
+    methods = [m for m in args.methods if m not in STALE]
+    methods += [f"{m} [{rule}]" for m in args.methods if m in STALE for rule in args.rules]
     args.out.mkdir(parents=True, exist_ok=True)
     results: Runs = {}
     for method in methods:
@@ -219,7 +248,8 @@ def main() -> None:
     print(
         f"{args.data}, {args.workers} CPU workers, {args.compute * 1000:g} ms simulated compute per step "
         f"({args.delay}), ranks {slowed_ranks(args)} {args.slowdown:g}x slower, {args.budget} s budget, "
-        f"{args.optimizer}, lr grid {args.lr}, seeds {args.seeds}, {os.cpu_count()} CPU cores"
+        f"{args.model}, {args.optimizer}, lr grid {args.lr}, seeds {args.seeds}, {os.cpu_count()} CPU cores, "
+        f"rules {args.rules} (bound {args.max_staleness})"
     )
     if len(args.lr) == 1:
         protocols = {f"lr {args.lr[0]:g}": {method: args.lr[0] for method in methods}}

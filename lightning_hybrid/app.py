@@ -49,6 +49,8 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
     return lightning_hybrid.HybridSGDStrategy(
         threshold=strategy.threshold,
         pull_work=strategy.pull_work,
+        group_scaling=strategy.group_scaling,
+        max_staleness=strategy.max_staleness,
         staleness_scaling=strategy.staleness_scaling,
         overlap_push=strategy.overlap_push,
         shard_server=strategy.shard_server,
@@ -125,7 +127,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     callbacks: list[pl.Callback] = [curve]
     if config.strategy.scheduled and config.threshold.name != "none":
         schedule = lightning_hybrid.make_schedule(config.threshold.name, **config.threshold.options)
-        callbacks.append(lightning_hybrid.ThresholdScheduler(schedule, every_n_steps=config.threshold.every_n_steps))
+        callbacks.append(
+            lightning_hybrid.ThresholdScheduler(
+                schedule, every_n_steps=config.threshold.every_n_steps, progress=config.threshold.progress
+            )
+        )
     delays = config.delays
     if delays.ranks or delays.extra.scale:
         callbacks.append(

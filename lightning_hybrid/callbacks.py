@@ -9,6 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities.data import extract_batch_size
 
 from lightning_hybrid.strategy import HybridSGDStrategy
@@ -23,23 +24,43 @@ class ThresholdScheduler(pl.Callback):
         schedule: a schedule from :mod:`lightning_hybrid.thresholds` (e.g. ``LinearSchedule(1, "sync", 10)``).
         every_n_steps: also update K every so many steps of the server's rank (progress counted in steps);
             ``None`` updates at epoch starts only (progress counted in epochs).
+        progress: what the schedule's length counts: ``"epochs"`` (default), ``"steps"`` (the server rank's
+            steps, with ``every_n_steps``) or ``"time"``: the percentage of ``Trainer(max_time=...)`` elapsed, so a
+            schedule of ``length=100`` spans the whole budget whatever the speed of the method (fair in a
+            fixed-time comparison). K is then set on rank 0 at epoch starts and every ``every_n_steps`` steps
+            (default 10). AdaSync reads the loss, not progress: it moves at epoch starts in every mode.
         monitor: the logged training loss an adaptive schedule (AdaSync) reads, averaged over ranks.
 
     Logged at every epoch end: ``hybrid/threshold``, ``hybrid/version``, ``hybrid/staleness_{mean,max,p50,p95}``,
-    ``hybrid/gradients_per_update``, ``hybrid/rejected`` and per worker ``hybrid/worker{r}/steps``,
+    ``hybrid/gradients_per_update``, ``hybrid/rejected``, ``hybrid/dropped`` (gradients staler than
+    ``max_staleness``), the epoch's mean ``hybrid/step_scale`` (an update's step relative to a sync update's, see
+    ``group_scaling``) and, for optimizers with momentum, ``hybrid/momentum``, and per worker ``hybrid/worker{r}/steps``,
     ``.../wait_fraction`` (share of the epoch spent waiting for the server) and ``.../samples_per_s``; with a
     ``WandbLogger`` also ``hybrid/staleness`` as a ``wandb.Histogram`` of the epoch's gradients. K and the
     mean staleness show in the progress bar.
     """
 
-    def __init__(self, schedule: Schedule, every_n_steps: Optional[int] = None, monitor: str = "train_loss_epoch"):
+    def __init__(
+        self,
+        schedule: Schedule,
+        every_n_steps: Optional[int] = None,
+        monitor: str = "train_loss_epoch",
+        progress: str = "epochs",
+    ):
         if not callable(schedule):
             raise TypeError(f"schedule must be a threshold schedule, got {type(schedule).__name__}")
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps!r}")
+        if progress not in ("epochs", "steps", "time"):
+            raise ValueError(f"progress must be 'epochs', 'steps' or 'time', got {progress!r}")
+        if progress == "steps" and every_n_steps is None:
+            raise ValueError("progress='steps' counts steps between updates of K: give every_n_steps as well")
         self.schedule = schedule
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = every_n_steps or (10 if progress == "time" else None)
+        self.progress = progress
         self.monitor = monitor
+        self._timer: Optional[Timer] = None
+        self._figures_before: dict[str, float] = {}
         self._counts: Counter = Counter()
         self._epoch_started = 0.0
         self._samples = 0
@@ -58,12 +79,33 @@ class ThresholdScheduler(pl.Callback):
             raise ValueError(
                 f"the threshold schedule {self.schedule} does not fit {trainer.world_size} workers: {err}"
             ) from err
+        if self.progress == "time":
+            timers = [c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None]
+            if not timers:
+                raise ValueError(
+                    "ThresholdScheduler(progress='time') counts the share of the time budget: set "
+                    "Trainer(max_time=...), or count progress in 'epochs' or 'steps'"
+                )
+            self._timer = timers[0]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:  # a resumed run's counters start where the checkpoint left them
+            self._epoch_means(trainer.strategy.progress, has_momentum=False)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loss = self._mean_loss(trainer) if isinstance(self.schedule, AdaSyncSchedule) else None
-        trainer.strategy.threshold = self.schedule(trainer.current_epoch, trainer.world_size, loss=loss)
+        adaptive = isinstance(self.schedule, AdaSyncSchedule)
+        if adaptive or self.progress == "epochs":
+            loss = self._mean_loss(trainer) if adaptive else None  # a collective: every rank
+            trainer.strategy.threshold = self.schedule(trainer.current_epoch, trainer.world_size, loss=loss)
+        elif self.progress == "time" and trainer.is_global_zero:
+            trainer.strategy.threshold = self.schedule(self._percent_of_budget(), trainer.world_size)
         self._epoch_started, self._samples = time.perf_counter(), 0
         trainer.strategy.reset_worker_counters()
+
+    def _percent_of_budget(self) -> float:
+        assert self._timer is not None
+        elapsed, remaining = self._timer.time_elapsed("train"), self._timer.time_remaining("train") or 0.0
+        return 100 * elapsed / (elapsed + remaining) if elapsed + remaining > 0 else 0.0
 
     def _mean_loss(self, trainer: pl.Trainer) -> Optional[float]:
         """The monitored loss averaged over ranks, so every rank computes the same K (a collective)."""
@@ -76,8 +118,11 @@ class ThresholdScheduler(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step and step % self.every_n_steps == 0 and trainer.is_global_zero:
-            trainer.strategy.threshold = self.schedule(step, trainer.world_size)
+        if isinstance(self.schedule, AdaSyncSchedule) or not trainer.is_global_zero:
+            return
+        if self.every_n_steps and step and step % self.every_n_steps == 0:
+            progress = self._percent_of_budget() if self.progress == "time" else step
+            trainer.strategy.threshold = self.schedule(progress, trainer.world_size)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -114,8 +159,7 @@ class ThresholdScheduler(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         self._log_histogram(trainer, staleness_counts)
 
-    @staticmethod
-    def _server_figures(trainer: pl.Trainer) -> tuple[dict[str, float], Counter]:
+    def _server_figures(self, trainer: pl.Trainer) -> tuple[dict[str, float], Counter]:
         """The server's counters on rank 0, and the staleness of every gradient it applied so far."""
         strategy: HybridSGDStrategy = trainer.strategy
         progress, stats = strategy.progress, strategy.staleness
@@ -129,8 +173,23 @@ class ThresholdScheduler(pl.Callback):
             "hybrid/staleness_p95": float(stats.quantile(0.95)),
             "hybrid/gradients_per_update": sum(k * n for k, n in sizes.items()) / max(sum(sizes.values()), 1),
             "hybrid/rejected": float(sum(progress.get("rejected", {}).values())),
+            "hybrid/dropped": float(sum(progress.get("dropped", {}).values())),
         }
+        has_momentum = "momentum" in trainer.strategy.optimizers[0].param_groups[0]
+        figures.update(self._epoch_means(progress, has_momentum))
         return figures, Counter(stats.counts)
+
+    def _epoch_means(self, progress: dict[str, Any], has_momentum: bool) -> dict[str, float]:
+        """This epoch's mean step scale and momentum of the server's updates (see ``GroupScale``)."""
+        now = {key: float(progress.get(key, 0.0)) for key in ("version", "step_scale_total", "momentum_total")}
+        before, self._figures_before = self._figures_before, now
+        updates = now["version"] - before.get("version", 0.0)
+        if updates <= 0:
+            return {}
+        means = {"hybrid/step_scale": (now["step_scale_total"] - before.get("step_scale_total", 0.0)) / updates}
+        if has_momentum:
+            means["hybrid/momentum"] = (now["momentum_total"] - before.get("momentum_total", 0.0)) / updates
+        return means
 
     def _log_histogram(self, trainer: pl.Trainer, counts: Counter) -> None:
         """The staleness of this epoch's gradients as a wandb.Histogram, for W&B loggers."""

@@ -22,6 +22,8 @@ class StrategyConfig:
     scheduled: bool = False
     threshold: Any = "50%"  # an int count, "sync", "async" or "p%"
     pull_work: Optional[bool] = None
+    group_scaling: str = "step"  # step | sqrt_step | momentum | none (lightning_hybrid.group_scaling)
+    max_staleness: Optional[int] = None  # drop gradients staler than this many updates
     staleness_scaling: bool = False
     overlap_push: bool = False
     shard_server: bool = False  # every rank serves a slice of the model (element-wise optimizers)
@@ -36,6 +38,7 @@ class ThresholdConfig:
     name: str = "none"
     options: dict[str, Any] = field(default_factory=dict)  # passed to make_schedule(name, **options)
     every_n_steps: Optional[int] = None
+    progress: str = "epochs"  # epochs | steps | time (percent of trainer.max_time): what `length` counts
 
 
 @dataclass

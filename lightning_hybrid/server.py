@@ -9,7 +9,10 @@ receiver threads. Semantics (``shared/DESIGN.md`` section 1):
 * a *drain* is a barrier: a draining worker pushes nothing until every active worker drains;
   then pending gradients are applied (even fewer than K) and all receive the latest parameters;
 * a worker that *leaves* no longer counts: K is capped at the number of active workers;
-* gradients holding NaN or Inf are rejected and counted; the master weights are untouched.
+* gradients holding NaN or Inf are rejected and counted; the master weights are untouched;
+* an update of k gradients is sized to its group (:mod:`lightning_hybrid.group_scaling`), and a gradient staler
+  than ``max_staleness`` is dropped: counted, and its worker answered at once with the latest parameters so that
+  it computes its batch again.
 
 A sharded server runs one :class:`ParameterServer` (shard 0, which decides every update's group) and one
 :class:`FollowerServer` per other shard (which applies the same groups).
@@ -17,6 +20,7 @@ A sharded server runs one :class:`ParameterServer` (shard 0, which decides every
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -30,6 +34,7 @@ from torch.optim import Optimizer
 
 from lightning_hybrid.errors import ProtocolError
 from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.group_scaling import GroupScaling, apply_scales
 from lightning_hybrid.staleness import StalenessStats
 
 
@@ -62,6 +67,7 @@ class Release:
     params: list[Tensor]
     drained: bool = False
     rejected: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()  # their gradients were staler than max_staleness: compute the batch again
     staleness: dict[int, int] = field(default_factory=dict)
     in_place: bool = False  # params are the worker's own idle gradient buffer, not a snapshot to recycle
 
@@ -93,6 +99,16 @@ def clone_optimizer(
         ) from err
 
 
+def check_max_staleness(max_staleness: Optional[int]) -> None:
+    if max_staleness is not None and (
+        isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 1
+    ):
+        raise ValueError(
+            f"max_staleness={max_staleness!r} must be a positive int (drop gradients staler than that many updates) "
+            "or None (apply every gradient); 0 would drop every gradient that waited for another worker's update"
+        )
+
+
 def all_finite(tensor: Tensor) -> bool:
     """Exactly ``isfinite(tensor).all()``, in one pass without a mask in the common case: a NaN or Inf
     element makes the sum NaN or Inf; only a sum that overflows needs the element-wise check
@@ -114,13 +130,18 @@ class ParameterServer:
         hyperparameters: Optional[Callable[[], Sequence[Mapping[str, Any]]]] = None,
         device: torch.device | str | None = None,
         staleness_scaling: bool = False,
+        group_scaling: str = "none",
+        max_staleness: Optional[int] = None,
     ) -> None:
         """``hyperparameters`` returns param groups whose values (e.g. a scheduled ``lr``) the server copies
         into its own optimizer before every step. ``staleness_scaling`` weighs each gradient by
         ``1 / (1 + staleness)`` before averaging (staleness-aware step size; exact at arrival, since no
-        update happens while a gradient is pending)."""
+        update happens while a gradient is pending). ``group_scaling`` names the rule that sizes an update to
+        its group of gradients (:mod:`lightning_hybrid.group_scaling`). A gradient staler than ``max_staleness``
+        updates is dropped (its staleness is known at arrival, for the same reason)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+        check_max_staleness(max_staleness)
         device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
         self.layout = FlatLayout.of(params)
         self.num_workers = num_workers
@@ -129,6 +150,8 @@ class ParameterServer:
             self.layout.pack([p.detach() for p in params], self._master)
         self.parameters = [torch.nn.Parameter(v) for v in self.layout.views(self._master)]
         self.optimizer = make_optimizer(self.parameters)
+        self._scaling = GroupScaling(group_scaling, self.optimizer, num_workers)
+        self._max_staleness = max_staleness
         self._sum: Optional[list[Tensor]] = None  # the pending gradients' (weighted) sum, see _accumulate
         self._device_sum: list[Tensor] = []  # the sum's own buffers, for gradients that arrive off the device
         self._spare_snapshots: list[list[Tensor]] = []  # see recycle()
@@ -145,6 +168,10 @@ class ParameterServer:
         self.stats = StalenessStats()
         self.rejected: Counter = Counter()
         self._unreported_rejections: set[int] = set()
+        self.dropped: Counter = Counter()  # gradients staler than max_staleness, per worker
+        # sums over updates of the first parameter group's step scale and momentum (see GroupScale): telemetry
+        self.step_scale_total = 0.0
+        self.momentum_total = 0.0
         self.update_sizes: Counter = Counter()
         self.flushed_updates = 0  # updates of fewer than K gradients: nobody else would push before a drain
         self.update_seconds = 0.0  # server compute: arrival checks and sums, mean, clipping, step, snapshots
@@ -195,10 +222,15 @@ class ParameterServer:
                     f"worker {worker} pushed a gradient for version {version}, but the server is at version "
                     f"{self._version}: versions lie in [0, current]"
                 )
-            if drain:
-                self._draining.add(worker)
             if worker in self.answers_in_place:
                 self._own_buffers[worker] = gradient
+            if finite and self._max_staleness is not None and self._version - version > self._max_staleness:
+                # not even its drain counts: the worker pushes the batch again, with the drain, on the answer's
+                # parameters (while the others drain nothing moves, so that push is fresh)
+                self.dropped[worker] += 1
+                return [self._release((worker,), dropped=(worker,))]
+            if drain:
+                self._draining.add(worker)
             if not finite:
                 self.rejected[worker] += 1
                 if drain:  # the worker hears of it when the drain completes
@@ -243,6 +275,9 @@ class ParameterServer:
                 "threshold": self._threshold,
                 "staleness": self.stats.state_dict(),
                 "rejected": dict(self.rejected),
+                "dropped": dict(self.dropped),
+                "step_scale_total": self.step_scale_total,
+                "momentum_total": self.momentum_total,
                 "update_sizes": dict(self.update_sizes),
                 "flushed_updates": self.flushed_updates,
                 "update_seconds": self.update_seconds,
@@ -255,6 +290,9 @@ class ParameterServer:
             self.stats = StalenessStats()
             self.stats.load_state_dict(state.get("staleness", {"counts": {}, "per_worker": {}}))
             self.rejected = Counter({int(k): v for k, v in state.get("rejected", {}).items()})
+            self.dropped = Counter({int(k): v for k, v in state.get("dropped", {}).items()})
+            self.step_scale_total = float(state.get("step_scale_total", 0.0))
+            self.momentum_total = float(state.get("momentum_total", 0.0))
             self.update_sizes = Counter({int(k): v for k, v in state.get("update_sizes", {}).items()})
             self.flushed_updates = int(state.get("flushed_updates", 0))
             self.update_seconds = float(state.get("update_seconds", 0.0))
@@ -336,23 +374,35 @@ class ParameterServer:
             total.add_(g.to(total.device), alpha=weight)
 
     def _apply(self, group: tuple[int, ...]) -> Release:
-        """One optimizer step with the pending sum, which holds the gradients of exactly ``group``."""
+        """One optimizer step with the pending sum, which holds the gradients of exactly ``group``: their mean,
+        clipped, then sized to the group (:mod:`lightning_hybrid.group_scaling`)."""
         if self.on_decision is not None:
             self.on_decision(self._version + 1, tuple(sorted(group)))
         started = time.perf_counter()
         count = len(group)
         assert self._sum is not None
-        if count > 1:
+        if self._hyperparameters is not None:
+            for mine, theirs in zip(self.optimizer.param_groups, self._hyperparameters()):
+                mine.update({k: v for k, v in theirs.items() if k != "params"})
+        scales = self._scaling.scales(self.optimizer.param_groups, count)
+        self.step_scale_total += scales[0].step
+        self.momentum_total += scales[0].momentum or 0.0
+        # without clipping, one gradient factor shared by every group joins the mean's division (one pass)
+        folded = scales[0].gradient if self._gradient_clipping is None and len({s.gradient for s in scales}) == 1 else 1.0
+        if folded != 1.0:
+            for total in self._sum:
+                total.mul_(folded / count)
+            scales = [dataclasses.replace(scale, gradient=1.0) for scale in scales]
+        elif count > 1:
             for total in self._sum:
                 total.div_(count)
         for param, grad in zip(self.parameters, self.layout.views(self._sum)):
             param.grad = grad
-        if self._hyperparameters is not None:
-            for mine, theirs in zip(self.optimizer.param_groups, self._hyperparameters()):
-                mine.update({k: v for k, v in theirs.items() if k != "params"})
         if self._gradient_clipping is not None:
             self._gradient_clipping.apply(self.parameters)
+        restore = apply_scales(self.optimizer.param_groups, scales)
         self.optimizer.step()
+        restore()
         for param in self.parameters:
             param.grad = None  # the sum's buffers go back to their worker with its answer
         self._sum = None

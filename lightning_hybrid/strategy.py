@@ -58,9 +58,16 @@ from typing_extensions import override
 
 from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError
 from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.group_scaling import GROUP_SCALING_RULES, check_group_scaling
 from lightning_hybrid.launcher import HydraJobLauncher
 from lightning_hybrid.overlap import GradientStream
-from lightning_hybrid.server import FollowerServer, GradientClipping, ParameterServer, clone_optimizer
+from lightning_hybrid.server import (
+    FollowerServer,
+    GradientClipping,
+    ParameterServer,
+    check_max_staleness,
+    clone_optimizer,
+)
 from lightning_hybrid.shards import ELEMENTWISE_OPTIMIZERS, ShardPlan
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec, resolve_threshold
@@ -92,16 +99,21 @@ def _on_host(value: Any) -> Any:
 
 class _PushingOptimizer:
     """Stands in for the user's optimizer in Lightning's precision plugin: ``step`` runs the closure,
-    then pushes the gradient instead of stepping. Everything else is the user's optimizer."""
+    then pushes the gradient instead of stepping. Everything else is the user's optimizer.
 
-    def __init__(self, optimizer: Optimizer, push: Callable[[Any], None]) -> None:
+    ``push`` returns False when the server dropped the gradient as too stale and answered with its latest
+    parameters: the closure then runs again on them (as LBFGS calls its closure several times), so the batch
+    is still trained once."""
+
+    def __init__(self, optimizer: Optimizer, push: Callable[[Any], bool]) -> None:
         self._optimizer = optimizer
         self._push = push
 
     def step(self, closure: Callable[[], Any], **_: Any) -> Any:
-        loss = closure()
-        self._push(loss)
-        return loss
+        while True:
+            loss = closure()
+            if self._push(loss):
+                return loss
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._optimizer, name)
@@ -117,6 +129,14 @@ class HybridSGDStrategy(DDPStrategy):
         pull_work: whether workers pull batches of each epoch from a shared counter (fast workers take more,
             every sample still once per epoch) instead of Lightning's equal static shards. ``None``: pull
             when the initial K is below N, static when K = N (so that K = N reproduces DDP exactly).
+        group_scaling: how far an update of k gradients moves the model (see :mod:`lightning_hybrid.group_scaling`):
+            ``"step"`` (default: k/N of a sync update, on SGD's gradient or another optimizer's learning rate, so the
+            learning rate tuned for DDP is safe at every K and K = N is exactly DDP), ``"sqrt_step"``
+            (sqrt(k/N)), ``"momentum"`` (SGD's momentum scaled to the group) or ``"none"`` (the plain mean with
+            the user's step, as before this option).
+        max_staleness: drop a gradient staler than this many updates: it is counted (``hybrid/dropped``) and its
+            worker computes the batch again on the latest parameters. ``None`` (default) applies every gradient.
+            Mind stragglers: at K = 1 a worker s times slower than N - 1 others sees staleness near s(N - 1).
         staleness_scaling: weigh each gradient by ``1 / (1 + staleness)`` before averaging (staleness-aware
             step size); off by default.
         overlap_push: send a remote CPU worker's gradient in 1 MiB chunks while backward still runs, as
@@ -147,6 +167,8 @@ class HybridSGDStrategy(DDPStrategy):
         self,
         threshold: ThresholdSpec = "50%",
         pull_work: Optional[bool] = None,
+        group_scaling: Literal["step", "sqrt_step", "momentum", "none"] = "step",
+        max_staleness: Optional[int] = None,
         staleness_scaling: bool = False,
         overlap_push: bool = False,
         shard_server: bool = False,
@@ -178,6 +200,13 @@ class HybridSGDStrategy(DDPStrategy):
             raise ValueError(f"pull_work must be True, False or None (automatic), got {pull_work!r}")
         self._threshold_spec = threshold
         self._pull_work = pull_work
+        if group_scaling not in GROUP_SCALING_RULES:
+            raise ValueError(
+                f"unknown group_scaling {group_scaling!r}: choose one of {', '.join(map(repr, GROUP_SCALING_RULES))}"
+            )
+        check_max_staleness(max_staleness)
+        self._group_scaling = group_scaling
+        self._max_staleness = max_staleness
         self._staleness_scaling = bool(staleness_scaling)
         self._overlap_push = bool(overlap_push)
         self._shard_server = bool(shard_server)
@@ -185,6 +214,11 @@ class HybridSGDStrategy(DDPStrategy):
             raise ValueError(
                 "overlap_push streams a gradient to one server; with shard_server=True each rank serves a slice: "
                 "choose one of them"
+            )
+        if max_staleness is not None and (self._shard_server or self._overlap_push):
+            raise ValueError(
+                "max_staleness works with one server and gradients sent after backward: remove it, or use "
+                "shard_server=False and overlap_push=False"
             )
         if nonfinite not in ("skip", "stop"):
             raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
@@ -220,6 +254,8 @@ class HybridSGDStrategy(DDPStrategy):
         self.steps = 0  # optimizer steps of this rank since the last reset_worker_counters()
         self.wait_seconds = 0.0  # time of those spent waiting for the server's answers
         self._rejected: Counter = Counter()
+        self._dropped: Counter = Counter()
+        self._dropped_in_a_row = 0
         self._update_sizes: Counter = Counter()
         self._final_progress: Optional[dict[str, Any]] = None
         self._session_id = 0
@@ -270,6 +306,14 @@ class HybridSGDStrategy(DDPStrategy):
         if self._endpoint is not None:
             return self._endpoint.server.rejected
         return self._rejected
+
+    @property
+    def dropped(self) -> Counter:
+        """Gradients dropped as staler than ``max_staleness``, per worker: all workers' on rank 0, this worker's
+        own elsewhere."""
+        if self._endpoint is not None:
+            return self._endpoint.server.dropped
+        return self._dropped
 
     @property
     def progress(self) -> dict[str, Any]:
@@ -374,6 +418,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         if not self._params:
             raise MisconfigurationException("the optimizer holds no parameters: nothing for hybrid_sgd to train.")
+        self._check_update_rules(trainer, optimizer)
         self._buffers = list(self.lightning_module.buffers())
         self._layout = FlatLayout.of(self._params)
         self._buffer_layout = FlatLayout.of(self._buffers)
@@ -422,6 +467,8 @@ class HybridSGDStrategy(DDPStrategy):
             hyperparameters=lambda: optimizer.param_groups,
             device=self.root_device,
             staleness_scaling=self._staleness_scaling,
+            group_scaling=self._group_scaling,
+            max_staleness=self._max_staleness,
         )
         endpoint = ServerEndpoint(
             server,
@@ -492,6 +539,28 @@ class HybridSGDStrategy(DDPStrategy):
             raise MisconfigurationException(
                 "clipping by norm needs the norm of the whole aggregated gradient, which no shard of a sharded "
                 f"server holds: use Trainer(gradient_clip_algorithm='value'), {fix}."
+            )
+
+    def _check_update_rules(self, trainer: "pl.Trainer", optimizer: Optimizer) -> None:
+        """On every rank, before any server starts: a rule the optimizer cannot take stops every rank alike."""
+        try:
+            check_group_scaling(self._group_scaling, optimizer)
+        except ValueError as err:
+            raise MisconfigurationException(f"hybrid_sgd: {err}.") from err
+        if self._max_staleness is None:
+            return
+        if trainer.accumulate_grad_batches > 1:
+            raise MisconfigurationException(
+                "max_staleness computes a dropped gradient's batch again, but with accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches} the earlier accumulated batches are gone: remove max_staleness "
+                "or accumulate_grad_batches."
+            )
+        if self._max_staleness < self.world_size - 1:
+            rank_zero_warn(
+                f"hybrid_sgd: max_staleness={self._max_staleness} is below N - 1 = {self.world_size - 1}, the "
+                "staleness even equal workers see at K = 1: most asynchronous gradients will be dropped and "
+                "computed again. Raise it to at least a few times N - 1.",
+                category=UserWarning,
             )
 
     def _check_pulled_work(self, trainer: "pl.Trainer") -> None:
@@ -628,8 +697,9 @@ class HybridSGDStrategy(DDPStrategy):
             if self._stream is not None:
                 self._stream.disarm()
 
-    def _exchange(self, loss: Any, final: bool, threshold: int) -> None:
-        """Push this worker's gradient, wait for the server's answer and load the new parameters."""
+    def _exchange(self, loss: Any, final: bool, threshold: int) -> bool:
+        """Push this worker's gradient, wait for the server's answer and load the new parameters. False: the
+        server dropped the gradient as too stale, and the batch must be computed again."""
         assert self._link is not None and self._layout is not None
         flags = self._local_stop
         started = time.perf_counter()
@@ -648,6 +718,10 @@ class HybridSGDStrategy(DDPStrategy):
             reply = self._link.push(
                 self._gradient, self._version, flags | (Flag.DRAIN if final else Flag.NONE), threshold
             )
+        if reply is not None and reply.flags & Flag.DROPPED:
+            self._absorb(reply)
+            self.wait_seconds += time.perf_counter() - started
+            return False
         if reply is not None:
             self._absorb(reply)
             if self._server_stop and not final:
@@ -657,6 +731,7 @@ class HybridSGDStrategy(DDPStrategy):
         self.wait_seconds += time.perf_counter() - started
         self.steps += 1
         self._act_on_stop()
+        return True
 
     def _is_final_step_of_epoch(self) -> bool:
         """True when no step of this rank follows in this epoch: then the push also drains, so that no
@@ -709,9 +784,25 @@ class HybridSGDStrategy(DDPStrategy):
                 self.global_rank,
                 self._rejected[self.global_rank],
             )
+        self._count_drop(bool(reply.flags & Flag.DROPPED))
         self._server_stop |= reply.flags & STOP_FLAGS
         if reply.flags & Flag.STOP:
             self.lightning_module.trainer.should_stop = True
+
+    def _count_drop(self, dropped: bool) -> None:
+        if not dropped:
+            self._dropped_in_a_row = 0
+            return
+        self._dropped[self.global_rank] += 1
+        self._dropped_in_a_row += 1
+        if self._dropped_in_a_row == 3:
+            log.warning(
+                "hybrid_sgd: rank %d's last 3 gradients were staler than max_staleness=%d and dropped; it computes "
+                "its batch again each time, and trains only when the others wait (e.g. at the epoch's end). Raise "
+                "max_staleness above this worker's usual staleness (about its slowdown times N - 1 at K = 1).",
+                self.global_rank,
+                self._max_staleness,
+            )
 
     def drain(self) -> None:
         """Apply pending gradients and give every rank the latest parameters and rank 0's buffers."""
@@ -915,6 +1006,7 @@ class HybridSGDStrategy(DDPStrategy):
             self.worker_staleness = server.stats
             self._update_sizes = server.update_sizes
             self._rejected = server.rejected
+            self._dropped = server.dropped
             self._final_progress = server.progress_state()
             self._endpoint = None
 

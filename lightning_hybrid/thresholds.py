@@ -61,16 +61,16 @@ def resolve_threshold(spec: ThresholdSpec, num_workers: int) -> int:
 
 
 # --------------------------------------------------------------------------- schedules
-# A schedule maps training progress (epochs, or steps) to K in [1, N]. `start` and `end` are threshold
+# A schedule maps training progress (epochs, steps, or percent of a time budget) to K in [1, N]. `start` and `end` are threshold
 # specs as above, resolved against N when the schedule is evaluated, so one schedule serves any N.
 
 
 def _check_length(length: int) -> None:
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"schedule length must be a positive int (epochs or steps), got {length!r}")
+        raise ValueError(f"schedule length must be a positive int (epochs, steps or percent of the time budget), got {length!r}")
 
 
-def _fraction(progress: int, length: int) -> float:
+def _fraction(progress: float, length: int) -> float:
     if progress < 0:
         raise ValueError(f"progress cannot be negative, got {progress}")
     return min(progress / length, 1.0)
@@ -89,7 +89,7 @@ class ConstantSchedule:
     def __post_init__(self) -> None:
         check_threshold_spec(self.value)
 
-    def __call__(self, progress: int, num_workers: int, loss: Optional[float] = None) -> int:
+    def __call__(self, progress: float, num_workers: int, loss: Optional[float] = None) -> int:
         _fraction(progress, 1)
         return resolve_threshold(self.value, num_workers)
 
@@ -107,7 +107,7 @@ class _Ramp:
         check_threshold_spec(self.end)
         _check_length(self.length)
 
-    def __call__(self, progress: int, num_workers: int, loss: Optional[float] = None) -> int:
+    def __call__(self, progress: float, num_workers: int, loss: Optional[float] = None) -> int:
         start, end = resolve_threshold(self.start, num_workers), resolve_threshold(self.end, num_workers)
         return _clamp(self.shape(start, end, _fraction(progress, self.length)), num_workers)
 
@@ -169,7 +169,7 @@ class SwitchSchedule:
         check_threshold_spec(self.after)
         _check_length(self.at)
 
-    def __call__(self, progress: int, num_workers: int, loss: Optional[float] = None) -> int:
+    def __call__(self, progress: float, num_workers: int, loss: Optional[float] = None) -> int:
         return resolve_threshold(self.before if _fraction(progress, self.at) < 1 else self.after, num_workers)
 
 
@@ -189,7 +189,7 @@ class AdaSyncSchedule:
         check_threshold_spec(self.start)
         check_threshold_spec(self.end)
 
-    def __call__(self, progress: int, num_workers: int, loss: Optional[float] = None) -> int:
+    def __call__(self, progress: float, num_workers: int, loss: Optional[float] = None) -> int:
         _fraction(progress, 1)
         start, end = resolve_threshold(self.start, num_workers), resolve_threshold(self.end, num_workers)
         if loss is not None and math.isfinite(loss) and loss > 0:

@@ -62,6 +62,7 @@ class Flag(enum.IntFlag):
     REJECTED = 16  # on REPLY: the pushed gradient held NaN/Inf and was not applied
     FAILED = 32  # on LEAVE: the worker raised an exception; the run stops everywhere
     NONFINITE = 64  # on PUSH: the worker's whole gradient holds NaN/Inf (a shard sees part of it): reject it
+    DROPPED = 128  # on REPLY: the pushed gradient was staler than max_staleness: compute the batch again
 
 
 STOP_FLAGS = Flag.SIGTERM | Flag.STOP
@@ -387,6 +388,8 @@ class ServerEndpoint:
             flags |= Flag.BUFFERS
         if worker in release.rejected:
             flags |= Flag.REJECTED
+        if worker in release.dropped:
+            flags |= Flag.DROPPED
         return flags
 
     def _send_replies(
