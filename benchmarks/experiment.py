@@ -216,7 +216,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=20, help="wall-clock seconds of training per run (< 60)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--lr", type=float, nargs="+", default=[0.05], help="learning rate grid")
-    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd has momentum 0.9")
+    parser.add_argument(
+        "--optimizer", default="sgd", choices=["sgd", "adam", "adamw", "rmsprop"], help="sgd has momentum 0.9"
+    )
     parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
     parser.add_argument(
         "--rules", nargs="+", default=["step"], choices=list(RULES), help="update rules of the stale methods"

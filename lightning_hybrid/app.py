@@ -108,7 +108,13 @@ def build_data(config: TrainConfig) -> pl.LightningDataModule:
 
 def build_model(config: TrainConfig, data: pl.LightningDataModule) -> pl.LightningModule:
     model, shape = config.model, data.shape
-    common = dict(lr=model.lr, optimizer=model.optimizer, momentum=model.momentum, lr_step=model.lr_step)
+    common = dict(
+        lr=model.lr,
+        optimizer=model.optimizer,
+        momentum=model.momentum,
+        lr_step=model.lr_step,
+        weight_decay=model.weight_decay,
+    )
     if model.name == "mlp":
         features = int(torch.tensor(shape).prod())
         return MLPClassifier(features, hidden=model.hidden, depth=model.depth, batch_norm=model.batch_norm, **common)

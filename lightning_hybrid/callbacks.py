@@ -60,6 +60,7 @@ class ThresholdScheduler(pl.Callback):
         self.progress = progress
         self.monitor = monitor
         self._timer: Optional[Timer] = None
+        self._budget = 0.0  # seconds of max_time
         self._figures_before: dict[str, float] = {}
         self._counts: Counter = Counter()
         self._epoch_started = 0.0
@@ -87,6 +88,7 @@ class ThresholdScheduler(pl.Callback):
                     "Trainer(max_time=...), or count progress in 'epochs' or 'steps'"
                 )
             self._timer = timers[0]
+            self._budget = timers[0].time_remaining() + timers[0].time_elapsed()  # before training starts
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:  # a resumed run's counters start where the checkpoint left them
@@ -104,8 +106,7 @@ class ThresholdScheduler(pl.Callback):
 
     def _percent_of_budget(self) -> float:
         assert self._timer is not None
-        elapsed, remaining = self._timer.time_elapsed("train"), self._timer.time_remaining("train") or 0.0
-        return 100 * elapsed / (elapsed + remaining) if elapsed + remaining > 0 else 0.0
+        return min(100.0, 100 * self._timer.time_elapsed("train") / self._budget) if self._budget > 0 else 100.0
 
     def _mean_loss(self, trainer: pl.Trainer) -> Optional[float]:
         """The monitored loss averaged over ranks, so every rank computes the same K (a collective)."""

@@ -51,8 +51,9 @@ class ModelConfig:
     batch_norm: bool = False
     channels: int = 32
     lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
+    optimizer: str = "sgd"  # sgd | adam | adamw | rmsprop
+    momentum: float = 0.9  # sgd and rmsprop
+    weight_decay: float = 0.0
     lr_step: int = 0
 
 

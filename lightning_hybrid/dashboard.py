@@ -2,7 +2,7 @@
 
     python -m lightning_hybrid.dashboard --entity ENTITY --project PROJECT
 
-creates (online) a saved view with the threshold, version, staleness and per-worker panels that
+creates (online) a saved view with the threshold, version, update size, staleness and per-worker panels that
 ``ThresholdScheduler`` logs. Offline (``WANDB_MODE=offline``) it builds the same workspace and prints
 what it would create.
 """
@@ -13,6 +13,7 @@ import argparse
 import os
 
 THRESHOLD_PANELS = ["hybrid/threshold", "hybrid/version", "hybrid/gradients_per_update", "hybrid/rejected"]
+UPDATE_PANELS = ["hybrid/step_scale", "hybrid/momentum", "hybrid/dropped"]
 STALENESS_PANELS = ["hybrid/staleness_mean", "hybrid/staleness_max", "hybrid/staleness_p50", "hybrid/staleness_p95"]
 WORKER_METRICS = ["steps", "wait_fraction", "samples_per_s"]
 
@@ -35,6 +36,7 @@ def build_workspace(entity: str, project: str, name: str = "hybrid_sgd telemetry
         project=project,
         sections=[
             ws.Section(name="threshold", panels=[line(m) for m in THRESHOLD_PANELS], is_open=True),
+            ws.Section(name="updates", panels=[line(m) for m in UPDATE_PANELS], is_open=True),
             ws.Section(name="staleness", panels=[line(m) for m in STALENESS_PANELS], is_open=True),
             ws.Section(
                 name="workers",

@@ -10,18 +10,29 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy training, torchmetrics accuracy and the optimizer; subclasses build ``self.net``.
 
-    ``optimizer`` is ``"sgd"`` (with ``momentum``) or ``"adam"``; ``lr_step`` > 0 adds a StepLR that
-    halves the learning rate every ``lr_step`` epochs.
+    ``optimizer`` is one of :data:`OPTIMIZERS` (``"sgd"`` and ``"rmsprop"`` with ``momentum``), each with
+    ``weight_decay``; ``lr_step`` > 0 adds a StepLR that halves the learning rate every ``lr_step`` epochs.
     """
 
-    def __init__(self, num_classes: int, lr: float, optimizer: str, momentum: float, lr_step: int) -> None:
+    def __init__(
+        self, num_classes: int, lr: float, optimizer: str, momentum: float, lr_step: int, weight_decay: float = 0.0
+    ) -> None:
         super().__init__()
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
         self.lr, self.optimizer_name, self.momentum, self.lr_step = lr, optimizer, momentum, lr_step
+        self.weight_decay = weight_decay
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,10 +59,10 @@ class Classifier(pl.LightningModule):
         return self(batch[0]).argmax(-1)
 
     def configure_optimizers(self) -> Any:
-        if self.optimizer_name == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
-        else:
-            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        options: dict[str, Any] = dict(lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name in ("sgd", "rmsprop"):
+            options["momentum"] = self.momentum
+        optimizer = OPTIMIZERS[self.optimizer_name](self.parameters(), **options)
         if self.lr_step <= 0:
             return optimizer
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step, gamma=0.5)
@@ -72,8 +83,9 @@ class MLPClassifier(Classifier):
         momentum: float = 0.9,
         lr_step: int = 0,
         batch_norm: bool = False,
+        weight_decay: float = 0.0,
     ) -> None:
-        super().__init__(num_classes, lr, optimizer, momentum, lr_step)
+        super().__init__(num_classes, lr, optimizer, momentum, lr_step, weight_decay)
         self.save_hyperparameters()
         layers: list[nn.Module] = [nn.Flatten()]
         width = num_features
@@ -99,8 +111,9 @@ class CNNClassifier(Classifier):
         optimizer: str = "sgd",
         momentum: float = 0.9,
         lr_step: int = 0,
+        weight_decay: float = 0.0,
     ) -> None:
-        super().__init__(num_classes, lr, optimizer, momentum, lr_step)
+        super().__init__(num_classes, lr, optimizer, momentum, lr_step, weight_decay)
         self.save_hyperparameters()
         side = image_size // 4
         self.net = nn.Sequential(

@@ -154,16 +154,21 @@ def collate_with_index(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 class RecordIndices(MLPClassifier):
-    """Records the sample indices each rank trains on, per epoch; writes them when fit ends or fails."""
+    """Records the sample indices each rank trains on (once its optimizer step is done), per epoch, and how
+    many training steps it computed; writes them when fit ends or fails."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.seen: dict[int, list[int]] = {}
+        self.computed = 0  # training_step calls: a batch whose gradient was dropped is computed again
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y, index = batch
-        self.seen.setdefault(self.current_epoch, []).extend(index.tolist())
+        x, y, _ = batch
+        self.computed += 1
         return super().training_step((x, y), batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.seen.setdefault(self.current_epoch, []).extend(batch[2].tolist())
 
     def on_train_end(self) -> None:
         self.write()
@@ -171,6 +176,7 @@ class RecordIndices(MLPClassifier):
     def write(self) -> None:
         out = Path(os.environ["SCENARIO_OUT"])
         torch.save(self.seen, out / f"indices-{os.environ['SCENARIO_PHASE']}-rank{self.global_rank}.pt")
+        (out / f"computed-{os.environ['SCENARIO_PHASE']}-rank{self.global_rank}").write_text(str(self.computed))
 
 
 class SigtermAt(Callback):
@@ -190,7 +196,9 @@ class SigtermAt(Callback):
 # --------------------------------------------------------------------------- scenarios
 def ddp_equivalence(args: argparse.Namespace) -> None:
     """Lightning DDP, then hybrid_sgd with K = N, from the same seed and data."""
-    model_kwargs: dict[str, Any] = dict(optimizer=args.optimizer, lr=args.lr, lr_step=1, batch_norm=args.batch_norm)
+    model_kwargs: dict[str, Any] = dict(
+        optimizer=args.optimizer, lr=args.lr, lr_step=1, batch_norm=args.batch_norm, weight_decay=args.weight_decay
+    )
     fit_kwargs: dict[str, Any] = dict(max_epochs=args.epochs, limit_train_batches=args.batches)
     if args.optimizer == "sgd":
         fit_kwargs.update(gradient_clip_val=0.5, accumulate_grad_batches=2)
@@ -298,7 +306,9 @@ def pulled(args: argparse.Namespace) -> None:
     if args.phase == "twice":  # a first, separate trainer in the same processes before the one recorded
         first = trainer(lightning_hybrid.HybridSGDStrategy(threshold=args.threshold), args.devices, max_epochs=1)
         first.fit(RecordIndices(lr=args.lr), datamodule=IndexedDigits())
-    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, pull_work=args.pull_work)
+    strategy = lightning_hybrid.HybridSGDStrategy(
+        threshold=args.threshold, pull_work=args.pull_work, max_staleness=args.max_staleness
+    )
     extra: dict[str, Any] = {"enable_checkpointing": args.phase in ("preempt", "loops")}
     if args.phase == "loops":  # Lightning's own loop features: max_steps, progress bar, epoch-end checkpoints
         callbacks.append(ModelCheckpoint(args.out / "ckpts", save_top_k=-1))
@@ -310,6 +320,7 @@ def pulled(args: argparse.Namespace) -> None:
         args.out / args.phase,
         run.global_rank,
         version=strategy.version,
+        dropped=dict(strategy.dropped),
         global_step=run.global_step,
         epoch=run.current_epoch,
         weights=weights(model),
@@ -451,6 +462,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--max-staleness", type=int, default=None)
     parser.add_argument("--batch-norm", action="store_true")
     parser.add_argument("--overlap-push", action="store_true")
     parser.add_argument("--shard-server", action="store_true")

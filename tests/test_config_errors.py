@@ -12,18 +12,16 @@ from lightning_hybrid.models import MLPClassifier
 
 
 def fit(model: pl.LightningModule, strategy="hybrid_sgd", **kwargs) -> pl.Trainer:
+    options = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
     trainer = pl.Trainer(
         strategy=strategy,
         accelerator="cpu",
         devices=1,
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        **kwargs,
+        **{**options, **kwargs},
     )
     trainer.fit(model, datamodule=DigitsDataModule())
     return trainer
@@ -168,3 +166,56 @@ def test_threshold_scheduler_shows_k_and_staleness_in_the_progress_bar() -> None
     callback = lightning_hybrid.ThresholdScheduler(lightning_hybrid.ConstantSchedule("sync"))
     trainer = fit(MLPClassifier(), callbacks=[callback])
     assert trainer.progress_bar_metrics["K"] == 1.0 and trainer.progress_bar_metrics["stale"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(group_scaling="linear"), "unknown group_scaling 'linear'"),
+        (dict(max_staleness=0), "max_staleness=0 must be a positive int"),
+        (dict(max_staleness=4, shard_server=True), "max_staleness works with one server"),
+        (dict(max_staleness=4, overlap_push=True), "max_staleness works with one server"),
+    ],
+)
+def test_bad_update_rules_are_refused_at_construction(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        HybridSGDStrategy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (MLPClassifier(optimizer="adam"), "Adam.*bias correction.*group_scaling='step'"),
+        (MLPClassifier(momentum=0.0), "momentum=0.*group_scaling='step'"),
+    ],
+)
+def test_a_momentum_rule_without_an_sgd_momentum_is_refused_at_setup(model, message) -> None:
+    with pytest.raises(MisconfigurationException, match=message):
+        fit(model, strategy=HybridSGDStrategy(group_scaling="momentum"))
+
+
+def test_a_staleness_bound_with_accumulated_batches_is_refused() -> None:
+    with pytest.raises(MisconfigurationException, match="accumulate_grad_batches=2.*remove max_staleness"):
+        fit(MLPClassifier(), strategy=HybridSGDStrategy(max_staleness=2), accumulate_grad_batches=2)
+
+
+def test_a_schedule_over_time_needs_a_time_budget() -> None:
+    scheduler = lightning_hybrid.ThresholdScheduler(lightning_hybrid.LinearSchedule(length=100), progress="time")
+    with pytest.raises(ValueError, match="Trainer\\(max_time=...\\)"):
+        fit(MLPClassifier(), callbacks=[scheduler])
+    with pytest.raises(ValueError, match="give every_n_steps"):
+        lightning_hybrid.ThresholdScheduler(lightning_hybrid.LinearSchedule(), progress="steps")
+
+
+def test_a_schedule_over_time_reaches_its_end_as_the_budget_ends() -> None:
+    # K = 1 of 1 either way here: what is checked is the progress the schedule was given, in percent of max_time
+    class Recorded(lightning_hybrid.LinearSchedule):
+        def __call__(self, progress, num_workers, loss=None):
+            seen.append(progress)
+            return super().__call__(progress, num_workers, loss)
+
+    seen: list[float] = []
+    scheduler = lightning_hybrid.ThresholdScheduler(Recorded(length=100), progress="time", every_n_steps=1)
+    fit(MLPClassifier(), callbacks=[scheduler], max_time={"seconds": 2}, max_epochs=1000, limit_train_batches=None)
+    seen = seen[2:]  # setup tries both ends of the schedule first
+    assert seen[0] < 10 and seen == sorted(seen) and 50 < seen[-1] <= 100, seen[:3] + seen[-3:]

@@ -11,10 +11,13 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def test_sgd_momentum_steplr_clipping_accumulation_batchnorm_match_ddp(tmp_path) -> None:
+def test_sgd_momentum_weight_decay_steplr_clipping_accumulation_batchnorm_match_ddp(tmp_path) -> None:
     # 3 epochs of 8 batches, accumulate 2 -> 12 updates; StepLR halves lr every epoch. Gradients stream out
-    # during backward (overlap_push): only the backward before each optimizer step sends.
-    launch("ddp_equivalence", tmp_path, "--devices 2 --epochs 3 --batches 8 --batch-norm --overlap-push")
+    # during backward (overlap_push): only the backward before each optimizer step sends. The default update
+    # rule (group_scaling="step") leaves a full group untouched.
+    launch(
+        "ddp_equivalence", tmp_path, "--devices 2 --epochs 3 --batches 8 --batch-norm --overlap-push --weight-decay 0.01"
+    )
     for rank in results(tmp_path, 2):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
         assert rank["version"] == 12 and rank["update_sizes"] in ({2: 12}, {})
@@ -25,8 +28,8 @@ def test_sgd_momentum_steplr_clipping_accumulation_batchnorm_match_ddp(tmp_path)
     assert max_difference(rank0["hybrid_sgd"], rank1["hybrid_sgd"]) == 0.0
 
 
-def test_adam_matches_ddp_with_three_workers(tmp_path) -> None:
-    launch("ddp_equivalence", tmp_path, "--devices 3 --epochs 2 --batches 6 --optimizer adam --lr 0.01")
+def test_adam_with_weight_decay_matches_ddp_with_three_workers(tmp_path) -> None:
+    launch("ddp_equivalence", tmp_path, "--devices 3 --epochs 2 --batches 6 --optimizer adam --lr 0.01 --weight-decay 0.01")
     for rank in results(tmp_path, 3):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
         assert rank["version"] == 12

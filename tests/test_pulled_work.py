@@ -60,3 +60,19 @@ def test_lightning_loops_with_unequal_epochs(tmp_path) -> None:
     seen = indices(tmp_path, "loops", 2)
     epoch0 = [i for rank in seen for i in rank[0]]
     assert sorted(epoch0) == list(range(1437))
+
+
+def test_a_gradient_staler_than_the_bound_is_computed_again_and_every_sample_still_trains_once(tmp_path) -> None:
+    # K = 1, rank 2 slowed by 30 ms a step while two fast ranks move the version on: its gradients are staler
+    # than 2 updates, dropped, and its batch is computed again on the latest weights
+    launch("pulled", tmp_path, "--devices 3 --threshold 1 --epochs 1 --slow-rank 2 --delay 0.03 --max-staleness 2")
+    seen = indices(tmp_path, "full", 3)
+    assert sorted(i for rank in seen for i in rank[0]) == list(range(1437)), "every sample applied once"
+    server, *_ = results(tmp_path / "full", 3)
+    assert server["dropped"].get(2, 0) > 0, server["dropped"]
+    applied = sum(len(rank[0]) for rank in seen) // 16 + (1437 % 16 > 0)
+    assert server["version"] == applied, "every trained batch is one update at K = 1, no dropped gradient is"
+    for rank in range(3):
+        computed = int((tmp_path / f"computed-full-rank{rank}").read_text())
+        trained = -(-len(seen[rank][0]) // 16)
+        assert computed == trained + server["dropped"].get(rank, 0), (rank, computed, trained, server["dropped"])

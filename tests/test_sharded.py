@@ -211,7 +211,9 @@ def test_a_follower_refuses_a_decision_it_already_took() -> None:
 @pytest.mark.multiprocess
 def test_sharded_sync_matches_ddp_with_three_uneven_shards(tmp_path) -> None:
     # SGD momentum, StepLR, clipping by value, accumulation of 2, BatchNorm: 3 epochs x 8 batches -> 12 updates
-    launch("ddp_equivalence", tmp_path, "--devices 3 --epochs 3 --batches 8 --batch-norm --shard-server")
+    launch(
+        "ddp_equivalence", tmp_path, "--devices 3 --epochs 3 --batches 8 --batch-norm --shard-server --weight-decay 0.01"
+    )
     ranks = results(tmp_path, 3)
     for rank in ranks:
         difference = max(

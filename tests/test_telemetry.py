@@ -40,6 +40,10 @@ def test_threshold_rises_and_wandb_holds_the_telemetry(tmp_path) -> None:
             assert 0 <= row[f"hybrid/worker{rank}/wait_fraction"] <= 1
             assert row[f"hybrid/worker{rank}/samples_per_s"] > 0
     assert epochs[0]["hybrid/staleness_max"] > 0, "asynchronous epoch with a slow worker: stale gradients"
+    # K = 1 of 3: every update moves a third of a sync step (group_scaling="step"); K = 3: most move a full one
+    assert epochs[0]["hybrid/step_scale"] == pytest.approx(1 / 3)
+    assert 1 / 3 < epochs[2]["hybrid/step_scale"] <= 1
+    assert all(row["hybrid/momentum"] == pytest.approx(0.9) and row["hybrid/dropped"] == 0 for row in epochs)
     histograms = [row for row in history if row.get("hybrid/staleness._type") == "histogram"]
     assert len(histograms) == 3
     assert sum(histograms[0]["hybrid/staleness.values"]) == epochs[0]["hybrid/version"]  # K = 1: one per update
@@ -55,7 +59,9 @@ def test_dashboard_builds_offline_with_the_logged_metrics() -> None:
 
     workspace = build_workspace("an-entity", "a-project")
     titles = [panel.title for section in workspace.sections for panel in section.panels]
-    assert {"hybrid/threshold", "hybrid/staleness_mean", "hybrid/staleness_p95", "wait_fraction"} <= set(titles)
+    assert {"hybrid/threshold", "hybrid/staleness_mean", "hybrid/step_scale", "hybrid/dropped", "wait_fraction"} <= set(
+        titles
+    )
     result = subprocess.run(
         [sys.executable, "-m", "lightning_hybrid.dashboard", "--entity", "e", "--project", "p"],
         capture_output=True,
@@ -63,4 +69,4 @@ def test_dashboard_builds_offline_with_the_logged_metrics() -> None:
         env={"WANDB_MODE": "offline", "PATH": ""},
         check=True,
     )
-    assert "built workspace 'hybrid_sgd telemetry' with 11 panels for e/p; not saved" in result.stdout
+    assert "built workspace 'hybrid_sgd telemetry' with 14 panels for e/p; not saved" in result.stdout
