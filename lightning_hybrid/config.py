@@ -114,6 +114,7 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     delays: DelaysConfig = field(default_factory=DelaysConfig)
     seed: int = 0
+    probe_every: float = 0.0  # seconds between rank 0's quick accuracy probes (result.json "probes"); 0: none
 
 
 def register_configs() -> None:
