@@ -14,8 +14,8 @@ receiver threads. Semantics (``shared/DESIGN.md`` section 1):
   than ``max_staleness`` is dropped: counted, and its worker answered at once with the latest parameters so that
   it computes its batch again.
 
-A sharded server runs one :class:`ParameterServer` (shard 0, which decides every update's group) and one
-:class:`FollowerServer` per other shard (which applies the same groups).
+A sharded server runs one :class:`ParameterServer` (shard 0, which decides every update's group and every drop)
+and one :class:`FollowerServer` per other shard (which applies the same groups and drops the same gradients).
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ from lightning_hybrid.errors import ProtocolError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.group_scaling import GroupScaling, apply_scales
 from lightning_hybrid.staleness import StalenessStats
+
+
+# The "version" of a decision that drops the listed worker's gradient (updates produce versions from 1 on).
+DROPPED = 0
 
 
 @dataclass(frozen=True)
@@ -217,14 +221,10 @@ class ParameterServer:
         finite = not nonfinite and all(all_finite(g) for g in gradient)  # outside the lock: checks overlap
         with self._lock:
             self._check_waitable(worker)
-            if not 0 <= version <= self._version:
-                raise ProtocolError(
-                    f"worker {worker} pushed a gradient for version {version}, but the server is at version "
-                    f"{self._version}: versions lie in [0, current]"
-                )
+            self._check_version(worker, version)
             if worker in self.answers_in_place:
                 self._own_buffers[worker] = gradient
-            if finite and self._max_staleness is not None and self._version - version > self._max_staleness:
+            if finite and self._drops(worker, version):
                 # not even its drain counts: the worker pushes the batch again, with the drain, on the answer's
                 # parameters (while the others drain nothing moves, so that push is fresh)
                 self.dropped[worker] += 1
@@ -316,6 +316,13 @@ class ParameterServer:
         if worker in self._pending or worker in self._draining:
             raise ProtocolError(f"worker {worker} sent a message while it still waits for its answer")
 
+    def _check_version(self, worker: int, version: int) -> None:
+        if not 0 <= version <= self._version:
+            raise ProtocolError(
+                f"worker {worker} pushed a gradient for version {version}, but the server is at version "
+                f"{self._version}: versions lie in [0, current]"
+            )
+
     def _check_gradient(self, worker: int, gradient: Sequence[Tensor]) -> None:
         shapes = [(g.dtype, g.numel()) for g in gradient]
         expected = list(zip(self.layout.dtypes, self.layout.sizes))
@@ -329,6 +336,14 @@ class ParameterServer:
         """A finite gradient joins the pending set; it is summed at once (overlapping the wait for the others)."""
         self._accumulate(gradient, self._weight(version))
         self._pending[worker] = version
+
+    def _drops(self, worker: int, version: int) -> bool:
+        """Whether the gradient is staler than the bound; followers hear of it before the answer leaves."""
+        if self._max_staleness is None or self._version - version <= self._max_staleness:
+            return False
+        if self.on_decision is not None:
+            self.on_decision(DROPPED, (worker,))
+        return True
 
     def _weight(self, version: int) -> float:
         return 1.0 / (1 + self._version - version) if self._staleness_scaling else 1.0
@@ -451,13 +466,17 @@ class FollowerServer(ParameterServer):
         super().__init__(*args, **kwargs)
         self._arrived: dict[int, Sequence[Tensor]] = {}  # pending gradients, summed once their group is decided
         self._decisions: dict[int, tuple[int, ...]] = {}  # shard 0's groups by the version they produce
+        self._coming_drops: Counter = Counter()  # shard 0 dropped these workers' gradients before they came here
 
     def decide(self, version: int, group: Sequence[int]) -> list[Release]:
         """Shard 0's update to ``version`` applied the gradients of ``group``: apply the same here, in version
-        order, once they have all arrived."""
+        order, once they have all arrived. ``version`` :data:`DROPPED`: shard 0 dropped the gradient of the one
+        worker in ``group`` as too stale: drop it here too, whether it came already or comes later."""
         with self._lock:
             for worker in group:
                 self._check_worker(worker)
+            if version == DROPPED and len(group) == 1:
+                return self._drop(group[0])
             if not group or version <= self._version or version in self._decisions:
                 raise ProtocolError(
                     f"shard 0 decided update {version} with workers {list(group)}, but this shard is at version "
@@ -470,6 +489,28 @@ class FollowerServer(ParameterServer):
     def _arrive(self, worker: int, gradient: Sequence[Tensor], version: int) -> None:
         self._arrived[worker] = gradient  # its buffer is idle until the worker is answered
         self._pending[worker] = version
+
+    def _check_version(self, worker: int, version: int) -> None:
+        """Workers send every shard the version shard 0 answered them with (so that every shard weighs and records
+        a gradient's staleness alike); this shard may not have applied that update yet."""
+        if version < 0:
+            raise ProtocolError(f"worker {worker} pushed a gradient for version {version}: versions are >= 0")
+
+    def _drops(self, worker: int, version: int) -> bool:
+        """Shard 0 alone decides: the gradient is dropped here if shard 0 already dropped it."""
+        if not self._coming_drops[worker]:
+            return False
+        self._coming_drops[worker] -= 1
+        return True
+
+    def _drop(self, worker: int) -> list[Release]:
+        if worker not in self._arrived:
+            self._coming_drops[worker] += 1
+            return []
+        del self._arrived[worker], self._pending[worker]
+        self._draining.discard(worker)  # a drain comes again with the batch
+        self.dropped[worker] += 1
+        return [self._release((worker,), dropped=(worker,))] + self._settle()
 
     def _settle(self) -> list[Release]:
         releases = []

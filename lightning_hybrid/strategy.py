@@ -215,10 +215,10 @@ class HybridSGDStrategy(DDPStrategy):
                 "overlap_push streams a gradient to one server; with shard_server=True each rank serves a slice: "
                 "choose one of them"
             )
-        if max_staleness is not None and (self._shard_server or self._overlap_push):
+        if max_staleness is not None and self._overlap_push:
             raise ValueError(
-                "max_staleness works with one server and gradients sent after backward: remove it, or use "
-                "shard_server=False and overlap_push=False"
+                "max_staleness computes a dropped gradient's batch again, but overlap_push has sent it during "
+                "backward already: remove one of them"
             )
         if nonfinite not in ("skip", "stop"):
             raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")

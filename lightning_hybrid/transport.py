@@ -607,9 +607,11 @@ class ShardedServerLink:
 
     A push sends each shard its slice of the flat gradient (remote shards first, without waiting, then the local
     one in memory) and the answers land straight in the slices of the model's flat parameters. The shards apply the
-    same updates (shard 0 decides, see :class:`FollowerServer`), but a rejected gradient is answered at once with
-    each shard's current slice, so a worker tracks the version of each shard; its reply reports the lowest. The
-    worker checks its whole gradient for NaN/Inf before it leaves, so that every shard rejects the same gradients."""
+    same updates (shard 0 decides, see :class:`FollowerServer`), but a rejected or dropped gradient is answered at
+    once with each shard's current slice, so a worker tracks the version of each shard; its reply reports the
+    lowest. A push tells every shard shard 0's version, by which every shard measures the gradient's staleness
+    alike (a follower that answered with an older version would see it staler). The worker checks its whole
+    gradient for NaN/Inf before it leaves, so that every shard rejects the same gradients."""
 
     def __init__(
         self,
@@ -633,15 +635,13 @@ class ShardedServerLink:
         self.versions = [0] * plan.shards
 
     def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
-        """Push ``gradient`` (the worker's flat gradient buffers); ``version`` is ignored: each shard gets its own."""
+        """Push ``gradient`` (the worker's flat gradient buffers); ``version`` is ignored: every shard gets shard 0's."""
         assert gradient is self._gradient, "a sharded push sends the gradient buffers the link was built with"
         if not all(all_finite(g) for g in gradient):
             flags |= Flag.NONFINITE
         for shard, link in self._remote:
-            link.post_push(self._gradient_slices[shard], self.versions[shard], flags, threshold)
-        local = self._links[self._rank].push(
-            self._gradient_slices[self._rank], self.versions[self._rank], flags, threshold
-        )
+            link.post_push(self._gradient_slices[shard], self.versions[0], flags, threshold)
+        local = self._links[self._rank].push(self._gradient_slices[self._rank], self.versions[0], flags, threshold)
         return self._merge(local)
 
     def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:

@@ -173,8 +173,7 @@ def test_threshold_scheduler_shows_k_and_staleness_in_the_progress_bar() -> None
     [
         (dict(group_scaling="linear"), "unknown group_scaling 'linear'"),
         (dict(max_staleness=0), "max_staleness=0 must be a positive int"),
-        (dict(max_staleness=4, shard_server=True), "max_staleness works with one server"),
-        (dict(max_staleness=4, overlap_push=True), "max_staleness works with one server"),
+        (dict(max_staleness=4, overlap_push=True), "overlap_push has sent it during backward"),
     ],
 )
 def test_bad_update_rules_are_refused_at_construction(kwargs, message) -> None:

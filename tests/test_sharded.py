@@ -108,16 +108,20 @@ def test_a_follower_shard_applies_shard_0s_groups_whatever_the_arrival_order(see
     # Two shards of 4 workers serve the same (float64) parameters, so their masters must agree. Messages reach
     # each shard in its own random interleaving (FIFO per worker, as over a gloo pair), shard 0's decisions reach
     # the follower in random order, K moves at random, workers drain and leave; a worker pushes again only once
-    # both shards answered it, as ShardedServerLink does.
+    # both shards answered it, as ShardedServerLink does. With a staleness bound shard 0 also decides which
+    # gradients are dropped; a dropped push (and its drain) is sent again, as the strategy computes its batch again.
+    # Pushes carry shard 0's version to every shard, as ShardedServerLink sends them.
     rng = random.Random(seed)
     torch.manual_seed(seed)
     start = [torch.randn(6, dtype=torch.float64)]
-    kwargs = dict(num_workers=4, threshold=2, staleness_scaling=True)
+    kwargs = dict(num_workers=4, threshold=2, staleness_scaling=True, max_staleness=(1, None)[seed % 2])
     make_optimizer = lambda master: torch.optim.Adam(master, lr=0.1)  # noqa: E731
     servers = (ParameterServer(start, make_optimizer, **kwargs), FollowerServer(start, make_optimizer, **kwargs))
     inboxes = [{w: collections.deque() for w in range(4)} for _ in servers]
     decisions: list[tuple[int, tuple[int, ...]]] = []
     answered_by = {w: set() for w in range(4)}
+    dropped_by = {w: set() for w in range(4)}
+    last_push: dict[int, tuple] = {}
     versions = {w: [0, 0] for w in range(4)}
     active, waiting, in_a_drain, pushes = set(range(4)), set(), set(), 0
 
@@ -128,19 +132,27 @@ def test_a_follower_shard_applies_shard_0s_groups_whatever_the_arrival_order(see
             for worker in release.workers:
                 versions[worker][shard] = release.version
                 answered_by[worker].add(shard)
+                if worker in release.dropped:
+                    dropped_by[worker].add(shard)
                 if answered_by[worker] == {0, 1}:
                     answered_by[worker].clear()
+                    dropped, dropped_by[worker] = dropped_by[worker], set()
+                    assert dropped in (set(), {0, 1}), "both shards drop the same gradients"
                     waiting.discard(worker)
                     in_a_drain.discard(worker)
+                    if dropped:
+                        send(worker, last_push[worker])
 
     def send(worker: int, message: tuple) -> None:
         if message[0] != "leave":  # which needs no answer
             waiting.add(worker)
         if message[0] == "drain" or message[-1] is True:  # a drain, or a push that also drains
             in_a_drain.add(worker)
+        if message[0] == "push":
+            last_push[worker] = message
         for shard, inbox in enumerate(inboxes):
             inbox[worker].append(
-                message if message[0] != "push" else (*message[:2], versions[worker][shard], message[3])
+                message if message[0] != "push" else (*message[:2], versions[worker][0], message[3])
             )
 
     def step(allow_new_messages: bool) -> None:
@@ -195,6 +207,9 @@ def test_a_follower_shard_applies_shard_0s_groups_whatever_the_arrival_order(see
     assert follower.update_sizes == coordinator.update_sizes and len(coordinator.update_sizes) > 1
     assert sum(size * n for size, n in coordinator.update_sizes.items()) == pushes
     assert follower.stats.state_dict() == coordinator.stats.state_dict()
+    assert follower.dropped == coordinator.dropped
+    if kwargs["max_staleness"] is not None:
+        assert sum(coordinator.dropped.values()) > 0, "the bound was tried"
     # the same gradients, weights and steps; only the order of additions in a sum may differ
     torch.testing.assert_close(follower.parameters[0], coordinator.parameters[0], rtol=1e-12, atol=1e-12)
 
