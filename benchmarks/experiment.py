@@ -76,6 +76,7 @@ def split_row(row: str) -> tuple[str, Optional[str]]:
     method, _, rule = row.partition(" [")
     return method, rule.removesuffix("]") or None
 
+
 Runs = dict[tuple[str, float], list[dict[str, Any]]]
 
 

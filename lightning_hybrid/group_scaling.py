@@ -27,6 +27,9 @@ Mitliagkas et al. 2016, arXiv 1605.09774). The rules (``HybridSGDStrategy(group_
     ``N >= 1/(1-m)``) it stays at 0 and the rest of the factor, ``(k/N) / (1 - m)``, goes on the gradient, so
     the noise scale still holds. Adam's ``beta1`` is not changed per update (its bias correction
     ``1 - beta1^t`` assumes one constant ``beta1``): the rule is refused there, use ``"step"``.
+``"auto"``: ``"momentum"`` for ``torch.optim.SGD`` (with momentum 0, as it falls to, that is ``"step"``),
+    ``"step"`` for every other optimizer: the noise scale per sample is sync's for every optimizer, and SGD's
+    momentum gets the shorter memory that stale gradients call for.
 ``"none"``: the plain mean with the user's step, as before this option existed.
 
 The factor is relative to N, the workers of the run, not to the workers still active: a sample counts the same
@@ -43,7 +46,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-GROUP_SCALING_RULES = ("step", "sqrt_step", "momentum", "none")
+GROUP_SCALING_RULES = ("auto", "step", "sqrt_step", "momentum", "none")
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ def check_group_scaling(rule: str, optimizer: Optimizer) -> None:
                 "group_scaling='momentum' scales SGD's momentum, but the optimizer has momentum=0, so it would do "
                 "nothing: use group_scaling='step', or give SGD a momentum (e.g. 0.9)"
             )
-    elif rule in ("step", "sqrt_step") and not isinstance(optimizer, torch.optim.SGD):
+    elif rule != "none" and not isinstance(optimizer, torch.optim.SGD):
         if any("lr" not in group for group in optimizer.param_groups):
             raise ValueError(
                 f"group_scaling={rule!r} puts the factor on the learning rate of {name}, but its parameter groups "
@@ -94,9 +97,9 @@ class GroupScaling:
 
     def __init__(self, rule: str, optimizer: Optimizer, num_workers: int) -> None:
         check_group_scaling(rule, optimizer)
-        self.rule = rule
-        self.num_workers = num_workers
         self._on_gradient = isinstance(optimizer, torch.optim.SGD)
+        self.rule = ("momentum" if self._on_gradient else "step") if rule == "auto" else rule
+        self.num_workers = num_workers
 
     def scales(self, groups: Sequence[dict[str, Any]], count: int) -> list[GroupScale]:
         """Each group's scale for an update of ``count`` gradients (the identity for ``count = N``)."""

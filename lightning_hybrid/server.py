@@ -403,7 +403,9 @@ class ParameterServer:
         self.step_scale_total += scales[0].step
         self.momentum_total += scales[0].momentum or 0.0
         # without clipping, one gradient factor shared by every group joins the mean's division (one pass)
-        folded = scales[0].gradient if self._gradient_clipping is None and len({s.gradient for s in scales}) == 1 else 1.0
+        folded = (
+            scales[0].gradient if self._gradient_clipping is None and len({s.gradient for s in scales}) == 1 else 1.0
+        )
         if folded != 1.0:
             for total in self._sum:
                 total.mul_(folded / count)

@@ -67,7 +67,9 @@ def resolve_threshold(spec: ThresholdSpec, num_workers: int) -> int:
 
 def _check_length(length: int) -> None:
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"schedule length must be a positive int (epochs, steps or percent of the time budget), got {length!r}")
+        raise ValueError(
+            f"schedule length must be a positive int (epochs, steps or percent of the time budget), got {length!r}"
+        )
 
 
 def _fraction(progress: float, length: int) -> float:

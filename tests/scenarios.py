@@ -307,7 +307,10 @@ def pulled(args: argparse.Namespace) -> None:
         first = trainer(lightning_hybrid.HybridSGDStrategy(threshold=args.threshold), args.devices, max_epochs=1)
         first.fit(RecordIndices(lr=args.lr), datamodule=IndexedDigits())
     strategy = lightning_hybrid.HybridSGDStrategy(
-        threshold=args.threshold, pull_work=args.pull_work, max_staleness=args.max_staleness
+        threshold=args.threshold,
+        pull_work=args.pull_work,
+        max_staleness=args.max_staleness,
+        shard_server=args.shard_server,
     )
     extra: dict[str, Any] = {"enable_checkpointing": args.phase in ("preempt", "loops")}
     if args.phase == "loops":  # Lightning's own loop features: max_steps, progress bar, epoch-end checkpoints

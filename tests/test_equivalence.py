@@ -16,7 +16,9 @@ def test_sgd_momentum_weight_decay_steplr_clipping_accumulation_batchnorm_match_
     # during backward (overlap_push): only the backward before each optimizer step sends. The default update
     # rule (group_scaling="step") leaves a full group untouched.
     launch(
-        "ddp_equivalence", tmp_path, "--devices 2 --epochs 3 --batches 8 --batch-norm --overlap-push --weight-decay 0.01"
+        "ddp_equivalence",
+        tmp_path,
+        "--devices 2 --epochs 3 --batches 8 --batch-norm --overlap-push --weight-decay 0.01",
     )
     for rank in results(tmp_path, 2):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
@@ -29,7 +31,9 @@ def test_sgd_momentum_weight_decay_steplr_clipping_accumulation_batchnorm_match_
 
 
 def test_adam_with_weight_decay_matches_ddp_with_three_workers(tmp_path) -> None:
-    launch("ddp_equivalence", tmp_path, "--devices 3 --epochs 2 --batches 6 --optimizer adam --lr 0.01 --weight-decay 0.01")
+    launch(
+        "ddp_equivalence", tmp_path, "--devices 3 --epochs 2 --batches 6 --optimizer adam --lr 0.01 --weight-decay 0.01"
+    )
     for rank in results(tmp_path, 3):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4
         assert rank["version"] == 12

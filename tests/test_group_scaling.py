@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_hybrid.group_scaling import GroupScaling
+from lightning_hybrid.group_scaling import GroupScale, GroupScaling
 from lightning_hybrid.server import GradientClipping, ParameterServer
 
 WORKERS = 4
@@ -143,7 +143,9 @@ def test_a_gradient_staler_than_the_bound_is_dropped_and_its_worker_answered_wit
     (release,) = server.push(1, ones(100.0), version=0)  # staleness 2 > 1
     assert release.workers == (1,) and release.dropped == (1,) and release.version == 2
     assert torch.equal(release.params[0], master(server)) and torch.equal(master(server), torch.full((3,), -2.0))
-    assert server.dropped == {1: 1} and sum(server.stats.counts.values()) == 2, "a dropped gradient is not an applied one"
+    assert server.dropped == {1: 1} and sum(server.stats.counts.values()) == 2, (
+        "a dropped gradient is not an applied one"
+    )
     (applied,) = server.push(1, ones(), version=1)  # staleness 1: applied
     assert applied.dropped == () and server.version == 3
     assert server.progress_state()["dropped"] == {1: 1}
@@ -176,3 +178,17 @@ def test_new_counters_survive_the_progress_state() -> None:
     restored.load_progress_state(server.progress_state())
     assert restored.progress_state() == server.progress_state()
     assert restored.dropped == {2: 1} and math.isclose(restored.momentum_total, 1.2)
+
+
+def test_auto_scales_sgds_momentum_and_every_other_optimizers_learning_rate() -> None:
+    groups = [{"lr": 1.0, "momentum": 0.9, "weight_decay": 0.0}]
+    sgd_auto = GroupScaling("auto", torch.optim.SGD([torch.zeros(1)], lr=1.0, momentum=0.9), num_workers=4)
+    assert sgd_auto.scales(groups, 2) == GroupScaling(
+        "momentum", torch.optim.SGD([torch.zeros(1)], lr=1.0, momentum=0.9), 4
+    ).scales(groups, 2)
+    # plain SGD: the momentum rule falls to m_k = 0 with the whole factor on the gradient, which is the step rule
+    plain = [{"lr": 1.0, "momentum": 0.0, "weight_decay": 0.0}]
+    without = GroupScaling("auto", torch.optim.SGD([torch.zeros(1)], lr=1.0), num_workers=4).scales(plain, 1)
+    assert without == [GroupScale(gradient=0.25, weight_decay=0.25, momentum=0.0, step=0.25)]
+    adam = GroupScaling("auto", torch.optim.Adam([torch.zeros(1)]), num_workers=4)
+    assert adam.scales([{"lr": 1.0}], 2) == [GroupScale(lr=0.5, step=0.5)]

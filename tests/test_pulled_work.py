@@ -62,10 +62,15 @@ def test_lightning_loops_with_unequal_epochs(tmp_path) -> None:
     assert sorted(epoch0) == list(range(1437))
 
 
-def test_a_gradient_staler_than_the_bound_is_computed_again_and_every_sample_still_trains_once(tmp_path) -> None:
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_gradient_staler_than_the_bound_is_computed_again_and_every_sample_still_trains_once(
+    tmp_path, sharded: bool
+) -> None:
     # K = 1, rank 2 slowed by 30 ms a step while two fast ranks move the version on: its gradients are staler
-    # than 2 updates, dropped, and its batch is computed again on the latest weights
-    launch("pulled", tmp_path, "--devices 3 --threshold 1 --epochs 1 --slow-rank 2 --delay 0.03 --max-staleness 2")
+    # than 2 updates, dropped (sharded: by shard 0's decision, on every shard), and its batch is computed again
+    # on the latest weights
+    common = "--devices 3 --threshold 1 --epochs 1 --slow-rank 2 --delay 0.03 --max-staleness 2"
+    launch("pulled", tmp_path, common, "--shard-server" if sharded else "")
     seen = indices(tmp_path, "full", 3)
     assert sorted(i for rank in seen for i in rank[0]) == list(range(1437)), "every sample applied once"
     server, *_ = results(tmp_path / "full", 3)

@@ -151,9 +151,7 @@ def test_a_follower_shard_applies_shard_0s_groups_whatever_the_arrival_order(see
         if message[0] == "push":
             last_push[worker] = message
         for shard, inbox in enumerate(inboxes):
-            inbox[worker].append(
-                message if message[0] != "push" else (*message[:2], versions[worker][0], message[3])
-            )
+            inbox[worker].append(message if message[0] != "push" else (*message[:2], versions[worker][0], message[3]))
 
     def step(allow_new_messages: bool) -> None:
         nonlocal pushes
@@ -227,7 +225,9 @@ def test_a_follower_refuses_a_decision_it_already_took() -> None:
 def test_sharded_sync_matches_ddp_with_three_uneven_shards(tmp_path) -> None:
     # SGD momentum, StepLR, clipping by value, accumulation of 2, BatchNorm: 3 epochs x 8 batches -> 12 updates
     launch(
-        "ddp_equivalence", tmp_path, "--devices 3 --epochs 3 --batches 8 --batch-norm --shard-server --weight-decay 0.01"
+        "ddp_equivalence",
+        tmp_path,
+        "--devices 3 --epochs 3 --batches 8 --batch-norm --shard-server --weight-decay 0.01",
     )
     ranks = results(tmp_path, 3)
     for rank in ranks:
