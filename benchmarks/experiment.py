@@ -59,6 +59,9 @@ METHODS: dict[str, list[str]] = {
 STALE = [method for method in METHODS if method not in ("ddp", SYNC)]
 # update rules; "{bound}" is --max-staleness
 RULES: dict[str, list[str]] = {
+    "auto": ["strategy.group_scaling=auto"],
+    "auto+weighted": ["strategy.group_scaling=auto", "strategy.staleness_scaling=true"],
+    "auto+bound": ["strategy.group_scaling=auto", "strategy.max_staleness={bound}"],
     "none": ["strategy.group_scaling=none"],
     "step": ["strategy.group_scaling=step"],
     "sqrt": ["strategy.group_scaling=sqrt_step"],
