@@ -63,10 +63,14 @@ class GroupScale:
     step: float = 1.0
 
 
-def check_group_scaling(rule: str, optimizer: Optimizer) -> None:
-    """Refuse a rule that cannot apply to ``optimizer``, naming the fix."""
+def check_rule_name(rule: str) -> None:
     if rule not in GROUP_SCALING_RULES:
         raise ValueError(f"unknown group_scaling {rule!r}: choose one of {', '.join(map(repr, GROUP_SCALING_RULES))}")
+
+
+def check_group_scaling(rule: str, optimizer: Optimizer) -> None:
+    """Refuse a rule that cannot apply to ``optimizer``, naming the fix."""
+    check_rule_name(rule)
     name = type(optimizer).__name__
     if rule == "momentum":
         if not isinstance(optimizer, torch.optim.SGD):

@@ -58,7 +58,7 @@ from typing_extensions import override
 
 from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError
 from lightning_hybrid.flat import FlatLayout
-from lightning_hybrid.group_scaling import GROUP_SCALING_RULES, check_group_scaling
+from lightning_hybrid.group_scaling import check_group_scaling, check_rule_name
 from lightning_hybrid.launcher import HydraJobLauncher
 from lightning_hybrid.overlap import GradientStream
 from lightning_hybrid.server import (
@@ -200,10 +200,7 @@ class HybridSGDStrategy(DDPStrategy):
             raise ValueError(f"pull_work must be True, False or None (automatic), got {pull_work!r}")
         self._threshold_spec = threshold
         self._pull_work = pull_work
-        if group_scaling not in GROUP_SCALING_RULES:
-            raise ValueError(
-                f"unknown group_scaling {group_scaling!r}: choose one of {', '.join(map(repr, GROUP_SCALING_RULES))}"
-            )
+        check_rule_name(group_scaling)
         check_max_staleness(max_staleness)
         self._group_scaling = group_scaling
         self._max_staleness = max_staleness
