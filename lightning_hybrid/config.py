@@ -22,9 +22,9 @@ class StrategyConfig:
     scheduled: bool = False
     threshold: Any = "50%"  # an int count, "sync", "async" or "p%"
     pull_work: Optional[bool] = None
-    group_scaling: str = "step"  # step | sqrt_step | momentum | none (lightning_hybrid.group_scaling)
+    group_scaling: str = "step"  # step | auto | momentum | sqrt_step | none (lightning_hybrid.group_scaling)
     max_staleness: Optional[int] = None  # drop gradients staler than this many updates
-    staleness_scaling: bool = False
+    staleness_scaling: bool = True  # weigh each gradient by 1 / (1 + staleness)
     overlap_push: bool = False
     shard_server: bool = False  # every rank serves a slice of the model (element-wise optimizers)
     nonfinite: str = "skip"  # skip | stop

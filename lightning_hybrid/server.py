@@ -173,7 +173,8 @@ class ParameterServer:
         self.rejected: Counter = Counter()
         self._unreported_rejections: set[int] = set()
         self.dropped: Counter = Counter()  # gradients staler than max_staleness, per worker
-        # sums over updates of the first parameter group's step scale and momentum (see GroupScale): telemetry
+        # sums over updates of the first parameter group's step scale (see GroupScale; times the mean staleness
+        # weight) and momentum: telemetry
         self.step_scale_total = 0.0
         self.momentum_total = 0.0
         self.update_sizes: Counter = Counter()
@@ -400,7 +401,8 @@ class ParameterServer:
             for mine, theirs in zip(self.optimizer.param_groups, self._hyperparameters()):
                 mine.update({k: v for k, v in theirs.items() if k != "params"})
         scales = self._scaling.scales(self.optimizer.param_groups, count)
-        self.step_scale_total += scales[0].step
+        weights = sum(self._weight(self._pending[worker]) for worker in group)  # as when they arrived: see _arrive
+        self.step_scale_total += scales[0].step * weights / count
         self.momentum_total += scales[0].momentum or 0.0
         # without clipping, one gradient factor shared by every group joins the mean's division (one pass)
         folded = (

@@ -131,14 +131,17 @@ class HybridSGDStrategy(DDPStrategy):
             when the initial K is below N, static when K = N (so that K = N reproduces DDP exactly).
         group_scaling: how far an update of k gradients moves the model (see :mod:`lightning_hybrid.group_scaling`):
             ``"step"`` (default: k/N of a sync update, on SGD's gradient or another optimizer's learning rate, so the
-            learning rate tuned for DDP is safe at every K and K = N is exactly DDP), ``"sqrt_step"``
-            (sqrt(k/N)), ``"momentum"`` (SGD's momentum scaled to the group) or ``"none"`` (the plain mean with
-            the user's step, as before this option).
+            learning rate tuned for DDP is safe at every K and K = N is exactly DDP), ``"auto"`` (SGD's momentum
+            scaled to the group, else ``"step"``), ``"momentum"``, ``"sqrt_step"`` (sqrt(k/N)) or ``"none"`` (the
+            plain mean with the user's step, as before this option).
         max_staleness: drop a gradient staler than this many updates: it is counted (``hybrid/dropped``) and its
             worker computes the batch again on the latest parameters. ``None`` (default) applies every gradient.
             Mind stragglers: at K = 1 a worker s times slower than N - 1 others sees staleness near s(N - 1).
         staleness_scaling: weigh each gradient by ``1 / (1 + staleness)`` before averaging (staleness-aware
-            step size); off by default.
+            step size). On by default: asynchrony acts like extra momentum (a gradient s updates stale lands as if
+            momentum carried it s more steps), and with ``group_scaling`` this weight is what kept the hybrid below
+            sync's loss at sync's learning rate (README, *measured*). A full group (K = N) is never stale, so
+            K = N stays exactly DDP.
         overlap_push: send a remote CPU worker's gradient in 1 MiB chunks while backward still runs, as
             DDP overlaps its all-reduce. It then communicates gradients as backward leaves them: hooks that
             change gradients afterwards (``on_after_backward``, ``on_before_optimizer_step``) do not reach
@@ -167,9 +170,9 @@ class HybridSGDStrategy(DDPStrategy):
         self,
         threshold: ThresholdSpec = "50%",
         pull_work: Optional[bool] = None,
-        group_scaling: Literal["step", "sqrt_step", "momentum", "none"] = "step",
+        group_scaling: Literal["step", "auto", "momentum", "sqrt_step", "none"] = "step",
         max_staleness: Optional[int] = None,
-        staleness_scaling: bool = False,
+        staleness_scaling: bool = True,
         overlap_push: bool = False,
         shard_server: bool = False,
         nonfinite: Literal["skip", "stop"] = "skip",
