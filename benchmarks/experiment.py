@@ -59,18 +59,23 @@ METHODS: dict[str, list[str]] = {
 STALE = [method for method in METHODS if method not in ("ddp", SYNC)]
 # update rules; "{bound}" is --max-staleness
 RULES: dict[str, list[str]] = {
-    "auto": ["strategy.group_scaling=auto"],
+    "default": [],  # HybridSGDStrategy's defaults: group_scaling=step with staleness_scaling on
+    "auto": ["strategy.group_scaling=auto", "strategy.staleness_scaling=false"],
     "auto+weighted": ["strategy.group_scaling=auto", "strategy.staleness_scaling=true"],
-    "auto+bound": ["strategy.group_scaling=auto", "strategy.max_staleness={bound}"],
-    "none": ["strategy.group_scaling=none"],
-    "step": ["strategy.group_scaling=step"],
-    "sqrt": ["strategy.group_scaling=sqrt_step"],
-    "momentum": ["strategy.group_scaling=momentum"],
+    "auto+bound": ["strategy.group_scaling=auto", "strategy.staleness_scaling=false", "strategy.max_staleness={bound}"],
+    "none": ["strategy.group_scaling=none", "strategy.staleness_scaling=false"],
+    "step": ["strategy.group_scaling=step", "strategy.staleness_scaling=false"],
+    "sqrt": ["strategy.group_scaling=sqrt_step", "strategy.staleness_scaling=false"],
+    "momentum": ["strategy.group_scaling=momentum", "strategy.staleness_scaling=false"],
     "none+weighted": ["strategy.group_scaling=none", "strategy.staleness_scaling=true"],
     "step+weighted": ["strategy.group_scaling=step", "strategy.staleness_scaling=true"],
     "momentum+weighted": ["strategy.group_scaling=momentum", "strategy.staleness_scaling=true"],
-    "step+bound": ["strategy.group_scaling=step", "strategy.max_staleness={bound}"],
-    "momentum+bound": ["strategy.group_scaling=momentum", "strategy.max_staleness={bound}"],
+    "step+bound": ["strategy.group_scaling=step", "strategy.staleness_scaling=false", "strategy.max_staleness={bound}"],
+    "momentum+bound": [
+        "strategy.group_scaling=momentum",
+        "strategy.staleness_scaling=false",
+        "strategy.max_staleness={bound}",
+    ],
 }
 
 
@@ -236,7 +241,7 @@ def main() -> None:
     )
     parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
     parser.add_argument(
-        "--rules", nargs="+", default=["step"], choices=list(RULES), help="update rules of the stale methods"
+        "--rules", nargs="+", default=["default"], choices=list(RULES), help="update rules of the stale methods"
     )
     parser.add_argument("--max-staleness", type=int, default=None, help="the bound of the +bound rules (default 2N)")
     parser.add_argument("--target", type=float, default=0.9, help="accuracy for the time-to-target column")

@@ -154,29 +154,29 @@ def collate_with_index(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 class RecordIndices(MLPClassifier):
-    """Records the sample indices each rank trains on (once its optimizer step is done), per epoch, and how
-    many training steps it computed; writes them when fit ends or fails."""
+    """Records the sample indices each rank trains on, per epoch, and how many training steps it computed;
+    writes them when fit ends or fails. A batch computed again (its gradient was dropped as too stale) is
+    recorded once: its indices are kept by batch."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.seen: dict[int, list[int]] = {}
-        self.computed = 0  # training_step calls: a batch whose gradient was dropped is computed again
+        self.batches: dict[int, dict[int, list[int]]] = {}
+        self.computed = 0
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y, _ = batch
+        x, y, index = batch
+        self.batches.setdefault(self.current_epoch, {})[batch_idx] = index.tolist()
         self.computed += 1
         return super().training_step((x, y), batch_idx)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.seen.setdefault(self.current_epoch, []).extend(batch[2].tolist())
 
     def on_train_end(self) -> None:
         self.write()
 
     def write(self) -> None:
-        out = Path(os.environ["SCENARIO_OUT"])
-        torch.save(self.seen, out / f"indices-{os.environ['SCENARIO_PHASE']}-rank{self.global_rank}.pt")
-        (out / f"computed-{os.environ['SCENARIO_PHASE']}-rank{self.global_rank}").write_text(str(self.computed))
+        out, phase = Path(os.environ["SCENARIO_OUT"]), os.environ["SCENARIO_PHASE"]
+        seen = {epoch: [i for batch in batches.values() for i in batch] for epoch, batches in self.batches.items()}
+        torch.save(seen, out / f"indices-{phase}-rank{self.global_rank}.pt")
+        (out / f"computed-{phase}-rank{self.global_rank}").write_text(str(self.computed))
 
 
 class SigtermAt(Callback):
