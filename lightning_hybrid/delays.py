@@ -43,7 +43,7 @@ class DelayDistribution:
 
 class InjectDelays(pl.Callback):
     """Before every push, every rank sleeps a draw of ``extra``; ``ranks`` also sleep ``slowdown - 1``
-    times their step's compute (measured plus ``extra``) and a draw of ``communication``. Seeded per rank."""
+    times their push's compute (measured plus ``extra``) and a draw of ``communication``. Seeded per rank."""
 
     def __init__(
         self,
@@ -77,3 +77,6 @@ class InjectDelays(pl.Callback):
             pause += (self.slowdown - 1) * compute + self.communication.sample(self._generator)
         self.slept += pause
         time.sleep(pause)
+        # a batch whose gradient was dropped as too stale is computed again (max_staleness): its compute is
+        # measured from here, not from the batch's start (which made each retry's pause grow threefold)
+        self._started = time.perf_counter()
