@@ -40,7 +40,8 @@ def test_preempted_mid_epoch_resumes_from_the_cursor(tmp_path) -> None:
     launch("pulled", tmp_path, common, "--phase resume")
     before = [i for rank in indices(tmp_path, "preempt", 2) for i in rank[0]]
     after = [i for rank in indices(tmp_path, "resume", 2) for i in rank.get(0, [])]
-    assert len(before) == 16 * len(work["done"])
+    # batches of 16 samples, the last (batch 89) of 13: the fast rank may have trained it before the preemption
+    assert len(before) == sum(min(16, 1437 - 16 * batch) for batch in work["done"])
     assert sorted(before + after) == list(range(1437)), "no sample repeated or skipped across the resume"
 
 
