@@ -90,9 +90,14 @@ class ValidationCurve(pl.Callback):
         self.probes: list[dict[str, float]] = []
         self.probe_every, self.probe_samples = probe_every, probe_samples
         self._started = self._probed = 0.0
+        self._probe_set: tuple[torch.Tensor, ...] = ()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = self._probed = time.perf_counter()
+        if self.probe_every and trainer.is_global_zero:  # sliced and moved once, not at every probe
+            self._probe_set = tuple(
+                t[: self.probe_samples].to(pl_module.device) for t in trainer.datamodule.val_set.tensors
+            )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -101,7 +106,7 @@ class ValidationCurve(pl.Callback):
         if not (self.probe_every and trainer.is_global_zero and now - self._probed >= self.probe_every):
             return
         self._probed = now
-        x, y = (t[: self.probe_samples].to(pl_module.device) for t in trainer.datamodule.val_set.tensors)
+        x, y = self._probe_set
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():

@@ -34,7 +34,8 @@ class ThresholdScheduler(pl.Callback):
     Logged at every epoch end: ``hybrid/threshold``, ``hybrid/version``, ``hybrid/staleness_{mean,max,p50,p95}``,
     ``hybrid/gradients_per_update``, ``hybrid/rejected``, ``hybrid/dropped`` (gradients staler than
     ``max_staleness``), the epoch's mean ``hybrid/step_scale`` (an update's step relative to a sync update's, see
-    ``group_scaling``, times its gradients' mean staleness weight) and, for optimizers with momentum, ``hybrid/momentum``, and per worker ``hybrid/worker{r}/steps``,
+    ``group_scaling``, times its gradients' mean staleness weight) and, for optimizers with momentum,
+    ``hybrid/momentum``, and per worker ``hybrid/worker{r}/steps``,
     ``.../wait_fraction`` (share of the epoch spent waiting for the server) and ``.../samples_per_s``; with a
     ``WandbLogger`` also ``hybrid/staleness`` as a ``wandb.Histogram`` of the epoch's gradients. K and the
     mean staleness show in the progress bar.
