@@ -24,6 +24,7 @@ Rules a user can rely on:
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import logging
@@ -40,6 +41,7 @@ import torch.distributed as dist
 from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning_fabric.strategies import _StrategyRegistry
+from lightning_fabric.utilities.distributed import _destroy_dist_connection
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from lightning_fabric.utilities.types import _PATH, ReduceOp
 from pytorch_lightning.callbacks import Timer
@@ -341,6 +343,11 @@ class HybridSGDStrategy(DDPStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
+        # Destroy the process groups before the interpreter finalises, as Lightning does for NCCL only: a gloo
+        # group freed during finalisation can abort the process after a clean run (SIGABRT, "terminate called
+        # without an active exception": seen once in CI after Trainer.test; torch PR 179291 explains it).
+        atexit.unregister(_destroy_dist_connection)
+        atexit.register(_destroy_dist_connection)
         if self._channels is None:
             # new_group is collective: every rank creates every channel, in the same order. A sharded server
             # needs one channel per pair of ranks (each serves the other), a single one one per worker.
