@@ -14,8 +14,9 @@ import sys
 from collections.abc import Sequence
 
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
-from pytorch_lightning.strategies.launchers import subprocess_script as lightning_launcher
 from typing_extensions import override
+
+from lightning_hybrid.lockstep import children_command
 
 # What Lightning's launcher (or torchrun) sets to tell a process which rank it is and where to connect.
 LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -53,9 +54,5 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
 
     @override
     def _call_children_scripts(self) -> None:
-        lightnings_own = lightning_launcher._hydra_subprocess_cmd  # looked up by name when the children start
-        lightning_launcher._hydra_subprocess_cmd = hydra_job_command
-        try:
+        with children_command(hydra_job_command):
             super()._call_children_scripts()
-        finally:
-            lightning_launcher._hydra_subprocess_cmd = lightnings_own

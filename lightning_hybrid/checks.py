@@ -1,0 +1,188 @@
+"""Every refusal of ``HybridSGDStrategy``, each naming its fix.
+
+A setting the hybrid cannot honour fails before training starts, with the same error on every rank (so no rank
+waits for another that already stopped), instead of training differently from what the user asked.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.model_helpers import is_overridden
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from lightning_hybrid.group_scaling import check_group_scaling, check_rule_name
+from lightning_hybrid.server import check_max_staleness
+from lightning_hybrid.shards import ELEMENTWISE_OPTIMIZERS
+from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec
+
+DDP_FIX = "use strategy='ddp' for it"
+STATIC_FIX = "or use HybridSGDStrategy(pull_work=False)"
+UNSHARDED_FIX = "or use HybridSGDStrategy(shard_server=False)"
+
+
+def check_options(
+    threshold: ThresholdSpec,
+    pull_work: Optional[bool],
+    group_scaling: str,
+    max_staleness: Optional[int],
+    overlap_push: bool,
+    shard_server: bool,
+    nonfinite: str,
+    peer_timeout: float,
+) -> None:
+    """The strategy's own arguments, when it is built."""
+    check_threshold_spec(threshold)
+    if not peer_timeout > 0:
+        raise ValueError(f"peer_timeout must be a positive number of seconds, got {peer_timeout!r}")
+    if pull_work not in (None, True, False):
+        raise ValueError(f"pull_work must be True, False or None (automatic), got {pull_work!r}")
+    check_rule_name(group_scaling)
+    check_max_staleness(max_staleness)
+    if shard_server and overlap_push:
+        raise ValueError(
+            "overlap_push streams a gradient to one server; with shard_server=True each rank serves a slice: "
+            "choose one of them"
+        )
+    if max_staleness is not None and overlap_push:
+        raise ValueError(
+            "max_staleness computes a dropped gradient's batch again, but overlap_push has sent it during "
+            "backward already: remove one of them"
+        )
+    if nonfinite not in ("skip", "stop"):
+        raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
+
+
+def check_trainer(trainer: pl.Trainer, sync_batchnorm: bool, gradient_scaler: Any) -> None:
+    """What the LightningModule and the Trainer ask for, at the start of fit."""
+    module = trainer.lightning_module
+    if not module.automatic_optimization:
+        raise MisconfigurationException(
+            "hybrid_sgd applies every update on the parameter server and supports automatic optimization only: "
+            f"remove `self.automatic_optimization = False`, or {DDP_FIX}."
+        )
+    if is_overridden("configure_gradient_clipping", module):
+        raise MisconfigurationException(
+            "hybrid_sgd clips the aggregated gradient on the parameter server, so a custom "
+            "`configure_gradient_clipping` cannot run: remove it and set `Trainer(gradient_clip_val=..., "
+            f"gradient_clip_algorithm=...)`, or {DDP_FIX}."
+        )
+    if sync_batchnorm:
+        raise MisconfigurationException(
+            "SyncBatchNorm synchronises every forward pass and would chain asynchronous workers together: "
+            "remove `Trainer(sync_batchnorm=True)` (hybrid_sgd shares rank 0's BatchNorm statistics at every drain)."
+        )
+    if gradient_scaler is not None:
+        raise MisconfigurationException(
+            "precision='16-mixed' uses a GradScaler that steps the local optimizer, which hybrid_sgd never does: "
+            "use precision='bf16-mixed' or '32-true'."
+        )
+
+
+def model_signature(params: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Count, size and a checksum of the shapes and dtypes of a model's parameters, to compare across ranks."""
+    signature = repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode()
+    return torch.tensor([len(params), sum(p.numel() for p in params), zlib.crc32(signature)], device=device)
+
+
+def check_same_model_everywhere(signatures: Tensor) -> None:
+    """``signatures``: every rank's :func:`model_signature`, one row per rank."""
+    everyone = signatures.reshape(-1, 3).cpu()
+    for rank, theirs in enumerate(everyone.tolist()):
+        if theirs != everyone[0].tolist():
+            raise MisconfigurationException(
+                f"rank {rank} built a model with {theirs[0]} parameter tensors ({theirs[1]} elements) but rank 0 "
+                f"built {int(everyone[0, 0])} ({int(everyone[0, 1])} elements), or their shapes or dtypes differ: "
+                "build the same model on every rank (no rank-dependent layers; call seed_everything first)."
+            )
+
+
+def check_one_optimizer(optimizers: Sequence[Optimizer]) -> Optimizer:
+    """The server steps one optimizer, which must hold parameters."""
+    if len(optimizers) != 1:
+        raise MisconfigurationException(
+            f"hybrid_sgd serves exactly one optimizer, but configure_optimizers returned {len(optimizers)}: "
+            "return a single optimizer (use parameter groups for different settings)."
+        )
+    if not any(group["params"] for group in optimizers[0].param_groups):
+        raise MisconfigurationException("the optimizer holds no parameters: nothing for hybrid_sgd to train.")
+    return optimizers[0]
+
+
+def check_update_rules(
+    group_scaling: str,
+    max_staleness: Optional[int],
+    optimizer: Optimizer,
+    accumulate_grad_batches: int,
+    world_size: int,
+) -> None:
+    """On every rank, before any server starts: a rule the optimizer cannot take stops every rank alike."""
+    try:
+        check_group_scaling(group_scaling, optimizer)
+    except ValueError as err:
+        raise MisconfigurationException(f"hybrid_sgd: {err}.") from err
+    if max_staleness is None:
+        return
+    if accumulate_grad_batches > 1:
+        raise MisconfigurationException(
+            "max_staleness computes a dropped gradient's batch again, but with accumulate_grad_batches="
+            f"{accumulate_grad_batches} the earlier accumulated batches are gone: remove max_staleness "
+            "or accumulate_grad_batches."
+        )
+    if max_staleness < world_size - 1:
+        rank_zero_warn(
+            f"hybrid_sgd: max_staleness={max_staleness} is below N - 1 = {world_size - 1}, the "
+            "staleness even equal workers see at K = 1: most asynchronous gradients will be dropped and "
+            "computed again. Raise it to at least a few times N - 1.",
+            category=UserWarning,
+        )
+
+
+def check_pulled_work(trainer: pl.Trainer) -> None:
+    """With pulled work ranks train different numbers of batches per epoch, so nothing may be triggered by a
+    rank's batch or step count."""
+    if trainer.val_check_interval != 1.0:
+        raise MisconfigurationException(
+            f"val_check_interval={trainer.val_check_interval!r} validates after a number of batches, but with "
+            "pulled work every rank trains a different number of batches per epoch: validate at epoch ends "
+            f"(val_check_interval=1.0), {STATIC_FIX}."
+        )
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "_every_n_train_steps", 0) or getattr(callback, "_train_time_interval", None):
+            raise MisconfigurationException(
+                "ModelCheckpoint(every_n_train_steps=... or train_time_interval=...) would save at different "
+                "moments on ranks that train different numbers of batches (pulled work): save at epoch ends "
+                f"(every_n_epochs), {STATIC_FIX}."
+            )
+
+
+def check_pulled_dataloader(dataloader: object) -> DataLoader:
+    if not isinstance(dataloader, DataLoader):
+        raise MisconfigurationException(
+            f"pulled work needs a torch DataLoader, got {type(dataloader).__name__}: "
+            "use HybridSGDStrategy(pull_work=False)."
+        )
+    return dataloader
+
+
+def check_shardable(optimizer: Optimizer, gradient_clip_val: Any, gradient_clip_algorithm: Any) -> None:
+    """A sharded server steps slices of the parameters: exact only for element-wise rules."""
+    if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
+        names = ", ".join(o.__name__ for o in ELEMENTWISE_OPTIMIZERS)
+        raise MisconfigurationException(
+            f"shard_server=True steps slices of parameters, which is exact for element-wise optimizers only; "
+            f"{type(optimizer).__name__} is not one of {names}: use one of them, {UNSHARDED_FIX}."
+        )
+    if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+        raise MisconfigurationException(
+            "clipping by norm needs the norm of the whole aggregated gradient, which no shard of a sharded "
+            f"server holds: use Trainer(gradient_clip_algorithm='value'), {UNSHARDED_FIX}."
+        )

@@ -1,0 +1,107 @@
+"""Every place where hybrid_sgd reads or replaces a private part of Lightning, each replacement with its restore.
+
+DDP keeps ranks in lockstep: Lightning broadcasts rank 0's SIGTERM flag and a step-interval Timer's verdict at
+every step, and clips each rank's local gradient. A rank waiting in the parameter server for K gradients cannot
+join such a collective, so these pieces are replaced for one fit (the signals ride on the server's answers, the
+server clips the aggregated gradient) and restored after it. Read from pytorch-lightning 2.6.6: on a Lightning
+upgrade, this file is the one to check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.overrides.distributed import _sync_module_states
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+from pytorch_lightning.strategies.launchers import subprocess_script as lightning_launcher
+
+from lightning_hybrid.server import GradientClipping
+
+LIGHTNING_VERSION_READ = "2.6.6"
+
+Restore = Callable[[], None]
+
+# Rank 0's parameters and buffers to every rank, as DDP's constructor does (no DDP wrapper here).
+sync_module_states = _sync_module_states
+
+
+def take_gradient_clipping(trainer: pl.Trainer) -> tuple[Optional[GradientClipping], Restore]:
+    """Move clipping from the workers' local gradients to the server's aggregated one."""
+    value, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+
+    def restore() -> None:
+        trainer.gradient_clip_val = value
+
+    if not value:
+        return None, restore
+    trainer.gradient_clip_val = None
+    # Lightning stores the algorithm as a GradClipAlgorithmType, whose str() is not its value
+    return GradientClipping(float(value), str(getattr(algorithm, "value", algorithm) or "norm")), restore
+
+
+def replace_lockstep_checks(
+    trainer: pl.Trainer, on_sigterm: Callable[[int], None], on_time_up: Callable[[], None]
+) -> list[Restore]:
+    """Lightning broadcasts rank 0's SIGTERM flag on every step and from its SIGTERM handler, and a step-interval
+    Timer broadcasts its verdict; instead ``on_sigterm(signum)`` and ``on_time_up()`` are called on this rank alone.
+    (Signal handlers are registered after the strategy's ``setup``, so the replaced notifier is the one used.)"""
+    restores: list[Restore] = []
+    epoch_loop = trainer.fit_loop.epoch_loop
+    epoch_loop._broadcast_sigterm_tensor = lambda: None
+    restores.append(lambda: vars(epoch_loop).pop("_broadcast_sigterm_tensor", None))
+    connector = trainer._signal_connector
+    connector._sigterm_notifier_fn = lambda signum, frame: on_sigterm(signum)
+    restores.append(lambda: vars(connector).pop("_sigterm_notifier_fn", None))
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer) and callback._interval == "step":
+            timer = callback
+
+            def check_time_remaining(_trainer: Any, timer: Timer = timer) -> None:
+                if timer._duration is not None and timer.time_elapsed() >= timer._duration:
+                    on_time_up()
+
+            timer._check_time_remaining = check_time_remaining
+            restores.append(lambda timer=timer: vars(timer).pop("_check_time_remaining", None))
+    return restores
+
+
+def epoch_ends_after_this_step(trainer: pl.Trainer) -> bool:
+    """This rank's epoch has no batch left after the running one."""
+    return trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+
+
+def inside_training_batch(trainer: pl.Trainer) -> bool:
+    """A training batch is running (between its start and its end), where collectives would chain the workers."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return trainer.training and progress.ready > progress.completed
+
+
+def tell_lightning_of_sigterm(trainer: pl.Trainer) -> bool:
+    """Mark SIGTERM as received, as Lightning's own handler would have; False if it was already."""
+    connector = trainer._signal_connector
+    if connector.received_sigterm:
+        return False
+    connector.received_sigterm = True
+    return True
+
+
+def launched_children(launcher: Any) -> list[subprocess.Popen]:
+    """The processes Lightning's subprocess launcher started on this node (none for other launchers)."""
+    return list(launcher.procs) if isinstance(launcher, _SubprocessScriptLauncher) else []
+
+
+@contextlib.contextmanager
+def children_command(command: Callable[[int], tuple[Any, str]]) -> Iterator[None]:
+    """While Lightning's subprocess launcher starts the children, a Hydra job's children run ``command(rank)``
+    (Lightning looks its ``_hydra_subprocess_cmd`` up by name when the children start)."""
+    lightnings_own = lightning_launcher._hydra_subprocess_cmd
+    lightning_launcher._hydra_subprocess_cmd = command
+    try:
+        yield
+    finally:
+        lightning_launcher._hydra_subprocess_cmd = lightnings_own

@@ -1,0 +1,491 @@
+"""``WorkerSession``: one ``fit``'s worker, from its flat buffers and topology to its last answer.
+
+The strategy hands it everything as arguments (rank, channels, optimizer, options) and asks it to push, drain and
+leave; it never reads the strategy or the trainer. It wires the topology (the server on global rank 0, or a shard
+on every rank; a local link, a remote one or a sharded one), keeps what this worker learnt from the server's
+answers (version, K, staleness, rejected and dropped gradients) and the stop signals travelling both ways, and
+keeps its final counters after it ends, so that the strategy's properties still answer once ``fit`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError
+from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.overlap import GradientStream
+from lightning_hybrid.server import FollowerServer, GradientClipping, ParameterServer, clone_optimizer
+from lightning_hybrid.shards import ShardPlan
+from lightning_hybrid.staleness import StalenessStats
+from lightning_hybrid.transport import (
+    SERVER_RANK,
+    STOP_FLAGS,
+    AbortCode,
+    AnyServerLink,
+    Flag,
+    RemoteServerLink,
+    Reply,
+    ServerEndpoint,
+    ServerLink,
+    ShardedServerLink,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """The strategy's options that shape one fit (checked by :mod:`lightning_hybrid.checks` before)."""
+
+    threshold: int
+    group_scaling: str
+    max_staleness: Optional[int]
+    staleness_scaling: bool
+    nonfinite: str
+    overlap_push: bool
+    shard_server: bool
+    peer_timeout: float
+
+
+def _on_host(value: Any) -> Any:
+    return value.cpu() if isinstance(value, Tensor) else value
+
+
+def gather_to_zero(obj: Any) -> Optional[list[Any]]:
+    """Every rank's ``obj`` on global rank 0 (``None`` elsewhere); collective on the default group."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    gathered: Optional[list[Any]] = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+class WorkerSession:
+    """One fit's worker: idle until :meth:`start`, live until :meth:`end`, then its final counters."""
+
+    def __init__(self) -> None:
+        self._endpoint: Optional[ServerEndpoint] = None  # this rank's server (rank 0's, or every rank's shard)
+        self._link: Optional[AnyServerLink] = None
+        self._plan: Optional[ShardPlan] = None  # with shard_server
+        self._stream: Optional[GradientStream] = None
+        self._options: Optional[SessionOptions] = None
+        self._optimizer: Optional[Optimizer] = None  # the user's: hyperparameters come from it, its state goes back
+        self._rank = 0
+        self._params: list[Tensor] = []
+        self._buffers: list[Tensor] = []
+        self._layout = FlatLayout.of([])
+        self._buffer_layout = FlatLayout.of([])
+        self._gradient: list[Tensor] = []
+        self._flat_params: list[Tensor] = []  # the model's parameters live in these (FlatLayout.bind)
+        self._version = 0
+        self._threshold: Optional[int] = None
+        self._threshold_request = 0
+        self.local_stop = Flag.NONE  # stop signals raised on this rank, sent with every message
+        self.server_stop = Flag.NONE  # stop signals the server relayed: every rank acts on them alike
+        self.drained = True  # nothing pushed since the last drain: every rank holds the latest model
+        self._staleness = StalenessStats()
+        self._rejected: Counter = Counter()
+        self._dropped: Counter = Counter()
+        self._dropped_in_a_row = 0
+        self._update_sizes: Counter = Counter()
+        self._final_progress: Optional[dict[str, Any]] = None
+        self._shard_progress: Optional[list[dict[str, Any]]] = None  # every shard's counters, for a checkpoint
+        self._shard_scalars: Optional[list[dict[int, dict[str, Any]]]] = None  # shards' step counts, likewise
+        self.steps = 0  # optimizer steps of this rank since the last reset of the worker counters
+        self.wait_seconds = 0.0  # time of those spent waiting for the server's answers
+
+    # ------------------------------------------------------------------ topology
+    def start(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        channels: dict[int, dist.ProcessGroup],
+        optimizer: Optimizer,
+        buffers: list[Tensor],
+        clipping: Optional[GradientClipping],
+        options: SessionOptions,
+    ) -> None:
+        """Bind the model's parameters to flat buffers and connect to the server (starting this rank's own)."""
+        self._rank, self._options, self._optimizer = rank, options, optimizer
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._buffers = buffers
+        self._layout = FlatLayout.of(self._params)
+        self._buffer_layout = FlatLayout.of(buffers)
+        self._gradient = self._layout.allocate(device)
+        self._flat_params = self._layout.allocate(device)
+        self._layout.bind(self._params, self._flat_params, keep="params")
+        self._threshold = options.threshold
+
+        def start_server(
+            params: list[Tensor],
+            buffer_layout: FlatLayout,
+            local_params: list[Tensor],
+            group_sizes: Optional[list[int]] = None,
+            shards: int = 1,
+        ) -> ServerEndpoint:
+            """This rank's server over ``params`` (the whole model, or this rank's shard of it); of a sharded
+            server, shard 0 decides every update's group, the others follow."""
+            follower = shards > 1 and rank != 0
+            server = (FollowerServer if follower else ParameterServer)(
+                params,
+                lambda master: clone_optimizer(optimizer, master, group_sizes),
+                num_workers=world_size,
+                threshold=options.threshold,
+                gradient_clipping=clipping,
+                hyperparameters=lambda: optimizer.param_groups,
+                device=device,
+                staleness_scaling=options.staleness_scaling,
+                group_scaling=options.group_scaling,
+                max_staleness=options.max_staleness,
+            )
+            endpoint = ServerEndpoint(
+                server,
+                channels,
+                buffer_layout,
+                read_buffers=lambda out: buffer_layout.pack(self._buffers, out),
+                peer_timeout=options.peer_timeout,
+                local_params=local_params,
+                rank=rank,
+                followers=range(1, shards) if shards > 1 and not follower else (),
+                coordinator=0 if follower else None,
+            )
+            endpoint.start()
+            return endpoint
+
+        def remote_link(
+            server_rank: int, layout: FlatLayout, buffer_layout: FlatLayout, params: list[Tensor]
+        ) -> RemoteServerLink:
+            """A link to the server on ``server_rank``; a CPU model's flat ``params`` receive the answers directly."""
+            return RemoteServerLink(
+                rank,
+                channels[server_rank],
+                layout,
+                buffer_layout,
+                options.peer_timeout,
+                receive_into=params if device.type == "cpu" else None,
+                pin_memory=device.type == "cuda",
+                server_rank=server_rank,
+            )
+
+        if options.shard_server:  # every rank serves its shard of the model and talks to every shard
+            plan = ShardPlan(self._layout, world_size)
+            no_buffers = FlatLayout.of([])  # rank 0's module buffers travel with shard 0's answers only
+            param_slices = [plan.views(shard, self._flat_params) for shard in range(plan.shards)]
+            self._endpoint = start_server(
+                plan.piece_tensors(rank, self._params),
+                self._buffer_layout if rank == 0 else no_buffers,
+                param_slices[rank],
+                plan.group_sizes(rank, optimizer),
+                shards=plan.shards,
+            )
+            links: list[ServerLink] = [
+                self._endpoint.link(rank)
+                if shard == rank
+                else remote_link(
+                    shard, plan.layouts[shard], self._buffer_layout if shard == 0 else no_buffers, param_slices[shard]
+                )
+                for shard in range(plan.shards)
+            ]
+            self._link = ShardedServerLink(rank, links, plan, self._gradient, self._flat_params, param_slices)
+            self._plan = plan
+        elif rank == SERVER_RANK:
+            self._endpoint = start_server(self._params, self._buffer_layout, self._flat_params)
+            self._link = self._endpoint.link(SERVER_RANK)
+        else:
+            link = self._link = remote_link(SERVER_RANK, self._layout, self._buffer_layout, self._flat_params)
+            if options.overlap_push and device.type == "cpu":
+                self._stream = GradientStream(self._params, self._layout, self._gradient, link)
+
+    @property
+    def live(self) -> bool:
+        """Connected to the server: between :meth:`start` and :meth:`end`."""
+        return self._link is not None
+
+    @property
+    def server(self) -> Optional[ParameterServer]:
+        """This rank's server (or shard) while live, else ``None``."""
+        return self._endpoint.server if self._endpoint is not None else None
+
+    # ------------------------------------------------------------------ what this rank knows
+    @property
+    def threshold(self) -> Optional[int]:
+        """K: the server's on its rank, the last answer's elsewhere; ``None`` before any fit or request."""
+        return self._endpoint.server.threshold if self._endpoint is not None else self._threshold
+
+    def request_threshold(self, k: int) -> None:
+        """A new K: the server's rank applies it at once; a worker (and every rank of a sharded server, whose shard
+        0 decides) sends it with its next message."""
+        self._threshold = k
+        if self._endpoint is not None:
+            self._endpoint.apply_requests(Flag.NONE, k)
+        if self._link is not None and (self._endpoint is None or self._plan is not None):
+            self._threshold_request = k
+
+    @property
+    def version(self) -> int:
+        return self._endpoint.server.version if self._endpoint is not None else self._version
+
+    @property
+    def staleness(self) -> StalenessStats:
+        """All workers' on the server's rank, this worker's own elsewhere."""
+        return self._endpoint.server.stats if self._endpoint is not None else self._staleness
+
+    @property
+    def worker_staleness(self) -> StalenessStats:
+        """This worker's own gradients' staleness, as its answers told it (the server's stats once ended on its
+        rank)."""
+        return self._staleness
+
+    @property
+    def update_sizes(self) -> Counter:
+        return self._endpoint.server.update_sizes if self._endpoint is not None else self._update_sizes
+
+    @property
+    def rejected(self) -> Counter:
+        return self._endpoint.server.rejected if self._endpoint is not None else self._rejected
+
+    @property
+    def dropped(self) -> Counter:
+        return self._endpoint.server.dropped if self._endpoint is not None else self._dropped
+
+    def progress_state(self) -> Optional[dict[str, Any]]:
+        """The server's counters: live on its rank, kept after the fit; ``None`` where this rank never served."""
+        return self._endpoint.server.progress_state() if self._endpoint is not None else self._final_progress
+
+    @property
+    def stop_requested(self) -> bool:
+        """The server relayed a stop (``max_time`` spent or ``max_steps`` reached on some rank)."""
+        return bool(self.server_stop & Flag.STOP)
+
+    @property
+    def sigterm_relayed(self) -> bool:
+        return bool(self.server_stop & Flag.SIGTERM)
+
+    # ------------------------------------------------------------------ the step
+    @contextlib.contextmanager
+    def step(self, final: bool, global_step: int) -> Iterator[Callable[[Any], bool]]:
+        """One optimizer step; yields the push that the step's closure result goes to (see :meth:`_exchange`).
+
+        ``final``: no step of this rank follows in this epoch, so the push also drains. Decided before the closure
+        runs backward, so that the gradient can stream out during backward (a stop signal raised during backward
+        then travels with the next message)."""
+        threshold = self._take_threshold_request()
+        if self._stream is not None:
+            self._stream.arm(self._version, self.local_stop | (Flag.DRAIN if final else Flag.NONE), threshold)
+        try:
+            yield lambda loss: self._exchange(loss, final, threshold, global_step)
+        except BaseException:
+            if self._stream is not None and self._stream.incomplete:
+                assert isinstance(self._link, RemoteServerLink)
+                self._link.abandon()
+            raise
+        finally:
+            if self._stream is not None:
+                self._stream.disarm()
+
+    def _exchange(self, loss: Any, final: bool, threshold: int, global_step: int) -> bool:
+        """Push this worker's gradient, wait for the server's answer and load the new parameters. False: the
+        server dropped the gradient as too stale, and the batch must be computed again."""
+        assert self._link is not None
+        started = time.perf_counter()
+        if loss is None:  # training_step returned None: Lightning skips the step, so no gradient
+            if final:
+                reply = self._link.drain(self.local_stop, threshold)
+            else:
+                reply, self._threshold_request = None, self._threshold_request or threshold
+        elif self._stream is not None:
+            self.drained = False
+            self._stream.finish()
+            reply = self._link.await_reply()
+        else:
+            self._layout.pack([p.grad for p in self._params], self._gradient)
+            self.drained = False
+            flags = self.local_stop | (Flag.DRAIN if final else Flag.NONE)
+            reply = self._link.push(self._gradient, self._version, flags, threshold)
+        if reply is not None and reply.flags & Flag.DROPPED:
+            self._absorb(reply, global_step)
+            self.wait_seconds += time.perf_counter() - started
+            return False
+        if reply is not None:
+            self._absorb(reply, global_step)
+            if self.server_stop and not final:
+                self._absorb(self._link.drain(self.local_stop), global_step)
+            if final or self.server_stop:
+                self.drained = True
+        self.wait_seconds += time.perf_counter() - started
+        self.steps += 1
+        return True
+
+    def drain(self, global_step: int) -> None:
+        """Apply pending gradients and take the latest parameters and rank 0's buffers."""
+        assert self._link is not None
+        self._absorb(self._link.drain(self.local_stop, self._take_threshold_request()), global_step)
+        self.drained = True
+
+    def _take_threshold_request(self) -> int:
+        request, self._threshold_request = self._threshold_request, 0
+        return request
+
+    def _absorb(self, reply: Reply, global_step: int) -> None:
+        if reply.params is not self._flat_params:
+            for mine, received in zip(self._flat_params, reply.params):
+                mine.copy_(received)
+        self._layout.bind(self._params, self._flat_params, keep="buffers")
+        if reply.buffers is not None:
+            self._buffer_layout.unpack(reply.buffers, self._buffers)
+        self._version = reply.version
+        self._threshold = reply.threshold
+        if reply.staleness is not None:
+            self._staleness.record(self._rank, reply.staleness)
+        if reply.flags & Flag.REJECTED:
+            self._reject(global_step)
+        self._count_drop(bool(reply.flags & Flag.DROPPED))
+        self.server_stop |= reply.flags & STOP_FLAGS
+
+    def _reject(self, global_step: int) -> None:
+        assert self._options is not None
+        self._rejected[self._rank] += 1
+        if self._options.nonfinite == "stop":
+            raise NonFiniteGradientError(
+                f"hybrid_sgd: rank {self._rank}'s gradient at step {global_step} held NaN or Inf; the server "
+                "rejected it (the master weights are untouched) and nonfinite='stop' ends the run. Lower the "
+                "learning rate or check the data, then resume from the last checkpoint; nonfinite='skip' would skip "
+                "such gradients and go on."
+            )
+        log.warning(
+            "hybrid_sgd: rank %d's gradient held NaN or Inf and was rejected; the master weights are untouched "
+            "(%d rejected on this rank so far)",
+            self._rank,
+            self._rejected[self._rank],
+        )
+
+    def _count_drop(self, dropped: bool) -> None:
+        if not dropped:
+            self._dropped_in_a_row = 0
+            return
+        assert self._options is not None
+        self._dropped[self._rank] += 1
+        self._dropped_in_a_row += 1
+        if self._dropped_in_a_row == 3:
+            log.warning(
+                "hybrid_sgd: rank %d's last 3 gradients were staler than max_staleness=%d and dropped; it computes "
+                "its batch again each time, and trains only when the others wait (e.g. at the epoch's end). Raise "
+                "max_staleness above this worker's usual staleness (about its slowdown times N - 1 at K = 1).",
+                self._rank,
+                self._options.max_staleness,
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def gather_shard_progress(self) -> None:
+        """Sharded: every shard's counters to global rank 0, for the next checkpoint (collective)."""
+        if self._plan is not None and self._endpoint is not None:
+            self._shard_progress = gather_to_zero(self._endpoint.server.progress_state())
+
+    def checkpoint_progress(self) -> Optional[dict[str, Any]]:
+        """What a checkpoint adds to the server's counters: each shard's own version, counters and step counts."""
+        if self._shard_progress is None:
+            return None
+        return {"shards": self._shard_progress, "shard_scalars": self._shard_scalars}
+
+    def optimizer_state(self, param_groups: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """The server's optimizer state in the unsharded format, with the user's current hyperparameters; ``None``
+        where this rank serves nothing. Sharded, this is collective and only global rank 0 gets it (``{}``
+        elsewhere)."""
+        if self._endpoint is None:
+            return None
+        return self._state_of(self._endpoint.server, param_groups)
+
+    def _state_of(self, server: ParameterServer, param_groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        state = server.optimizer.state_dict()
+        if self._plan is not None:
+            # on the host: pieces gathered from other GPUs would arrive on their devices and not concatenate
+            state["state"] = {i: {k: _on_host(v) for k, v in entry.items()} for i, entry in state["state"].items()}
+            shard_states = gather_to_zero(state)
+            if shard_states is None:
+                return {}
+            state, self._shard_scalars = self._plan.merge_states(shard_states, param_groups)
+        for saved, local in zip(state["param_groups"], param_groups):
+            saved.update({k: v for k, v in local.items() if k != "params"})
+        return state
+
+    def load(self, optimizer_state: dict[str, Any], progress: Optional[dict[str, Any]], world_size: int) -> None:
+        """Restore the server's optimizer state and counters from a checkpoint (a no-op where nothing is served).
+
+        Sharded: a checkpoint of as many shards restores each shard's own counters; any other (unsharded, DDP,
+        another world size) gives every shard the whole server's."""
+        if progress is not None:
+            self._version, self._threshold = int(progress["version"]), int(progress["threshold"])
+        if self._endpoint is None:
+            return
+        server = self._endpoint.server
+        if self._plan is None:
+            server.optimizer.load_state_dict(optimizer_state)
+            if progress is not None:
+                server.load_progress_state(progress)
+            return
+        shards = (progress or {}).get("shards")
+        same = shards is not None and len(shards) == world_size
+        assert progress is not None or not same
+        scalars = progress["shard_scalars"][self._rank] if same and progress is not None else None
+        server.optimizer.load_state_dict(self._plan.shard_state(self._rank, optimizer_state, scalars))
+        if progress is not None:
+            server.load_progress_state(shards[self._rank] if same else progress)
+            assert isinstance(self._link, ShardedServerLink)
+            self._link.versions = [s["version"] for s in shards] if same else [self._version] * world_size
+
+    # ------------------------------------------------------------------ the end
+    def end(self, error: Optional[BaseException] = None, clean: bool = True) -> None:
+        """Final drain (when ``clean``), then this worker leaves; the server's rank keeps its final counters, and
+        the user's optimizer (global rank 0's, with a sharded server) takes the server optimizer's final state.
+
+        After an ``error`` the other ranks are told at once (rather than waiting for ``peer_timeout``)."""
+        link, self._link = self._link, None
+        if self._stream is not None:
+            self._stream.close()  # the gradient hooks leave the model with the session
+            self._stream = None
+        if link is None:
+            return
+        assert self._options is not None and self._optimizer is not None
+        try:
+            if error is not None and self._endpoint is not None:
+                why = f": rank {self._rank} raised {type(error).__name__}"
+                self._endpoint.abort(AbortCode.SERVER_FAILED, self._rank, why)
+            elif error is not None:
+                link.leave(Flag.FAILED)
+            else:
+                if clean:
+                    self._absorb(link.drain(self.local_stop), global_step=-1)
+                link.leave(self.local_stop)
+        except HybridSGDError:
+            if error is None and clean:
+                raise
+            log.debug("hybrid_sgd: could not leave cleanly", exc_info=True)
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is None:
+            return
+        endpoint.close(timeout=self._options.peer_timeout if error is None else 1.0)
+        server = endpoint.server
+        if self._plan is None or error is None:  # gathering shards is collective: not after an error
+            if self._plan is not None:  # kept for a checkpoint saved after fit
+                self._shard_progress = gather_to_zero(server.progress_state())
+            state = self._state_of(server, self._optimizer.param_groups)
+            if state:
+                self._optimizer.load_state_dict(state)
+        self._version, self._threshold = server.version, server.threshold
+        self._staleness = server.stats
+        self._update_sizes = server.update_sizes
+        self._rejected = server.rejected
+        self._dropped = server.dropped
+        self._final_progress = server.progress_state()
