@@ -58,10 +58,12 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_hybrid.endpoint import ServerEndpoint
 from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.group_scaling import check_group_scaling, check_rule_name
 from lightning_hybrid.launcher import HydraJobLauncher
+from lightning_hybrid.links import AnyServerLink, LocalServerLink, RemoteServerLink, ServerLink, ShardedServerLink
 from lightning_hybrid.overlap import GradientStream
 from lightning_hybrid.server import (
     FollowerServer,
@@ -73,18 +75,7 @@ from lightning_hybrid.server import (
 from lightning_hybrid.shards import ELEMENTWISE_OPTIMIZERS, ShardPlan
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec, resolve_threshold
-from lightning_hybrid.transport import (
-    SERVER_RANK,
-    STOP_FLAGS,
-    AbortCode,
-    AnyServerLink,
-    Flag,
-    RemoteServerLink,
-    Reply,
-    ServerEndpoint,
-    ServerLink,
-    ShardedServerLink,
-)
+from lightning_hybrid.wire import SERVER_RANK, STOP_FLAGS, AbortCode, Flag, Reply
 from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader
 
 log = logging.getLogger(__name__)
@@ -443,7 +434,7 @@ class HybridSGDStrategy(DDPStrategy):
             self._endpoint = self._start_server(
                 trainer, optimizer, self._params, self._buffer_layout, self._flat_params
             )
-            self._link = self._endpoint.link(SERVER_RANK)
+            self._link = LocalServerLink(self._endpoint)
         else:
             self._take_gradient_clipping(trainer)
             assert self._channels is not None
@@ -524,7 +515,7 @@ class HybridSGDStrategy(DDPStrategy):
             shards=plan.shards,
         )
         links: list[ServerLink] = [
-            self._endpoint.link(rank)
+            LocalServerLink(self._endpoint)
             if shard == rank
             else self._remote_link(
                 shard, plan.layouts[shard], self._buffer_layout if shard == 0 else no_buffers, param_slices[shard]
