@@ -19,7 +19,8 @@ from typing import Optional
 from torch import Tensor
 
 from lightning_hybrid.flat import FlatLayout
-from lightning_hybrid.transport import Flag, RemoteServerLink
+from lightning_hybrid.links import RemoteServerLink
+from lightning_hybrid.wire import Flag
 
 
 class GradientStream:

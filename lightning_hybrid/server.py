@@ -1,7 +1,7 @@
 """The parameter server: master parameters, the optimizer, and K-threshold aggregation.
 
-Pure torch and thread-safe, so it can be driven in one process (tests) or by the transport's
-receiver threads. Semantics (``shared/DESIGN.md`` section 1):
+Pure torch and thread-safe, so it can be driven in one process (tests) or by the receiver threads of
+:mod:`lightning_hybrid.endpoint`. Semantics (README, *How it works*):
 
 * pushed gradients collect in a pending set P; once ``|P| >= K`` one optimizer step applies
   their mean, the version rises by one, and every worker in P is answered;
@@ -24,7 +24,7 @@ import dataclasses
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -159,7 +159,7 @@ class ParameterServer:
         self._sum: Optional[list[Tensor]] = None  # the pending gradients' (weighted) sum, see _accumulate
         self._device_sum: list[Tensor] = []  # the sum's own buffers, for gradients that arrive off the device
         self._spare_snapshots: list[list[Tensor]] = []  # see recycle()
-        self._own_buffers: dict[int, Sequence[Tensor]] = {}  # see answers_in_place
+        self._own_buffers: dict[int, Sequence[Tensor]] = {}  # see connect()
         self._gradient_clipping = gradient_clipping
         self._hyperparameters = hyperparameters
         self._staleness_scaling = staleness_scaling
@@ -181,11 +181,24 @@ class ParameterServer:
         self.flushed_updates = 0  # updates of fewer than K gradients: nobody else would push before a drain
         self.update_seconds = 0.0  # server compute: arrival checks and sums, mean, clipping, step, snapshots
         self.stop_flags = 0
-        # called with (version, workers) under the lock just before an update of those workers' gradients is
-        # applied: shard 0 of a sharded server tells the other shards, which then step in parallel with it
-        self.on_decision: Optional[Callable[[int, tuple[int, ...]], None]] = None
-        # workers whose pushed gradient buffers are theirs alone (a remote worker's receive buffer): see _release
-        self.answers_in_place: frozenset[int] = frozenset()
+        self._on_decision: Optional[Callable[[int, tuple[int, ...]], None]] = None  # see connect()
+        self._answers_in_place: frozenset[int] = frozenset()  # see connect()
+
+    def connect(
+        self,
+        *,
+        answers_in_place: Collection[int] = (),
+        on_decision: Optional[Callable[[int, tuple[int, ...]], None]] = None,
+    ) -> None:
+        """Wire the server to the runtime that delivers its answers (``ServerEndpoint``), before it serves.
+
+        ``answers_in_place``: workers whose pushed gradient buffers are theirs alone (a remote worker's receive
+        buffer): an answer to one of them alone is written into its last gradient buffer (see ``_release``).
+        ``on_decision(version, workers)`` is called under the lock just before an update of those workers'
+        gradients is applied, and with version :data:`DROPPED` when the one worker's gradient is dropped: shard 0
+        of a sharded server tells the other shards, which then step in parallel with it."""
+        self._answers_in_place = frozenset(answers_in_place)
+        self._on_decision = on_decision
 
     # ------------------------------------------------------------------ queries
     @property
@@ -223,7 +236,7 @@ class ParameterServer:
         with self._lock:
             self._check_waitable(worker)
             self._check_version(worker, version)
-            if worker in self.answers_in_place:
+            if worker in self._answers_in_place:
                 self._own_buffers[worker] = gradient
             if finite and self._drops(worker, version):
                 # not even its drain counts: the worker pushes the batch again, with the drain, on the answer's
@@ -342,8 +355,8 @@ class ParameterServer:
         """Whether the gradient is staler than the bound; followers hear of it before the answer leaves."""
         if self._max_staleness is None or self._version - version <= self._max_staleness:
             return False
-        if self.on_decision is not None:
-            self.on_decision(DROPPED, (worker,))
+        if self._on_decision is not None:
+            self._on_decision(DROPPED, (worker,))
         return True
 
     def _weight(self, version: int) -> float:
@@ -392,8 +405,8 @@ class ParameterServer:
     def _apply(self, group: tuple[int, ...]) -> Release:
         """One optimizer step with the pending sum, which holds the gradients of exactly ``group``: their mean,
         clipped, then sized to the group (:mod:`lightning_hybrid.group_scaling`)."""
-        if self.on_decision is not None:
-            self.on_decision(self._version + 1, tuple(sorted(group)))
+        if self._on_decision is not None:
+            self._on_decision(self._version + 1, tuple(sorted(group)))
         started = time.perf_counter()
         count = len(group)
         assert self._sum is not None
@@ -438,7 +451,7 @@ class ParameterServer:
     def _release(self, workers: tuple[int, ...], **kwargs: Any) -> Release:
         """A snapshot of the master for ``workers``: later updates may happen while it is being sent.
 
-        An answer to one worker in ``answers_in_place`` is written into that worker's last gradient buffer: it is
+        An answer to one worker in ``answers_in_place`` (see :meth:`connect`) is written into that worker's last gradient buffer: it is
         idle (applied, rejected or summed) and the worker pushes into it again only after it has received this
         answer, so asynchronous training holds no snapshot per worker in flight. Other snapshots come from
         :meth:`recycle` where possible (a fresh 40 MB tensor costs 17 ms in page faults, a copy into a used

@@ -22,24 +22,15 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_hybrid.endpoint import ServerEndpoint
 from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError
 from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.links import AnyServerLink, LocalServerLink, RemoteServerLink, ServerLink, ShardedServerLink
 from lightning_hybrid.overlap import GradientStream
 from lightning_hybrid.server import FollowerServer, GradientClipping, ParameterServer, clone_optimizer
 from lightning_hybrid.shards import ShardPlan
 from lightning_hybrid.staleness import StalenessStats
-from lightning_hybrid.transport import (
-    SERVER_RANK,
-    STOP_FLAGS,
-    AbortCode,
-    AnyServerLink,
-    Flag,
-    RemoteServerLink,
-    Reply,
-    ServerEndpoint,
-    ServerLink,
-    ShardedServerLink,
-)
+from lightning_hybrid.wire import SERVER_RANK, STOP_FLAGS, AbortCode, Flag, Reply
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +182,7 @@ class WorkerSession:
                 shards=plan.shards,
             )
             links: list[ServerLink] = [
-                self._endpoint.link(rank)
+                LocalServerLink(self._endpoint)
                 if shard == rank
                 else remote_link(
                     shard, plan.layouts[shard], self._buffer_layout if shard == 0 else no_buffers, param_slices[shard]
@@ -202,7 +193,7 @@ class WorkerSession:
             self._plan = plan
         elif rank == SERVER_RANK:
             self._endpoint = start_server(self._params, self._buffer_layout, self._flat_params)
-            self._link = self._endpoint.link(SERVER_RANK)
+            self._link = LocalServerLink(self._endpoint)
         else:
             link = self._link = remote_link(SERVER_RANK, self._layout, self._buffer_layout, self._flat_params)
             if options.overlap_push and device.type == "cpu":

@@ -58,7 +58,7 @@ from lightning_hybrid.server import ParameterServer
 from lightning_hybrid.session import SessionOptions, WorkerSession
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, resolve_threshold
-from lightning_hybrid.transport import SERVER_RANK, Flag
+from lightning_hybrid.wire import SERVER_RANK, Flag
 from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader
 
 log = logging.getLogger(__name__)

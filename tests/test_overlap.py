@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.overlap import GradientStream
-from lightning_hybrid.transport import Flag
+from lightning_hybrid.wire import Flag
 
 
 class RecordingLink:

@@ -58,7 +58,7 @@ def test_an_answer_to_one_remote_worker_travels_in_its_own_idle_gradient_buffer(
     # a remote worker's receive buffer is idle once its gradient is applied, and it pushes into it again only
     # after reading its answer: the server writes that answer there instead of into a snapshot of its own
     server = make_server(workers=3, threshold=1)
-    server.answers_in_place = frozenset({1, 2})
+    server.connect(answers_in_place={1, 2})
     gradient = grad(2)
     (alone,) = server.push(1, gradient, version=0)
     assert alone.in_place and alone.params[0] is gradient[0]

@@ -125,7 +125,7 @@ def test_a_follower_shard_applies_shard_0s_groups_whatever_the_arrival_order(see
     versions = {w: [0, 0] for w in range(4)}
     active, waiting, in_a_drain, pushes = set(range(4)), set(), set(), 0
 
-    servers[0].on_decision = lambda version, group: decisions.append((version, group))
+    servers[0].connect(on_decision=lambda version, group: decisions.append((version, group)))
 
     def deliver(shard: int, releases: list) -> None:
         for release in releases:

@@ -13,9 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 
+from lightning_hybrid.endpoint import ServerEndpoint
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.server import ParameterServer
-from lightning_hybrid.transport import ANSWER_TAG, REQUEST_TAG, AbortCode, Header, Kind, ServerEndpoint
+from lightning_hybrid.wire import ANSWER_TAG, REQUEST_TAG, AbortCode, Header, Kind
 
 pytestmark = pytest.mark.multiprocess
 NUMEL = 10

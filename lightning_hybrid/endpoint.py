@@ -1,0 +1,362 @@
+"""The parameter server's runtime on its rank: it runs a :class:`ParameterServer` for the workers. A receiver
+thread per remote worker reads its messages into the server, answers are posted to their workers at once and
+completed by a sender thread, a failure anywhere aborts the run on every rank with the reason, and shard 0 of a
+sharded server tells the other shards its decisions. The worker that shares the server's process is served in
+memory (``push_local``, ``drain_local``, ``leave_local``), without a copy through the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_hybrid.errors import ProtocolError
+from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.server import FollowerServer, ParameterServer, Release
+from lightning_hybrid.wire import (
+    ANSWER_TAG,
+    DECISION_TAG,
+    END_OF_DECISIONS,
+    REQUEST_TAG,
+    SERVER_RANK,
+    STOP_FLAGS,
+    AbortCode,
+    Decision,
+    Flag,
+    Header,
+    Kind,
+    Reply,
+    abort_error,
+    timeout_error,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _Waiter:
+    """One worker's wait for its answer, in the server's process."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._reply: Optional[Reply] = None
+        self._error: Optional[BaseException] = None
+
+    def set(self, reply: Optional[Reply] = None, error: Optional[BaseException] = None) -> None:
+        self._reply, self._error = reply, error
+        self._event.set()
+
+    def wait(self, timeout: float) -> Reply:
+        if not self._event.wait(timeout):
+            raise timeout_error(timeout)
+        self._event.clear()
+        if self._error is not None:
+            raise self._error
+        assert self._reply is not None
+        return self._reply
+
+
+class ServerEndpoint:
+    """Runs the parameter server on its rank: one receiver thread per remote worker."""
+
+    def __init__(
+        self,
+        server: ParameterServer,
+        channels: dict[int, dist.ProcessGroup],
+        buffer_layout: FlatLayout,
+        read_buffers: Callable[[list[Tensor]], None],
+        peer_timeout: float,
+        local_params: Optional[list[Tensor]] = None,
+        rank: int = SERVER_RANK,
+        followers: Sequence[int] = (),
+        coordinator: Optional[int] = None,
+    ) -> None:
+        """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain).
+        ``local_params`` (flat buffers of the server's layout: the local worker's model, see ``FlatLayout.bind``)
+        receive the local worker's answers, so that every release is delivered when ``_dispatch`` returns.
+        ``rank``: this server's (and its local worker's) rank. Sharded: shard 0 tells its ``followers`` the group
+        of every update; a :class:`FollowerServer` hears them from its ``coordinator``."""
+        if (coordinator is not None) != isinstance(server, FollowerServer):
+            raise ValueError("a FollowerServer needs a coordinator rank, and only a FollowerServer takes one")
+        self.server = server
+        self.rank = rank
+        self._followers = list(followers)
+        self._coordinator = coordinator
+        server.connect(
+            answers_in_place=channels,  # each remote worker has a receive buffer of its own
+            on_decision=self._tell_followers if self._followers else None,
+        )
+        self._local_params = local_params
+        self._channels = channels
+        self._buffer_layout = buffer_layout
+        self._read_buffers = read_buffers
+        self._peer_timeout = peer_timeout
+        self._local = _Waiter()
+        self._send_locks = {rank: threading.Lock() for rank in channels}
+        self._threads: list[threading.Thread] = []
+        self._failure: Optional[BaseException] = None
+        self._sending: queue.SimpleQueue = queue.SimpleQueue()  # posted answers: (works, snapshot to recycle)
+        self._sender = threading.Thread(target=self._complete_sends, name="hybrid-sgd-sends", daemon=True)
+
+    def start(self) -> None:
+        self._sender.start()
+        targets = [(self._serve, rank, f"hybrid-sgd-server-{rank}") for rank in self._channels]
+        if self._coordinator is not None:
+            targets.append((self._follow, self._coordinator, "hybrid-sgd-decisions"))
+        for target, rank, name in targets:
+            thread = threading.Thread(target=target, args=(rank,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait for the receiver threads, which end when their worker leaves or is lost (a follower's decision
+        thread when shard 0, whose workers have all left, ends the decisions)."""
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if self._followers and self._failure is None:
+            self._tell_followers(END_OF_DECISIONS, ())
+        self._sending.put(None)
+        self._sender.join(timeout)
+
+    # ------------------------------------------------------------------ local worker (same process)
+    def push_local(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+        """The local worker's push of ``gradient`` (flat buffers of the server's layout, read in memory; the server
+        may write into them until it answers) computed at ``version``; returns the server's answer."""
+        self.apply_requests(flags, threshold)
+        drain, nonfinite = bool(flags & Flag.DRAIN), bool(flags & Flag.NONFINITE)
+        return self._answer_local(
+            lambda: self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite)
+        )
+
+    def drain_local(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+        """The local worker drains; returns the answer once every active worker has drained."""
+        self.apply_requests(flags, threshold)
+        return self._answer_local(lambda: self.server.drain(self.rank))
+
+    def leave_local(self, flags: Flag = Flag.NONE) -> None:
+        """The local worker sends nothing more."""
+        self.apply_requests(flags, 0)
+        self._dispatch(self.server.leave(self.rank))
+
+    def _answer_local(self, event: Callable[[], list[Release]]) -> Reply:
+        if self._failure is not None:
+            raise self._failure
+        self._dispatch(event())
+        return self._local.wait(self._peer_timeout)
+
+    def abort(self, code: AbortCode, rank: int, why: str = "") -> None:
+        """Tell every remote worker and the local one that the run cannot go on.
+
+        Only the first abort counts. The notices are sent from a daemon thread: a worker that stopped
+        reading must not block the caller, and the server serves nobody after an abort."""
+        if self._failure is not None:
+            return
+        self._failure = abort_error(code, rank, why)
+        self._local.set(error=self._failure)
+        header = Header(Kind.ABORT, self.rank, self.server.version, detail=rank, code=int(code)).to_tensor()
+        # a lost worker cannot be told; one that broke the protocol hears why, like everybody else
+        notify = [worker for worker in self._channels if worker != rank or code == AbortCode.PROTOCOL]
+        threading.Thread(target=self._notify_abort, args=(notify, header), name="hybrid-sgd-abort", daemon=True).start()
+
+    def _notify_abort(self, workers: list[int], header: Tensor) -> None:
+        for worker in workers:
+            try:
+                with self._send_locks[worker]:
+                    dist.send(header, dst=worker, group=self._channels[worker], tag=ANSWER_TAG)
+            except RuntimeError:
+                log.debug("could not tell rank %d about the abort", worker, exc_info=True)
+
+    # ------------------------------------------------------------------ remote workers
+    @contextlib.contextmanager
+    def _aborting_on_failure(self, rank: int) -> Iterator[None]:
+        """A receiver thread's failure ends the run on every rank, with the reason, instead of leaving peers
+        waiting for answers that will never come."""
+        try:
+            yield
+        except ProtocolError as err:
+            log.error("%s", err)
+            self.abort(AbortCode.PROTOCOL, rank, f": {err}")
+        except (RuntimeError, OSError) as err:
+            if self._failure is None:
+                log.error("hybrid_sgd: lost worker rank %d: %s", rank, err)
+                self.abort(AbortCode.WORKER_LOST, rank)
+        except BaseException as err:  # the server itself failed: nobody may wait forever
+            log.exception("hybrid_sgd: the parameter server failed while serving rank %d", rank)
+            self.abort(AbortCode.SERVER_FAILED, rank, f": {type(err).__name__}: {err}")
+
+    def _serve(self, rank: int) -> None:
+        group = self._channels[rank]
+        gradient = self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
+        chunks = self.server.layout.chunk_views(gradient)
+        header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
+        with self._aborting_on_failure(rank):
+            while True:  # after an abort too: a worker blocked in a send must get through to read the ABORT
+                dist.recv(header_buffer, src=rank, group=group, tag=REQUEST_TAG)
+                header = Header.from_tensor(header_buffer)
+                if header.rank != rank:
+                    raise ProtocolError(f"a message on rank {rank}'s channel claims to come from rank {header.rank}")
+                if header.kind == Kind.PUSH:
+                    if rank in self.server.pending_workers:  # its buffer may hold the pending sum: read nothing
+                        raise ProtocolError(f"worker {rank} sent a gradient while it still waits for its answer")
+                    layout = self.server.layout
+                    if header.numel != layout.numel or header.code != layout.signature:
+                        raise ProtocolError(
+                            f"rank {rank} announced a gradient of {header.numel} elements (layout signature "
+                            f"{header.code}), the model has {layout.numel} (signature {layout.signature}): every "
+                            "rank must build the same model, with the same parameter dtypes"
+                        )
+                    for chunk in chunks:
+                        dist.recv(chunk, src=rank, group=group, tag=REQUEST_TAG)
+                self._handle(rank, header, gradient)
+                if header.kind == Kind.LEAVE:
+                    return
+
+    def _follow(self, coordinator: int) -> None:
+        """A follower shard applies shard 0's decisions as they come (see :class:`FollowerServer`)."""
+        assert isinstance(self.server, FollowerServer)
+        message = torch.empty(Decision.size(self.server.num_workers), dtype=torch.int64)
+        with self._aborting_on_failure(coordinator):
+            while True:
+                dist.recv(message, src=coordinator, group=self._channels[coordinator], tag=DECISION_TAG)
+                decision = Decision.from_tensor(message)
+                if decision.version == END_OF_DECISIONS:
+                    return
+                if self._failure is None:
+                    self._dispatch(self.server.decide(decision.version, decision.workers))
+
+    def _tell_followers(self, version: int, group: Sequence[int]) -> None:
+        """Post shard 0's decision (or the end of them) to every follower; the sender thread completes it."""
+        message = Decision(version, group).to_tensor(self.server.num_workers)
+        works = [
+            (rank, message, dist.isend(message, dst=rank, group=self._channels[rank], tag=DECISION_TAG))
+            for rank in self._followers
+        ]
+        self._sending.put((works, []))
+
+    def _handle(self, rank: int, header: Header, gradient: list[Tensor]) -> None:
+        if header.kind not in (Kind.PUSH, Kind.DRAIN, Kind.LEAVE):
+            raise ProtocolError(f"rank {rank} sent a message of unknown kind {header.kind}")
+        if self._failure is not None:
+            return
+        self.apply_requests(header.flags, header.threshold)
+        if header.kind == Kind.PUSH:
+            drain, nonfinite = bool(header.flags & Flag.DRAIN), bool(header.flags & Flag.NONFINITE)
+            releases = self.server.push(rank, gradient, header.version, drain=drain, nonfinite=nonfinite)
+        elif header.kind == Kind.DRAIN:
+            releases = self.server.drain(rank)
+        else:
+            releases = self.server.leave(rank)
+            if header.flags & Flag.FAILED:
+                self.abort(AbortCode.WORKER_LOST, rank, ": it raised an exception (see its log)")
+                return
+        self._dispatch(releases)
+
+    def apply_requests(self, flags: int, threshold: int) -> None:
+        """Stop signals and a threshold change that a worker's message carries."""
+        if flags & STOP_FLAGS:
+            self.server.request_stop(int(flags & STOP_FLAGS))
+        if threshold:
+            try:
+                releases = self.server.set_threshold(threshold)
+            except ValueError as err:
+                raise ProtocolError(f"a worker requested an impossible threshold: {err}") from err
+            self._dispatch(releases)
+
+    def _dispatch(self, releases: list[Release]) -> None:
+        if self._failure is not None:
+            return
+        for release in releases:
+            buffers = None
+            if release.drained and self._buffer_layout.numel:
+                buffers = self._buffer_layout.allocate()
+                self._read_buffers(buffers)
+            local = self.rank in release.workers
+            if local:
+                params = release.params
+                if self._local_params is not None:
+                    for mine, snapshot in zip(self._local_params, params):
+                        mine.copy_(snapshot)
+                    params = self._local_params
+                self._local.set(self._reply(release, self.rank, params, buffers))
+            remote = [worker for worker in release.workers if worker != self.rank]
+            # the snapshot is free once every send completed, unless the local reply is the snapshot itself
+            recycle = release.params if (self._local_params is not None or not local) and not release.in_place else []
+            if remote:
+                works = self._send_replies(remote, release, [p.cpu() for p in release.params], buffers)
+                self._sending.put((works, recycle))
+            else:
+                self.server.recycle(recycle)
+
+    def _reply(self, release: Release, worker: int, params: list[Tensor], buffers: Optional[list[Tensor]]) -> Reply:
+        return Reply(
+            version=release.version,
+            threshold=self.server.threshold,
+            flags=self._reply_flags(release, worker, buffers),
+            params=params,
+            buffers=buffers,
+            staleness=release.staleness.get(worker),
+        )
+
+    def _reply_flags(self, release: Release, worker: int, buffers: Optional[list[Tensor]]) -> Flag:
+        flags = Flag(self.server.stop_flags)
+        if buffers is not None:
+            flags |= Flag.BUFFERS
+        if worker in release.rejected:
+            flags |= Flag.REJECTED
+        if worker in release.dropped:
+            flags |= Flag.DROPPED
+        return flags
+
+    def _send_replies(
+        self, workers: list[int], release: Release, params: list[Tensor], buffers: Optional[list[Tensor]]
+    ) -> list[tuple[int, Tensor, dist.Work]]:
+        """Post the answers to several workers at once, each over its own gloo pair; :meth:`_complete_sends`
+        waits for them. Each worker's send lock is held while its reply is posted, so messages to one worker
+        never interleave; the locks are taken in rank order, so two dispatching threads cannot deadlock."""
+        works = []
+        with contextlib.ExitStack() as held:
+            for worker in sorted(workers):
+                held.enter_context(self._send_locks[worker])
+            for worker in workers:
+                header = Header(
+                    Kind.REPLY,
+                    self.rank,
+                    release.version,
+                    flags=int(self._reply_flags(release, worker, buffers)),
+                    threshold=self.server.threshold,
+                    numel=self.server.layout.numel,
+                    detail=release.staleness.get(worker, -1),
+                )
+                group = self._channels[worker]
+                for tensor in [header.to_tensor(), *params, *(buffers or [])]:
+                    works.append((worker, tensor, dist.isend(tensor, dst=worker, group=group, tag=ANSWER_TAG)))
+        return works  # the tensors stay referenced until their sends complete
+
+    def _complete_sends(self) -> None:
+        """Wait for the answers' sends off the dispatching threads. A gloo send completes only once its receiver
+        reads it, and a rank's own worker thread dispatches too: two ranks that serve each other (a sharded
+        server) would deadlock if each waited for its answers to go out before reading the other's."""
+        while (item := self._sending.get()) is not None:
+            works, recycle = item
+            try:
+                for worker, _, work in works:
+                    work.wait(timedelta(seconds=self._peer_timeout))
+            except RuntimeError as err:
+                if self._failure is None:
+                    log.error("hybrid_sgd: could not answer worker rank %d: %s", worker, err)
+                    self.abort(AbortCode.WORKER_LOST, worker)
+                continue
+            self.server.recycle(recycle)
+
+
+def _pin(device: torch.device) -> bool:
+    return device.type == "cuda"

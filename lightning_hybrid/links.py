@@ -1,0 +1,270 @@
+"""A worker's side of the parameter-server protocol: the links over which it pushes gradients and drains, and
+receives the server's answers. The worker rank that shares the server's process talks to it in memory
+(:class:`LocalServerLink`); every other rank uses :class:`RemoteServerLink`; with a sharded server a worker talks
+to every shard at once through a :class:`ShardedServerLink`. All answer ``push``/``drain``/``leave`` alike, so the
+strategy drives any of them the same way.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_hybrid.endpoint import ServerEndpoint
+from lightning_hybrid.errors import PeerLostError, ProtocolError
+from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.server import all_finite
+from lightning_hybrid.shards import ShardPlan
+from lightning_hybrid.wire import (
+    ANSWER_TAG,
+    REQUEST_TAG,
+    SERVER_RANK,
+    Flag,
+    Header,
+    Kind,
+    Reply,
+    abort_error,
+    timeout_error,
+)
+
+
+class LocalServerLink:
+    """The server rank's own worker (of rank ``endpoint.rank``): calls the server in memory, no copy through the
+    network."""
+
+    def __init__(self, endpoint: ServerEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+        return self._endpoint.push_local(gradient, version, flags, threshold)
+
+    def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+        return self._endpoint.drain_local(flags, threshold)
+
+    def leave(self, flags: Flag = Flag.NONE) -> None:
+        self._endpoint.leave_local(flags)
+
+
+class RemoteServerLink:
+    """A worker's connection to the server rank over its own process group."""
+
+    def __init__(
+        self,
+        rank: int,
+        group: dist.ProcessGroup,
+        layout: FlatLayout,
+        buffer_layout: FlatLayout,
+        peer_timeout: float,
+        receive_into: Optional[list[Tensor]] = None,
+        pin_memory: bool = False,
+        server_rank: int = SERVER_RANK,
+    ) -> None:
+        """Parameters are received into ``receive_into`` (host buffers of ``layout``; the CPU model's own flat
+        parameters make the reply the model without a copy), else into buffers of the link's own."""
+        self._rank = rank
+        self._server = server_rank
+        self._group = group
+        self._layout = layout
+        self._buffer_layout = buffer_layout
+        self._timeout = timedelta(seconds=peer_timeout)
+        self._params = receive_into if receive_into is not None else layout.allocate("cpu", pin_memory=pin_memory)
+        self._buffers = buffer_layout.allocate("cpu", pin_memory=pin_memory)
+        self._staging = layout.allocate("cpu", pin_memory=pin_memory) if pin_memory else []
+        self._header = torch.empty(Header.SIZE, dtype=torch.int64)
+        self._sending: list[tuple[Tensor, dist.Work]] = []
+        self._broken = False  # after an abort, a timeout or a lost connection: send nothing more
+
+    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+        """Send a whole gradient (flat buffers of the layout) and wait for the answer."""
+        self.post_push(gradient, version, flags, threshold)
+        return self.await_reply()
+
+    def post_push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> None:
+        """Queue a whole gradient; :meth:`await_reply` waits for the answer."""
+        if gradient and gradient[0].device.type != "cpu":
+            for staged, tensor in zip(self._staging, gradient):
+                staged.copy_(tensor)
+            gradient = self._staging
+        self.start_push(version, flags, threshold)
+        for chunk in self._layout.chunk_views(gradient):
+            self.send_chunk(chunk)
+
+    def start_push(self, version: int, flags: Flag, threshold: int = 0) -> None:
+        """Begin a gradient message; its chunks follow with :meth:`send_chunk`, in the layout's wire order."""
+        header = Header(
+            Kind.PUSH, self._rank, version, int(flags), threshold, self._layout.numel, code=self._layout.signature
+        )
+        self._post(header.to_tensor())
+
+    def send_chunk(self, chunk: Tensor) -> None:
+        """Queue one chunk; it travels while the caller goes on (e.g. while backward still runs)."""
+        self._post(chunk)
+
+    def await_reply(self) -> Reply:
+        """Wait until the queued message is out, then for the server's answer."""
+        self._complete_sends()
+        return self._receive()
+
+    def abandon(self) -> None:
+        """A message was cut off half-way (the worker failed mid-backward): send nothing more; the server
+        learns of it when this process's connection closes."""
+        self._broken = True
+
+    def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+        self.post_drain(flags, threshold)
+        return self.await_reply()
+
+    def post_drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> None:
+        self._post(Header(Kind.DRAIN, self._rank, flags=int(flags), threshold=threshold).to_tensor())
+
+    def leave(self, flags: Flag = Flag.NONE) -> None:
+        if not self._broken:
+            self._post(Header(Kind.LEAVE, self._rank, flags=int(flags)).to_tensor())
+            self._complete_sends()
+
+    def _post(self, tensor: Tensor) -> None:
+        if self._broken:
+            raise PeerLostError(f"hybrid_sgd: rank {self._rank}'s connection to the parameter server is closed")
+        try:
+            self._sending.append((tensor, dist.isend(tensor, dst=self._server, group=self._group, tag=REQUEST_TAG)))
+        except RuntimeError as err:
+            self._broken = True
+            raise self._server_lost(err) from err
+
+    def _complete_sends(self) -> None:
+        """Wait until every queued send is out (the tensors stay referenced until then)."""
+        try:
+            for _, work in self._sending:
+                self._wait(work)
+        finally:
+            self._sending.clear()
+
+    def _recv(self, tensor: Tensor) -> None:
+        self._wait(dist.irecv(tensor, src=self._server, group=self._group, tag=ANSWER_TAG))
+
+    def _wait(self, work: dist.Work) -> None:
+        """Sends wait as long as receives: over a cut link a send never completes (found by the partition test)."""
+        try:
+            work.wait(self._timeout)
+        except RuntimeError as err:
+            self._broken = True
+            if "Timed out" in str(err):
+                raise timeout_error(self._timeout.total_seconds()) from err
+            raise self._server_lost(err) from err
+
+    def _server_lost(self, err: RuntimeError) -> PeerLostError:
+        return PeerLostError(
+            f"hybrid_sgd: rank {self._rank} lost the parameter server (rank {self._server}): its process died or "
+            f"its connection closed ({err}). Check rank {self._server}'s log, then resume from the last checkpoint."
+        )
+
+    def _receive(self) -> Reply:
+        self._recv(self._header)
+        header = Header.from_tensor(self._header)
+        if header.kind == Kind.ABORT:
+            self._broken = True
+            raise abort_error(header.code, header.detail)
+        if header.kind != Kind.REPLY or header.numel != self._layout.numel:
+            self._broken = True
+            raise ProtocolError(
+                f"hybrid_sgd: rank {self._rank} got a message of kind {header.kind} with {header.numel} elements "
+                f"from the server, expected a reply of {self._layout.numel}"
+            )
+        for tensor in self._params:
+            self._recv(tensor)
+        flags = Flag(header.flags)
+        buffers = None
+        if flags & Flag.BUFFERS:
+            for tensor in self._buffers:
+                self._recv(tensor)
+            buffers = self._buffers
+        return Reply(
+            version=header.version,
+            threshold=header.threshold,
+            flags=flags,
+            params=self._params,
+            buffers=buffers,
+            staleness=header.detail if header.detail >= 0 else None,
+        )
+
+
+class ShardedServerLink:
+    """A worker's connection to a sharded server: rank ``s`` serves shard ``s`` (see :class:`ShardPlan`).
+
+    A push sends each shard its slice of the flat gradient (remote shards first, without waiting, then the local
+    one in memory) and the answers land straight in the slices of the model's flat parameters. The shards apply the
+    same updates (shard 0 decides, see :class:`FollowerServer`), but a rejected or dropped gradient is answered at
+    once with each shard's current slice, so a worker tracks the version of each shard; its reply reports the
+    lowest. A push tells every shard shard 0's version, by which every shard measures the gradient's staleness
+    alike (a follower that answered with an older version would see it staler). The worker checks its whole
+    gradient for NaN/Inf before it leaves, so that every shard rejects the same gradients."""
+
+    def __init__(
+        self,
+        rank: int,
+        links: list[ServerLink],
+        plan: ShardPlan,
+        gradient: list[Tensor],
+        params: list[Tensor],
+        param_slices: list[list[Tensor]],
+    ) -> None:
+        """``links[s]`` reaches shard ``s`` (a :class:`LocalServerLink` for this rank's own); ``gradient`` and
+        ``params`` are the worker's flat buffers; ``param_slices[s]`` (``plan.views(s, params)``) are where
+        ``links[s]`` receives its answers."""
+        self._rank = rank
+        self._links = links
+        self._remote = [(s, link) for s, link in enumerate(links) if isinstance(link, RemoteServerLink)]
+        self._gradient = gradient
+        self._gradient_slices = [plan.views(s, gradient) for s in range(plan.shards)]
+        self._params = params
+        self._param_slices = param_slices
+        self.versions = [0] * plan.shards
+
+    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+        """Push ``gradient`` (the worker's flat gradient buffers); ``version`` is ignored: every shard gets shard 0's."""
+        assert gradient is self._gradient, "a sharded push sends the gradient buffers the link was built with"
+        if not all(all_finite(g) for g in gradient):
+            flags |= Flag.NONFINITE
+        for shard, link in self._remote:
+            link.post_push(self._gradient_slices[shard], self.versions[0], flags, threshold)
+        local = self._links[self._rank].push(self._gradient_slices[self._rank], self.versions[0], flags, threshold)
+        return self._merge(local)
+
+    def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+        for _, link in self._remote:
+            link.post_drain(flags, threshold)
+        return self._merge(self._links[self._rank].drain(flags, threshold))
+
+    def leave(self, flags: Flag = Flag.NONE) -> None:
+        for link in self._links:
+            link.leave(flags)
+
+    def _merge(self, local: Reply) -> Reply:
+        """One reply from every shard's: their versions, the union of their flags, shard 0's buffers (rank 0's
+        module buffers) and the largest staleness."""
+        replies = {self._rank: local, **{shard: link.await_reply() for shard, link in self._remote}}
+        for shard, reply in replies.items():
+            if reply.params is not self._param_slices[shard]:  # received into staging buffers (a GPU model)
+                for mine, received in zip(self._param_slices[shard], reply.params):
+                    mine.copy_(received)
+        self.versions = [replies[s].version for s in range(len(self._links))]
+        flags = Flag.NONE
+        for reply in replies.values():
+            flags |= reply.flags
+        staleness = [r.staleness for r in replies.values() if r.staleness is not None]
+        return Reply(
+            version=min(self.versions),
+            threshold=replies[0].threshold,
+            flags=flags,
+            params=self._params,
+            buffers=replies[0].buffers,
+            staleness=max(staleness) if staleness else None,
+        )
+
+
+ServerLink = LocalServerLink | RemoteServerLink
+AnyServerLink = ServerLink | ShardedServerLink

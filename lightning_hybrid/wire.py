@@ -1,0 +1,146 @@
+"""The message format between workers and the parameter server, defined once for both sides (the server's
+:mod:`lightning_hybrid.endpoint` and the workers' :mod:`lightning_hybrid.links`). A message is a fixed int64
+header and, for some kinds, flat payload buffers whose sizes both sides know from the model (a gradient travels in
+the layout's chunks, see ``FlatLayout.chunks``; its header carries the layout's signature): nothing is ever
+pickled. Every remote worker talks to a server rank over its own two-member gloo group, so its traffic never
+collides with Lightning's collectives on the default group nor with other workers'; GPU tensors are staged through
+(pinned) host memory, since gloo moves host memory.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_hybrid.errors import HybridSGDError, PeerLostError, ProtocolError
+
+SERVER_RANK = 0  # the server's rank when it is not sharded
+# A pair of ranks shares one channel in both directions when the server is sharded (each serves the other):
+# requests (worker -> server) and answers (server -> worker) carry different tags, so that a rank's receiver
+# thread and its own worker never take each other's messages.
+REQUEST_TAG, ANSWER_TAG = 1, 2
+# Shard 0 of a sharded server tells the other shards which gradients each of its updates applied (a Decision);
+# version END_OF_DECISIONS ends.
+DECISION_TAG = 3
+END_OF_DECISIONS = -1
+
+
+class Kind(enum.IntEnum):
+    PUSH = 1  # worker -> server: a gradient (payload), maybe with Flag.DRAIN
+    DRAIN = 2  # worker -> server: wait until every active worker drains
+    LEAVE = 3  # worker -> server: no more messages from this worker
+    REPLY = 11  # server -> worker: parameters (payload), maybe buffers (Flag.BUFFERS)
+    ABORT = 12  # server -> worker: the run cannot go on (Header.detail names the lost rank)
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    SIGTERM = 1  # a rank received SIGTERM: every rank stops
+    STOP = 2  # a rank's budget ran out (max_time, or max_steps with pulled work): every rank stops
+    DRAIN = 4  # on PUSH: drain right after this gradient
+    BUFFERS = 8  # on REPLY: module buffers (rank 0's) follow the parameters
+    REJECTED = 16  # on REPLY: the pushed gradient held NaN/Inf and was not applied
+    FAILED = 32  # on LEAVE: the worker raised an exception; the run stops everywhere
+    NONFINITE = 64  # on PUSH: the worker's whole gradient holds NaN/Inf (a shard sees part of it): reject it
+    DROPPED = 128  # on REPLY: the pushed gradient was staler than max_staleness: compute the batch again
+
+
+STOP_FLAGS = Flag.SIGTERM | Flag.STOP
+
+
+class AbortCode(enum.IntEnum):
+    WORKER_LOST = 1
+    PROTOCOL = 2
+    SERVER_FAILED = 3
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fixed part of every message, sent as 8 int64 values."""
+
+    kind: int
+    rank: int = 0
+    version: int = 0
+    flags: int = 0
+    threshold: int = 0  # PUSH: requested K (0: none); REPLY: the server's K
+    numel: int = 0  # payload elements, a check against the layout
+    detail: int = 0  # REPLY: staleness of the worker's gradient (-1: none); ABORT: the lost rank
+    code: int = 0  # ABORT: AbortCode; PUSH: the gradient layout's signature (FlatLayout.signature)
+
+    SIZE = 8
+
+    def to_tensor(self) -> Tensor:
+        return torch.tensor(
+            [self.kind, self.rank, self.version, self.flags, self.threshold, self.numel, self.detail, self.code],
+            dtype=torch.int64,
+        )
+
+    @classmethod
+    def from_tensor(cls, tensor: Tensor) -> Header:
+        return cls(*(int(v) for v in tensor.tolist()))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Shard 0's update to ``version`` applied the gradients of ``workers`` (version ``DROPPED`` of
+    :mod:`lightning_hybrid.server`: it dropped the one worker's gradient). Sent as one int64 message
+    ``[version, count, worker, ..., -1 padding]`` of :meth:`size` values."""
+
+    version: int
+    workers: Sequence[int] = ()
+
+    @staticmethod
+    def size(num_workers: int) -> int:
+        return num_workers + 2
+
+    def to_tensor(self, num_workers: int) -> Tensor:
+        message = torch.full((self.size(num_workers),), -1, dtype=torch.int64)
+        message[:2] = torch.tensor([self.version, len(self.workers)])
+        message[2 : 2 + len(self.workers)] = torch.tensor(self.workers, dtype=torch.int64)
+        return message
+
+    @classmethod
+    def from_tensor(cls, tensor: Tensor) -> Decision:
+        version, count, *workers = tensor.tolist()
+        return cls(version, workers[:count])
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a worker learns from the server's answer."""
+
+    version: int
+    threshold: int
+    flags: Flag
+    params: list[Tensor]
+    buffers: Optional[list[Tensor]] = None
+    staleness: Optional[int] = None
+
+
+def abort_error(code: int, rank: int, why: str = "") -> HybridSGDError:
+    """The error of an abort, alike on the server that aborts and on the workers that hear its ABORT."""
+    if code == AbortCode.WORKER_LOST:
+        return PeerLostError(
+            f"hybrid_sgd: worker rank {rank} was lost (its process died or its connection closed){why}; "
+            f"the run stops on every rank. Check rank {rank}'s log, then resume from the last checkpoint "
+            "with `trainer.fit(model, ckpt_path=...)`."
+        )
+    if code == AbortCode.PROTOCOL:
+        return ProtocolError(
+            f"hybrid_sgd: worker rank {rank} broke the parameter-server protocol{why}; the run stops on every rank."
+        )
+    return PeerLostError(f"hybrid_sgd: the parameter server failed{why}; the run stops on every rank.")
+
+
+def timeout_error(timeout: float) -> PeerLostError:
+    """No answer from the server within ``timeout`` seconds, in memory or over the network."""
+    return PeerLostError(
+        f"hybrid_sgd: no answer from the parameter server within {timeout:g} s. A worker is hung, lost or "
+        "slower than that; if stragglers are legitimately this slow, raise "
+        "`HybridSGDStrategy(peer_timeout=...)`."
+    )
