@@ -25,9 +25,9 @@ import torch
 from launch import run_configuration, write_result
 
 import lightning_hybrid
-from lightning_hybrid.data import DigitsDataModule
-from lightning_hybrid.delays import DelayDistribution, InjectDelays
-from lightning_hybrid.models import MLPClassifier
+from lightning_hybrid.app.data import DigitsDataModule
+from lightning_hybrid.app.delays import DelayDistribution, InjectDelays
+from lightning_hybrid.app.models import MLPClassifier
 
 CONFIGURATIONS = {  # name: (strategy, threshold, pull_work, shard_server)
     "ddp": ("ddp", None, None, False),

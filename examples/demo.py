@@ -16,8 +16,8 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 
 import lightning_hybrid
-from lightning_hybrid.data import DigitsDataModule
-from lightning_hybrid.models import MLPClassifier
+from lightning_hybrid.app.data import DigitsDataModule
+from lightning_hybrid.app.models import MLPClassifier
 
 
 def main() -> None:

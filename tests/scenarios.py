@@ -21,9 +21,9 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 
 import lightning_hybrid
-from lightning_hybrid.data import DigitsDataModule
-from lightning_hybrid.delays import DelayDistribution, InjectDelays
-from lightning_hybrid.models import MLPClassifier
+from lightning_hybrid.app.data import DigitsDataModule
+from lightning_hybrid.app.delays import DelayDistribution, InjectDelays
+from lightning_hybrid.app.models import MLPClassifier
 
 
 def trainer(strategy: Any, devices: int, **kwargs: Any) -> pl.Trainer:

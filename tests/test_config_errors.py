@@ -7,8 +7,8 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 import lightning_hybrid
 from lightning_hybrid import HybridSGDStrategy
-from lightning_hybrid.data import DigitsDataModule
-from lightning_hybrid.models import MLPClassifier
+from lightning_hybrid.app.data import DigitsDataModule
+from lightning_hybrid.app.models import MLPClassifier
 
 
 def fit(model: pl.LightningModule, strategy="hybrid_sgd", **kwargs) -> pl.Trainer:

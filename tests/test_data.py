@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_hybrid.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule, read_idx
+from lightning_hybrid.app.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule, read_idx
 
 
 def write_idx(path, array: np.ndarray, compress: bool) -> None:

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from lightning_hybrid.delays import DelayDistribution, InjectDelays
+from lightning_hybrid.app.delays import DelayDistribution, InjectDelays
 
 
 def test_distributions_have_the_documented_scale() -> None:

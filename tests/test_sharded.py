@@ -16,9 +16,9 @@ from test_config_errors import fit
 from test_faults import run_failing
 
 from lightning_hybrid import HybridSGDStrategy
+from lightning_hybrid.app.models import MLPClassifier
 from lightning_hybrid.errors import ProtocolError
 from lightning_hybrid.flat import FlatLayout
-from lightning_hybrid.models import MLPClassifier
 from lightning_hybrid.server import FollowerServer, ParameterServer, clone_optimizer
 from lightning_hybrid.shards import ShardPlan
 

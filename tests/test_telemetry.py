@@ -56,7 +56,7 @@ def test_threshold_rises_and_wandb_holds_the_telemetry(tmp_path) -> None:
 
 
 def test_dashboard_builds_offline_with_the_logged_metrics() -> None:
-    from lightning_hybrid.dashboard import build_workspace
+    from lightning_hybrid.app.dashboard import build_workspace
 
     workspace = build_workspace("an-entity", "a-project")
     titles = [panel.title for section in workspace.sections for panel in section.panels]
@@ -64,7 +64,7 @@ def test_dashboard_builds_offline_with_the_logged_metrics() -> None:
         titles
     )
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_hybrid.dashboard", "--entity", "e", "--project", "p"],
+        [sys.executable, "-m", "lightning_hybrid.app.dashboard", "--entity", "e", "--project", "p"],
         capture_output=True,
         text=True,
         env={"WANDB_MODE": "offline", "PATH": ""},

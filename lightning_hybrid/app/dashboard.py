@@ -1,6 +1,6 @@
 """A W&B workspace for the hybrid's telemetry, built with wandb's own workspaces API.
 
-    python -m lightning_hybrid.dashboard --entity ENTITY --project PROJECT
+    python -m lightning_hybrid.app.dashboard --entity ENTITY --project PROJECT
 
 creates (online) a saved view with the threshold, version, update size, staleness and per-worker panels that
 ``ThresholdScheduler`` logs. Offline (``WANDB_MODE=offline``) it builds the same workspace and prints

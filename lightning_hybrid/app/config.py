@@ -95,7 +95,7 @@ class DelayDistributionConfig:
 
 @dataclass
 class DelaysConfig:
-    """Simulated workers (``lightning_hybrid.delays``): every rank sleeps ``extra`` per step (simulated
+    """Simulated workers (``lightning_hybrid.app.delays``): every rank sleeps ``extra`` per step (simulated
     compute); ``ranks`` are ``slowdown`` times slower in all and add ``communication`` delays."""
 
     ranks: list[int] = field(default_factory=list)

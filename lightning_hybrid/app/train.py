@@ -1,9 +1,6 @@
-"""The Hydra training app: ``lightning-hybrid-train`` (or ``python examples/train.py``).
-
-    lightning-hybrid-train strategy=hybrid threshold=cosine trainer.devices=4
-    lightning-hybrid-train -m strategy=sync,async,hybrid seed=1,2     # a sweep, one W&B run per job
-
-Each job writes ``result.json`` (final validation metrics, updates, staleness) into its output folder.
+"""The Hydra training app behind ``lightning-hybrid-train`` (and ``python examples/train.py``): builds one job's
+strategy, data, model, logger and callbacks from the config under ``conf/``, trains, and writes the job's
+``result.json`` (final validation metrics, updates, staleness) into its output folder.
 """
 
 from __future__ import annotations
@@ -22,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 
 import lightning_hybrid
-from lightning_hybrid.config import TrainConfig, register_configs
-from lightning_hybrid.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
-from lightning_hybrid.delays import DelayDistribution, InjectDelays
+from lightning_hybrid.app.config import TrainConfig, register_configs
+from lightning_hybrid.app.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
+from lightning_hybrid.app.delays import DelayDistribution, InjectDelays
+from lightning_hybrid.app.models import CNNClassifier, MLPClassifier
 from lightning_hybrid.launcher import LAUNCH_VARIABLES, HydraJobLauncher
-from lightning_hybrid.models import CNNClassifier, MLPClassifier
 
-CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "conf")
+CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
 
 
@@ -226,7 +223,3 @@ def release_job_processes(environment: dict[str, Any]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-if __name__ == "__main__":
-    main()
