@@ -128,7 +128,7 @@ class ServerEndpoint:
         self._sender.join(timeout)
 
     # ------------------------------------------------------------------ local worker (same process)
-    def push_local(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+    def push_local(self, gradient: list[Tensor], version: int, flags: Flag, threshold: Optional[int] = None) -> Reply:
         """The local worker's push of ``gradient`` (flat buffers of the server's layout, read in memory; the server
         may write into them until it answers) computed at ``version``; returns the server's answer."""
         self.apply_requests(flags, threshold)
@@ -137,7 +137,7 @@ class ServerEndpoint:
             lambda: self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite)
         )
 
-    def drain_local(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+    def drain_local(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> Reply:
         """The local worker drains; returns the answer once every active worker has drained."""
         self.apply_requests(flags, threshold)
         return self._answer_local(lambda: self.server.drain(self.rank))
@@ -260,7 +260,7 @@ class ServerEndpoint:
                 return
         self._dispatch(releases)
 
-    def apply_requests(self, flags: int, threshold: int) -> None:
+    def apply_requests(self, flags: int, threshold: Optional[int]) -> None:
         """Stop signals and a threshold change that a worker's message carries."""
         if flags & STOP_FLAGS:
             self.server.request_stop(int(flags & STOP_FLAGS))

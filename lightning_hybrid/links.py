@@ -39,10 +39,10 @@ class LocalServerLink:
     def __init__(self, endpoint: ServerEndpoint) -> None:
         self._endpoint = endpoint
 
-    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: Optional[int] = None) -> Reply:
         return self._endpoint.push_local(gradient, version, flags, threshold)
 
-    def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+    def drain(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> Reply:
         return self._endpoint.drain_local(flags, threshold)
 
     def leave(self, flags: Flag = Flag.NONE) -> None:
@@ -78,12 +78,12 @@ class RemoteServerLink:
         self._sending: list[tuple[Tensor, dist.Work]] = []
         self._broken = False  # after an abort, a timeout or a lost connection: send nothing more
 
-    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: Optional[int] = None) -> Reply:
         """Send a whole gradient (flat buffers of the layout) and wait for the answer."""
         self.post_push(gradient, version, flags, threshold)
         return self.await_reply()
 
-    def post_push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> None:
+    def post_push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: Optional[int] = None) -> None:
         """Queue a whole gradient; :meth:`await_reply` waits for the answer."""
         if gradient and gradient[0].device.type != "cpu":
             for staged, tensor in zip(self._staging, gradient):
@@ -93,10 +93,10 @@ class RemoteServerLink:
         for chunk in self._layout.chunk_views(gradient):
             self.send_chunk(chunk)
 
-    def start_push(self, version: int, flags: Flag, threshold: int = 0) -> None:
+    def start_push(self, version: int, flags: Flag, threshold: Optional[int] = None) -> None:
         """Begin a gradient message; its chunks follow with :meth:`send_chunk`, in the layout's wire order."""
         header = Header(
-            Kind.PUSH, self._rank, version, int(flags), threshold, self._layout.numel, code=self._layout.signature
+            Kind.PUSH, self._rank, version, int(flags), threshold or 0, self._layout.numel, code=self._layout.signature
         )
         self._post(header.to_tensor())
 
@@ -114,12 +114,12 @@ class RemoteServerLink:
         learns of it when this process's connection closes."""
         self._broken = True
 
-    def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+    def drain(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> Reply:
         self.post_drain(flags, threshold)
         return self.await_reply()
 
-    def post_drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> None:
-        self._post(Header(Kind.DRAIN, self._rank, flags=int(flags), threshold=threshold).to_tensor())
+    def post_drain(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> None:
+        self._post(Header(Kind.DRAIN, self._rank, flags=int(flags), threshold=threshold or 0).to_tensor())
 
     def leave(self, flags: Flag = Flag.NONE) -> None:
         if not self._broken:
@@ -224,7 +224,7 @@ class ShardedServerLink:
         self._param_slices = param_slices
         self.versions = [0] * plan.shards
 
-    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: int = 0) -> Reply:
+    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: Optional[int] = None) -> Reply:
         """Push ``gradient`` (the worker's flat gradient buffers); ``version`` is ignored: every shard gets shard 0's."""
         assert gradient is self._gradient, "a sharded push sends the gradient buffers the link was built with"
         if not all(all_finite(g) for g in gradient):
@@ -234,7 +234,7 @@ class ShardedServerLink:
         local = self._links[self._rank].push(self._gradient_slices[self._rank], self.versions[0], flags, threshold)
         return self._merge(local)
 
-    def drain(self, flags: Flag = Flag.NONE, threshold: int = 0) -> Reply:
+    def drain(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> Reply:
         for _, link in self._remote:
             link.post_drain(flags, threshold)
         return self._merge(self._links[self._rank].drain(flags, threshold))

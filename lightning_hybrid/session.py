@@ -80,7 +80,7 @@ class WorkerSession:
         self._flat_params: list[Tensor] = []  # the model's parameters live in these (FlatLayout.bind)
         self._version = 0
         self._threshold: Optional[int] = None
-        self._threshold_request = 0
+        self._threshold_request: Optional[int] = None  # a K this rank asked for, sent with its next message
         self.local_stop = Flag.NONE  # stop signals raised on this rank, sent with every message
         self.server_stop = Flag.NONE  # stop signals the server relayed: every rank acts on them alike
         self.drained = True  # nothing pushed since the last drain: every rank holds the latest model
@@ -286,7 +286,7 @@ class WorkerSession:
             if self._stream is not None:
                 self._stream.disarm()
 
-    def _exchange(self, loss: Any, final: bool, threshold: int, global_step: int) -> bool:
+    def _exchange(self, loss: Any, final: bool, threshold: Optional[int], global_step: int) -> bool:
         """Push this worker's gradient, wait for the server's answer and load the new parameters. False: the
         server dropped the gradient as too stale, and the batch must be computed again."""
         assert self._link is not None
@@ -325,8 +325,8 @@ class WorkerSession:
         self._absorb(self._link.drain(self.local_stop, self._take_threshold_request()), global_step)
         self.drained = True
 
-    def _take_threshold_request(self) -> int:
-        request, self._threshold_request = self._threshold_request, 0
+    def _take_threshold_request(self) -> Optional[int]:
+        request, self._threshold_request = self._threshold_request, None
         return request
 
     def _absorb(self, reply: Reply, global_step: int) -> None:
