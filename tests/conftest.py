@@ -26,7 +26,8 @@ def launch(
     scenario: str, out: Path, *args: Any, timeout: float = 240, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run one scenario; its Lightning launcher starts the other ranks as processes of their own.
-    ``args`` are command-line words; a string of several words is split at spaces."""
+    ``args`` are the scenario's own command-line words (``python tests/scenarios.py SCENARIO --help``);
+    a string of several words is split at spaces."""
     words = [word for arg in args for word in str(arg).split()]
     command = [sys.executable, str(SCENARIOS), scenario, "--out", str(out), *words]
     result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=timeout)

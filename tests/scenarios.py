@@ -1,8 +1,10 @@
 """Training runs that the multi-process tests launch as real scripts.
 
-Lightning's launcher starts every other rank by re-running this script, exactly as a user's
-script runs, so each scenario is a plain function of the command line. Each rank writes what
-the test checks into ``--out`` (``rank{r}.pt``) and the test process reads it back.
+Lightning's launcher starts every other rank by re-running this script with the same command line,
+exactly as a user's script runs, so each scenario is a plain function of the command line: a
+subcommand whose arguments are the fields of its own dataclass (``python tests/scenarios.py
+SCENARIO --help`` lists them). Each rank writes what the test checks into ``--out`` (``rank{r}.pt``)
+and the test process reads it back.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import os
 import random
 import signal
 import time
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -26,10 +31,10 @@ from lightning_hybrid.app.delays import DelayDistribution, InjectDelays
 from lightning_hybrid.app.models import MLPClassifier
 
 
-def trainer(strategy: Any, devices: int, **kwargs: Any) -> pl.Trainer:
+def trainer(strategy: Any, args: Launch, **kwargs: Any) -> pl.Trainer:
     options: dict[str, Any] = dict(
-        accelerator=os.environ.get("SCENARIO_ACCELERATOR", "cpu"),
-        devices=devices,
+        accelerator=args.accelerator,
+        devices=args.devices,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -193,8 +198,120 @@ class SigtermAt(Callback):
         module.write()
 
 
+class RandomThreshold(Callback):
+    """Rank 0 sets a random K every ``every`` steps; also samples this process's resident memory."""
+
+    def __init__(self, every: int, seed: int) -> None:
+        self.every, self.random = every, random.Random(seed)
+        self.rss_mib: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank == 0 and trainer.global_step % self.every == 0:
+            trainer.strategy.threshold = self.random.randint(1, trainer.world_size)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        with open("/proc/self/statm") as statm:
+            self.rss_mib.append(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+
+
+# --------------------------------------------------------------------------- command line
+def option(default: Any = MISSING, help: str | None = None) -> Any:
+    """A scenario argument with the text ``--help`` shows for it; no default: a required one."""
+    return field(default=default, metadata={"help": help})
+
+
+def threshold_spec(value: str) -> int | str:
+    """K as the strategy takes it: a number of gradients, or a spec such as "sync", "async", "50%"."""
+    return int(value) if value.isdigit() else value
+
+
+def rank_step_k(value: str) -> tuple[int, int, int]:
+    rank, step, k = (int(v) for v in value.split(":"))
+    return rank, step, k
+
+
+Threshold = Annotated[int | str, threshold_spec]
+ThresholdChange = Annotated[tuple[int, int, int], rank_step_k]
+
+
+@dataclass(kw_only=True)
+class Launch:
+    """What every scenario takes: where each rank writes its results, and this node's processes."""
+
+    out: Path = option(help="each rank writes rank{r}.pt (and what the scenario records) here")
+    devices: int = option(2, "processes on this node (Lightning's devices)")
+    accelerator: str = "cpu"
+
+
+@dataclass(kw_only=True)
+class Seeded(Launch):
+    """A run that trains: the seed of the weights and the data, and the model's learning rate."""
+
+    seed: int = 7
+    lr: float = 0.05
+
+
+@dataclass(kw_only=True)
+class Epochs(Seeded):
+    epochs: int = option(2, "max_epochs")
+
+
+@dataclass(kw_only=True)
+class Batches(Epochs):
+    batches: int | None = option(None, "limit_train_batches")
+
+
+@dataclass(kw_only=True)
+class Slowed:
+    """One worker slower than the others (the SlowRank callback)."""
+
+    slow_rank: int = option(-1, "the rank slowed at every training step (-1: none)")
+    delay: float = option(0.0, "seconds the slowed rank sleeps before each training step")
+
+
+SCENARIOS: dict[str, tuple[Callable[[Any], None], type[Launch]]] = {}
+
+
+def scenario(function: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Registers ``function`` as a subcommand taking the dataclass its ``args`` is annotated with."""
+    SCENARIOS[function.__name__] = function, typing.get_type_hints(function)["args"]
+    return function
+
+
+def add_arguments(parser: argparse.ArgumentParser, spec: type[Launch]) -> None:
+    """One ``--kebab-case`` option per field of ``spec``: a flag for a bool, choices for a Literal, the
+    parser an Annotated type carries or the field's own type for the rest; required where it has no default."""
+    hints = typing.get_type_hints(spec, include_extras=True)
+    for f in fields(spec):
+        flag, kind, text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata.get("help")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=text)
+            continue
+        if type(None) in typing.get_args(kind):  # X | None: an X, None when absent
+            (kind,) = (k for k in typing.get_args(kind) if k is not type(None))
+        if typing.get_origin(kind) is Literal:
+            parse: dict[str, Any] = {"choices": typing.get_args(kind)}
+        else:
+            parse = {"type": kind.__metadata__[0] if typing.get_origin(kind) is Annotated else kind}
+        if f.default is MISSING:
+            parser.add_argument(flag, required=True, help=text, **parse)
+        else:
+            text = " ".join(filter(None, (text, "(default: %(default)s)")))
+            parser.add_argument(flag, default=f.default, help=text, **parse)
+
+
 # --------------------------------------------------------------------------- scenarios
-def ddp_equivalence(args: argparse.Namespace) -> None:
+@dataclass(kw_only=True)
+class DdpEquivalence(Batches):
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    batch_norm: bool = False
+    overlap_push: bool = False
+    shard_server: bool = False
+
+
+@scenario
+def ddp_equivalence(args: DdpEquivalence) -> None:
     """Lightning DDP, then hybrid_sgd with K = N, from the same seed and data."""
     model_kwargs: dict[str, Any] = dict(
         optimizer=args.optimizer, lr=args.lr, lr_step=1, batch_norm=args.batch_norm, weight_decay=args.weight_decay
@@ -214,7 +331,7 @@ def ddp_equivalence(args: argparse.Namespace) -> None:
                 threshold="sync", overlap_push=args.overlap_push, shard_server=args.shard_server
             )
         )
-        run = trainer(strategy, args.devices, **fit_kwargs)
+        run = trainer(strategy, args, **fit_kwargs)
         model = MLPClassifier(**model_kwargs)
         run.fit(model, datamodule=DigitsDataModule(seed=args.seed))
         results[name] = weights(model)
@@ -225,14 +342,30 @@ def ddp_equivalence(args: argparse.Namespace) -> None:
     save(args.out, int(os.environ.get("LOCAL_RANK", 0)), **results)
 
 
-def straggler(args: argparse.Namespace) -> None:
+@dataclass(kw_only=True)
+class Straggler(Slowed, Batches):
+    threshold: Threshold = "sync"
+    static_shards: bool = option(
+        False, "pull_work=False: Lightning's equal static shards (else the strategy's default)"
+    )
+    nonfinite: Literal["skip", "stop"] = "skip"
+    shard_server: bool = False
+    nan_rank: int = option(-1, "the rank whose loss is NaN once")
+    nan_step: int = option(-1, "the global step of that rank at which its loss is NaN")
+    max_time: str | None = option(None, "Trainer(max_time), DD:HH:MM:SS")
+    checkpoint_every: int | None = option(None, "a ModelCheckpoint and a barrier every this many steps")
+    set_threshold: ThresholdChange | None = option(None, "RANK:STEP:K: rank RANK alone sets K at its global step STEP")
+
+
+@scenario
+def straggler(args: Straggler) -> None:
     """One slowed worker under threshold K; optionally a NaN gradient and a max_time budget."""
     pl.seed_everything(args.seed)
     slow = SlowRank(slow_rank=args.slow_rank, delay=args.delay)
     evaluation = ModelAtEvaluation()
     strategy = lightning_hybrid.HybridSGDStrategy(
         threshold=args.threshold,
-        pull_work=args.pull_work,
+        pull_work=False if args.static_shards else None,
         nonfinite=args.nonfinite,
         peer_timeout=60,
         shard_server=args.shard_server,
@@ -245,10 +378,9 @@ def straggler(args: argparse.Namespace) -> None:
         callbacks.append(BarrierEvery(args.checkpoint_every))
         extra["enable_checkpointing"] = True
     if args.set_threshold:
-        rank, step, k = (int(v) for v in args.set_threshold.split(":"))
-        callbacks.append(SetThreshold(rank, step, k))
+        callbacks.append(SetThreshold(*args.set_threshold))
     run = trainer(
-        strategy, args.devices, max_epochs=args.epochs, limit_train_batches=args.batches, callbacks=callbacks, **extra
+        strategy, args, max_epochs=args.epochs, limit_train_batches=args.batches, callbacks=callbacks, **extra
     )
     model = NaNOnce(nan_rank=args.nan_rank, nan_step=args.nan_step, lr=args.lr)
     data = DigitsDataModule(seed=args.seed)
@@ -271,12 +403,21 @@ def straggler(args: argparse.Namespace) -> None:
     )
 
 
-def resume(args: argparse.Namespace) -> None:
+@dataclass(kw_only=True)
+class Resume(Batches):
+    phase: Literal["full", "first", "second", "restore"] = "full"
+    threshold: Threshold = "sync"
+    optimizer: str = "sgd"
+    shard_server: bool = False
+
+
+@scenario
+def resume(args: Resume) -> None:
     """Checkpoints: ``--phase full`` trains straight through; ``first`` trains and saves; ``second`` resumes
     and trains on; ``restore`` only restores (its epochs are done) and saves again."""
     pl.seed_everything(args.seed)
     strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, shard_server=args.shard_server)
-    run = trainer(strategy, args.devices, max_epochs=args.epochs, limit_train_batches=args.batches)
+    run = trainer(strategy, args, max_epochs=args.epochs, limit_train_batches=args.batches)
     model = MLPClassifier(optimizer=args.optimizer, lr=args.lr, lr_step=1, batch_norm=True)
     ckpt = args.out / "epoch1.ckpt"
     resuming = args.phase in ("second", "restore")
@@ -294,29 +435,37 @@ def resume(args: argparse.Namespace) -> None:
     )
 
 
-def pulled(args: argparse.Namespace) -> None:
+@dataclass(kw_only=True)
+class Pulled(Slowed, Epochs):
+    phase: Literal["full", "twice", "preempt", "resume", "loops"] = "full"
+    threshold: Threshold = "sync"
+    max_staleness: int | None = None
+    shard_server: bool = False
+    sigterm_step: int = option(-1, "phase preempt: rank 1 sends itself SIGTERM at this global step")
+    max_steps: int = option(-1, "phase loops: Trainer(max_steps)")
+
+
+@scenario
+def pulled(args: Pulled) -> None:
     """Pulled work with slowed workers; ``--phase preempt`` stops by SIGTERM at rank 1's step
-    ``--nan-step`` and checkpoints, ``--phase resume`` continues from that checkpoint."""
+    ``--sigterm-step`` and checkpoints, ``--phase resume`` continues from that checkpoint."""
     os.environ["SCENARIO_PHASE"] = args.phase
     pl.seed_everything(args.seed)
     ckpt = args.out / "preempted.ckpt"
     callbacks: list[Callback] = [SlowRank(slow_rank=args.slow_rank, delay=args.delay)]
     if args.phase == "preempt":
-        callbacks += [SigtermAt(rank=1, step=args.nan_step), OnExceptionCheckpoint(args.out, "preempted")]
+        callbacks += [SigtermAt(rank=1, step=args.sigterm_step), OnExceptionCheckpoint(args.out, "preempted")]
     if args.phase == "twice":  # a first, separate trainer in the same processes before the one recorded
-        first = trainer(lightning_hybrid.HybridSGDStrategy(threshold=args.threshold), args.devices, max_epochs=1)
+        first = trainer(lightning_hybrid.HybridSGDStrategy(threshold=args.threshold), args, max_epochs=1)
         first.fit(RecordIndices(lr=args.lr), datamodule=IndexedDigits())
     strategy = lightning_hybrid.HybridSGDStrategy(
-        threshold=args.threshold,
-        pull_work=args.pull_work,
-        max_staleness=args.max_staleness,
-        shard_server=args.shard_server,
+        threshold=args.threshold, max_staleness=args.max_staleness, shard_server=args.shard_server
     )
     extra: dict[str, Any] = {"enable_checkpointing": args.phase in ("preempt", "loops")}
     if args.phase == "loops":  # Lightning's own loop features: max_steps, progress bar, epoch-end checkpoints
         callbacks.append(ModelCheckpoint(args.out / "ckpts", save_top_k=-1))
-        extra.update(max_steps=args.batches, enable_progress_bar=True)
-    run = trainer(strategy, args.devices, max_epochs=args.epochs, callbacks=callbacks, **extra)
+        extra.update(max_steps=args.max_steps, enable_progress_bar=True)
+    run = trainer(strategy, args, max_epochs=args.epochs, callbacks=callbacks, **extra)
     model = RecordIndices(lr=args.lr)
     run.fit(model, datamodule=IndexedDigits(), ckpt_path=ckpt if args.phase == "resume" else None)
     save(
@@ -330,7 +479,13 @@ def pulled(args: argparse.Namespace) -> None:
     )
 
 
-def telemetry(args: argparse.Namespace) -> None:
+@dataclass(kw_only=True)
+class Telemetry(Slowed, Batches):
+    """Only the shared arguments: the schedule, the loggers and K's start are the scenario's own."""
+
+
+@scenario
+def telemetry(args: Telemetry) -> None:
     """ThresholdScheduler with a linear schedule from 1 to N over ``--epochs - 1`` epochs, an offline
     WandbLogger and a CSVLogger side by side."""
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
@@ -341,7 +496,7 @@ def telemetry(args: argparse.Namespace) -> None:
     callbacks: list[Callback] = [lightning_hybrid.ThresholdScheduler(schedule), SlowRank(args.slow_rank, args.delay)]
     run = trainer(
         lightning_hybrid.HybridSGDStrategy(threshold="async"),
-        args.devices,
+        args,
         max_epochs=args.epochs,
         logger=loggers,
         callbacks=callbacks,
@@ -350,20 +505,31 @@ def telemetry(args: argparse.Namespace) -> None:
     run.fit(MLPClassifier(lr=args.lr), datamodule=DigitsDataModule(seed=args.seed))
 
 
-def mismatched_model(args: argparse.Namespace) -> None:
+@scenario
+def mismatched_model(args: Launch) -> None:
     """Every rank builds a different model: setup must refuse it."""
-    run = trainer(lightning_hybrid.HybridSGDStrategy(), args.devices, max_epochs=1)
+    run = trainer(lightning_hybrid.HybridSGDStrategy(), args, max_epochs=1)
     run.fit(MLPClassifier(hidden=16 + run.global_rank), datamodule=DigitsDataModule())
 
 
-def lost_worker(args: argparse.Namespace) -> None:
-    """Rank ``--slow-rank`` kills itself with SIGKILL at its step 5 (``--delay 0``) or hangs for ``--delay`` s."""
+@dataclass(kw_only=True)
+class LostWorker(Launch):
+    lost_rank: int = option(help="the rank lost at its global step 5")
+    hang: float = option(0.0, "seconds the lost rank hangs; 0: it kills itself with SIGKILL instead")
+    threshold: Threshold = "sync"
+    peer_timeout: float = 60.0
+    shard_server: bool = False
+
+
+@scenario
+def lost_worker(args: LostWorker) -> None:
+    """Rank ``--lost-rank`` kills itself with SIGKILL at its step 5 (``--hang 0``) or hangs for ``--hang`` s."""
 
     class Killer(Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, *rest: Any) -> None:
-            if trainer.global_rank == args.slow_rank and trainer.global_step == 5:
-                if args.delay:
-                    time.sleep(args.delay)
+            if trainer.global_rank == args.lost_rank and trainer.global_step == 5:
+                if args.hang:
+                    time.sleep(args.hang)
                 else:
                     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -371,16 +537,27 @@ def lost_worker(args: argparse.Namespace) -> None:
         lightning_hybrid.HybridSGDStrategy(
             threshold=args.threshold, peer_timeout=args.peer_timeout, shard_server=args.shard_server
         ),
-        args.devices,
-        max_epochs=args.epochs,
+        args,
+        max_epochs=2,  # the rank is lost in the first epoch
         callbacks=[Killer()],
     )
     run.fit(MLPClassifier(), datamodule=DigitsDataModule())
 
 
-def nodes(args: argparse.Namespace) -> None:
+@dataclass(kw_only=True)
+class Nodes(Slowed, Batches):
+    num_nodes: int = 1
+    threshold: Threshold = "sync"
+    peer_timeout: float = 60.0
+    pg_timeout: float = option(1800.0, "seconds, Lightning's collectives")
+    checkpoint_every: int | None = option(None, "a ModelCheckpoint every this many steps")
+    resume_from: Path | None = option(None, "a checkpoint to resume from")
+
+
+@scenario
+def nodes(args: Nodes) -> None:
     """Launched once per node (by torchrun or by hand): ``num_nodes`` x ``devices`` workers; optionally
-    slowed, checkpointed every ``--checkpoint-every`` steps, or resumed from ``--resume``."""
+    slowed, checkpointed every ``--checkpoint-every`` steps, or resumed from ``--resume-from``."""
     pl.seed_everything(args.seed)
     strategy = lightning_hybrid.HybridSGDStrategy(
         threshold=args.threshold, peer_timeout=args.peer_timeout, timeout=timedelta(seconds=args.pg_timeout)
@@ -390,7 +567,7 @@ def nodes(args: argparse.Namespace) -> None:
         callbacks.append(ModelCheckpoint(args.out / "ckpts", every_n_train_steps=args.checkpoint_every, save_top_k=-1))
     run = trainer(
         strategy,
-        args.devices,
+        args,
         num_nodes=args.num_nodes,
         max_epochs=args.epochs,
         limit_train_batches=args.batches,
@@ -398,7 +575,7 @@ def nodes(args: argparse.Namespace) -> None:
         enable_checkpointing=bool(args.checkpoint_every),
     )
     model = MLPClassifier(lr=args.lr)
-    run.fit(model, datamodule=DigitsDataModule(seed=args.seed), ckpt_path=args.resume)
+    run.fit(model, datamodule=DigitsDataModule(seed=args.seed), ckpt_path=args.resume_from)
     save(
         args.out,
         run.global_rank,
@@ -411,23 +588,14 @@ def nodes(args: argparse.Namespace) -> None:
     )
 
 
-class RandomThreshold(Callback):
-    """Rank 0 sets a random K every ``every`` steps; also samples this process's resident memory."""
-
-    def __init__(self, every: int, seed: int) -> None:
-        self.every, self.random = every, random.Random(seed)
-        self.rss_mib: list[float] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_rank == 0 and trainer.global_step % self.every == 0:
-            trainer.strategy.threshold = self.random.randint(1, trainer.world_size)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        with open("/proc/self/statm") as statm:
-            self.rss_mib.append(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+@dataclass(kw_only=True)
+class Soak(Seeded):
+    max_time: str = option(help="Trainer(max_time), DD:HH:MM:SS: how long it trains")
+    shard_server: bool = False
 
 
-def soak(args: argparse.Namespace) -> None:
+@scenario
+def soak(args: Soak) -> None:
     """Minutes of training: random per-step delays (heavy-tailed on a slowed rank), K changed at random
     every 3 steps, pulled work; every rank records its pushes and its memory at each epoch end."""
     pl.seed_everything(args.seed)
@@ -438,7 +606,7 @@ def soak(args: argparse.Namespace) -> None:
         ranks=[args.devices - 1], slowdown=2.0, extra=DelayDistribution("pareto", 0.002, 1.5), seed=args.seed
     )
     changes = RandomThreshold(every=3, seed=args.seed)
-    run = trainer(strategy, args.devices, max_time=args.max_time, max_epochs=-1, callbacks=[delays, changes])
+    run = trainer(strategy, args, max_time=args.max_time, max_epochs=-1, callbacks=[delays, changes])
     model = MLPClassifier(lr=args.lr)
     run.fit(model, datamodule=DigitsDataModule(seed=args.seed))
     save(
@@ -455,45 +623,18 @@ def soak(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("scenario")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--num-nodes", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--optimizer", default="sgd")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--max-staleness", type=int, default=None)
-    parser.add_argument("--batch-norm", action="store_true")
-    parser.add_argument("--overlap-push", action="store_true")
-    parser.add_argument("--shard-server", action="store_true")
-    parser.add_argument("--threshold", default="sync")
-    parser.add_argument("--slow-rank", type=int, default=-1)
-    parser.add_argument("--delay", type=float, default=0.0)
-    parser.add_argument("--nan-rank", type=int, default=-1)
-    parser.add_argument("--nan-step", type=int, default=-1)
-    parser.add_argument("--nonfinite", default="skip")
-    parser.add_argument("--max-time", default=None)
-    parser.add_argument("--phase", default="full")
-    parser.add_argument("--peer-timeout", type=float, default=60.0)
-    parser.add_argument("--checkpoint-every", type=int, default=0)
-    parser.add_argument("--resume", default=None, help="a checkpoint to resume from")
-    parser.add_argument("--pg-timeout", type=float, default=1800.0, help="seconds, Lightning's collectives")
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--set-threshold", default="", help="RANK:STEP:K")
-    parser.add_argument("--pull-work", default=None, type=lambda v: {"true": True, "false": False}[v])
-    args = parser.parse_args()
-    if args.threshold.isdigit():
-        args.threshold = int(args.threshold)
+    parser = argparse.ArgumentParser(description=__doc__)
+    subcommands = parser.add_subparsers(dest="scenario", required=True)
+    for name, (function, spec) in SCENARIOS.items():
+        doc = function.__doc__ or ""
+        add_arguments(subcommands.add_parser(name, help=doc.partition(".")[0], description=doc), spec)
+    chosen = vars(parser.parse_args())
+    function, spec = SCENARIOS[chosen.pop("scenario")]
+    args = spec(**chosen)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["SCENARIO_OUT"] = str(args.out)
-    os.environ["SCENARIO_ACCELERATOR"] = args.accelerator
-    os.environ.setdefault("SCENARIO_PHASE", args.phase)
-    globals()[args.scenario](args)
+    function(args)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_hybrid_updates_hold_exactly_k_gradients(tmp_path) -> None:
     launch(
         "straggler",
         tmp_path,
-        "--devices 3 --threshold 2 --epochs 2 --batches 10 --slow-rank 2 --delay 0.03 --checkpoint-every 4 --pull-work false",
+        "--devices 3 --threshold 2 --epochs 2 --batches 10 --slow-rank 2 --delay 0.03 --checkpoint-every 4 --static-shards",
     )
     assert len(list((tmp_path / "ckpts").glob("*.ckpt"))) == 5  # global steps 4, 8, 12, 16, 20
     ranks = results(tmp_path, 3)
@@ -85,7 +85,7 @@ def test_threshold_set_on_one_worker_reaches_the_server_and_every_rank(tmp_path)
         "straggler",
         tmp_path,
         "--devices 2 --threshold 1 --epochs 1 --batches 8 --set-threshold 1:3:2 --slow-rank 0 --delay 0.05 "
-        "--pull-work false",
+        "--static-shards",
     )
     server, worker = results(tmp_path, 2)
     assert server["threshold"] == worker["threshold"] == 2

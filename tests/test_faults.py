@@ -24,7 +24,7 @@ def run_failing(scenario: str, out, arguments: str, bound: float) -> str:
 @pytest.mark.parametrize("threshold", ["sync", "1"])
 def test_killed_worker_stops_every_rank_naming_it(tmp_path, threshold) -> None:
     output = run_failing(
-        "lost_worker", tmp_path, f"--devices 3 --threshold {threshold} --slow-rank 1 --peer-timeout 60", bound=40
+        "lost_worker", tmp_path, f"--devices 3 --threshold {threshold} --lost-rank 1 --peer-timeout 60", bound=40
     )
     # every survivor names the lost rank as soon as it raises PeerLostError (its traceback may not get out:
     # Lightning's launcher, in rank 0's process, SIGKILLs every rank within 5 s of a child's death)
@@ -33,13 +33,13 @@ def test_killed_worker_stops_every_rank_naming_it(tmp_path, threshold) -> None:
 
 
 def test_killed_server_rank_stops_every_worker(tmp_path) -> None:
-    output = run_failing("lost_worker", tmp_path, "--devices 2 --slow-rank 0 --peer-timeout 60", bound=40)
+    output = run_failing("lost_worker", tmp_path, "--devices 2 --lost-rank 0 --peer-timeout 60", bound=40)
     assert "lost the parameter server (rank 0)" in output
 
 
 def test_hung_worker_fails_the_others_after_peer_timeout(tmp_path) -> None:
     # rank 1 hangs for 300 s; the others give up after peer_timeout = 5 s and the hung process is killed
-    output = run_failing("lost_worker", tmp_path, "--devices 2 --slow-rank 1 --delay 300 --peer-timeout 5", bound=45)
+    output = run_failing("lost_worker", tmp_path, "--devices 2 --lost-rank 1 --hang 300 --peer-timeout 5", bound=45)
     assert "no answer from the parameter server within 5 s" in output
 
 

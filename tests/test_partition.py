@@ -111,7 +111,7 @@ def test_cut_link_stops_both_nodes_and_the_last_checkpoint_resumes(tmp_path, two
     mend()
     resumed = tmp_path / "resumed"
     epochs = str(saved["epoch"] + 2)
-    nodes = start_nodes(hosts, resumed, *run, "--epochs", epochs, "--resume", str(last))
+    nodes = start_nodes(hosts, resumed, *run, "--epochs", epochs, "--resume-from", str(last))
     outputs = [node.communicate(timeout=180)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
     node_a, node_b = results(resumed, 2)

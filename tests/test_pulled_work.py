@@ -33,7 +33,7 @@ def test_a_second_trainer_in_the_same_processes_starts_fresh_counters(tmp_path) 
 def test_preempted_mid_epoch_resumes_from_the_cursor(tmp_path) -> None:
     # rank 1 is preempted (SIGTERM) at its step 5; OnExceptionCheckpoint saves; a new run resumes the epoch
     common = "--devices 2 --threshold 1 --epochs 1 --slow-rank 1 --delay 0.03"
-    launch("pulled", tmp_path, common, "--phase preempt --nan-step 5")
+    launch("pulled", tmp_path, common, "--phase preempt --sigterm-step 5")
     checkpoint = torch.load(tmp_path / "preempted.ckpt", weights_only=False)
     work = checkpoint["hybrid_sgd"]["work"]
     assert work["epoch"] == 0 and 0 < len(work["done"]) < 90
@@ -51,7 +51,7 @@ def test_lightning_loops_with_unequal_epochs(tmp_path) -> None:
     launch(
         "pulled",
         tmp_path,
-        "--devices 2 --threshold 1 --epochs 10 --slow-rank 1 --delay 0.02 --phase loops --batches 100",
+        "--devices 2 --threshold 1 --epochs 10 --slow-rank 1 --delay 0.02 --phase loops --max-steps 100",
     )
     fast, slow = results(tmp_path / "loops", 2)
     assert fast["global_step"] == 100 and slow["global_step"] < 100
