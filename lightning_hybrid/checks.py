@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from lightning_hybrid.group_scaling import check_group_scaling, check_rule_name
+from lightning_hybrid.lockstep import saves_by_steps_or_time
 from lightning_hybrid.server import check_max_staleness
 from lightning_hybrid.shards import ELEMENTWISE_OPTIMIZERS
 from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec
@@ -156,7 +157,7 @@ def check_pulled_work(trainer: pl.Trainer) -> None:
             f"(val_check_interval=1.0), {STATIC_FIX}."
         )
     for callback in trainer.checkpoint_callbacks:
-        if getattr(callback, "_every_n_train_steps", 0) or getattr(callback, "_train_time_interval", None):
+        if saves_by_steps_or_time(callback):
             raise MisconfigurationException(
                 "ModelCheckpoint(every_n_train_steps=... or train_time_interval=...) would save at different "
                 "moments on ranks that train different numbers of batches (pulled work): save at epoch ends "

@@ -2,7 +2,7 @@
 receives the server's answers. The worker rank that shares the server's process talks to it in memory
 (:class:`LocalServerLink`); every other rank uses :class:`RemoteServerLink`; with a sharded server a worker talks
 to every shard at once through a :class:`ShardedServerLink`. All answer ``push``/``drain``/``leave`` alike, so the
-strategy drives any of them the same way.
+worker session drives any of them the same way.
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ class RemoteServerLink:
         self._server = server_rank
         self._group = group
         self._layout = layout
-        self._buffer_layout = buffer_layout
         self._timeout = timedelta(seconds=peer_timeout)
         self._params = receive_into if receive_into is not None else layout.allocate("cpu", pin_memory=pin_memory)
         self._buffers = buffer_layout.allocate("cpu", pin_memory=pin_memory)

@@ -1,28 +1,29 @@
-"""Every place where hybrid_sgd reads or replaces a private part of Lightning, each replacement with its restore.
+"""Every private part of Lightning that hybrid_sgd reads or replaces, each replacement with its restore.
 
 DDP keeps ranks in lockstep: Lightning broadcasts rank 0's SIGTERM flag and a step-interval Timer's verdict at
 every step, and clips each rank's local gradient. A rank waiting in the parameter server for K gradients cannot
 join such a collective, so these pieces are replaced for one fit (the signals ride on the server's answers, the
 server clips the aggregated gradient) and restored after it. Read from pytorch-lightning 2.6.6: on a Lightning
-upgrade, this file is the one to check.
+upgrade, this file is the one to check. (``HybridSGDStrategy`` also uses the state it inherits from
+``DDPStrategy``, e.g. ``_launcher`` and ``_layer_sync``, as any subclass does.)
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import subprocess
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Timer
+from lightning_fabric.utilities.distributed import _destroy_dist_connection
+from pytorch_lightning.callbacks import Callback, Timer
 from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.strategies.launchers import subprocess_script as lightning_launcher
 
 from lightning_hybrid.server import GradientClipping
-
-LIGHTNING_VERSION_READ = "2.6.6"
 
 Restore = Callable[[], None]
 
@@ -30,15 +31,29 @@ Restore = Callable[[], None]
 sync_module_states = _sync_module_states
 
 
-def take_gradient_clipping(trainer: pl.Trainer) -> tuple[Optional[GradientClipping], Restore]:
-    """Move clipping from the workers' local gradients to the server's aggregated one."""
+def destroy_process_groups_at_exit() -> None:
+    """Destroy the process groups before the interpreter finalises, as Lightning does for NCCL only: a gloo group
+    freed during finalisation can abort the process after a clean run (SIGABRT, "terminate called without an
+    active exception": seen once in CI after Trainer.test; torch PR 179291 explains it). Registered once."""
+    atexit.unregister(_destroy_dist_connection)
+    atexit.register(_destroy_dist_connection)
+
+
+def saves_by_steps_or_time(callback: Callback) -> bool:
+    """A ModelCheckpoint that saves every n training steps or every time interval (not at epoch ends)."""
+    return bool(getattr(callback, "_every_n_train_steps", 0) or getattr(callback, "_train_time_interval", None))
+
+
+def take_gradient_clipping(trainer: pl.Trainer) -> tuple[Optional[GradientClipping], Optional[Restore]]:
+    """Move clipping from the workers' local gradients to the server's aggregated one (nothing to restore when
+    the Trainer clips nothing)."""
     value, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+    if not value:
+        return None, None
 
     def restore() -> None:
         trainer.gradient_clip_val = value
 
-    if not value:
-        return None, restore
     trainer.gradient_clip_val = None
     # Lightning stores the algorithm as a GradClipAlgorithmType, whose str() is not its value
     return GradientClipping(float(value), str(getattr(algorithm, "value", algorithm) or "norm")), restore

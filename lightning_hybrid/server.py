@@ -37,7 +37,6 @@ from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.group_scaling import GroupScaling, apply_scales
 from lightning_hybrid.staleness import StalenessStats
 
-
 # The "version" of a decision that drops the listed worker's gradient (updates produce versions from 1 on).
 DROPPED = 0
 

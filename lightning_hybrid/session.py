@@ -1,7 +1,7 @@
 """``WorkerSession``: one ``fit``'s worker, from its flat buffers and topology to its last answer.
 
-The strategy hands it everything as arguments (rank, channels, optimizer, options) and asks it to push, drain and
-leave; it never reads the strategy or the trainer. It wires the topology (the server on global rank 0, or a shard
+The strategy hands it everything as arguments (rank, channels, optimizer, options), raises its local stop flags
+(SIGTERM, time up) and asks it to push, drain and leave; it never reads the strategy or the trainer. It wires the topology (the server on global rank 0, or a shard
 on every rank; a local link, a remote one or a sharded one), keeps what this worker learnt from the server's
 answers (version, K, staleness, rejected and dropped gradients) and the stop signals travelling both ways, and
 keeps its final counters after it ends, so that the strategy's properties still answer once ``fit`` returns.
@@ -82,7 +82,7 @@ class WorkerSession:
         self._threshold: Optional[int] = None
         self._threshold_request: Optional[int] = None  # a K this rank asked for, sent with its next message
         self.local_stop = Flag.NONE  # stop signals raised on this rank, sent with every message
-        self.server_stop = Flag.NONE  # stop signals the server relayed: every rank acts on them alike
+        self._server_stop = Flag.NONE  # stop signals the server relayed: every rank acts on them alike
         self.drained = True  # nothing pushed since the last drain: every rank holds the latest model
         self._staleness = StalenessStats()
         self._rejected: Counter = Counter()
@@ -258,18 +258,19 @@ class WorkerSession:
     @property
     def stop_requested(self) -> bool:
         """The server relayed a stop (``max_time`` spent or ``max_steps`` reached on some rank)."""
-        return bool(self.server_stop & Flag.STOP)
+        return bool(self._server_stop & Flag.STOP)
 
     @property
     def sigterm_relayed(self) -> bool:
-        return bool(self.server_stop & Flag.SIGTERM)
+        return bool(self._server_stop & Flag.SIGTERM)
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
     def step(self, final: bool, global_step: int) -> Iterator[Callable[[Any], bool]]:
         """One optimizer step; yields the push that the step's closure result goes to (see :meth:`_exchange`).
 
-        ``final``: no step of this rank follows in this epoch, so the push also drains. Decided before the closure
+        ``final``: no step of this rank follows in this epoch (or ``max_steps`` ends the run), so the push also
+        drains. Decided before the closure
         runs backward, so that the gradient can stream out during backward (a stop signal raised during backward
         then travels with the next message)."""
         threshold = self._take_threshold_request()
@@ -311,9 +312,9 @@ class WorkerSession:
             return False
         if reply is not None:
             self._absorb(reply, global_step)
-            if self.server_stop and not final:
+            if self._server_stop and not final:
                 self._absorb(self._link.drain(self.local_stop), global_step)
-            if final or self.server_stop:
+            if final or self._server_stop:
                 self.drained = True
         self.wait_seconds += time.perf_counter() - started
         self.steps += 1
@@ -343,7 +344,7 @@ class WorkerSession:
         if reply.flags & Flag.REJECTED:
             self._reject(global_step)
         self._count_drop(bool(reply.flags & Flag.DROPPED))
-        self.server_stop |= reply.flags & STOP_FLAGS
+        self._server_stop |= reply.flags & STOP_FLAGS
 
     def _reject(self, global_step: int) -> None:
         assert self._options is not None
@@ -411,8 +412,9 @@ class WorkerSession:
             saved.update({k: v for k, v in local.items() if k != "params"})
         return state
 
-    def load(self, optimizer_state: dict[str, Any], progress: Optional[dict[str, Any]], world_size: int) -> None:
-        """Restore the server's optimizer state and counters from a checkpoint (a no-op where nothing is served).
+    def load(self, optimizer_states: list[dict[str, Any]], progress: Optional[dict[str, Any]], world_size: int) -> None:
+        """Restore version and K from a checkpoint (also outside fit, e.g. ``validate(ckpt_path=...)``) and, where
+        this rank serves, the server's optimizer state and counters.
 
         Sharded: a checkpoint of as many shards restores each shard's own counters; any other (unsharded, DDP,
         another world size) gives every shard the whole server's."""
@@ -420,7 +422,7 @@ class WorkerSession:
             self._version, self._threshold = int(progress["version"]), int(progress["threshold"])
         if self._endpoint is None:
             return
-        server = self._endpoint.server
+        server, optimizer_state = self._endpoint.server, optimizer_states[0]
         if self._plan is None:
             server.optimizer.load_state_dict(optimizer_state)
             if progress is not None:
@@ -437,7 +439,7 @@ class WorkerSession:
             self._link.versions = [s["version"] for s in shards] if same else [self._version] * world_size
 
     # ------------------------------------------------------------------ the end
-    def end(self, error: Optional[BaseException] = None, clean: bool = True) -> None:
+    def end(self, error: Optional[BaseException] = None, clean: bool = True, global_step: int = -1) -> None:
         """Final drain (when ``clean``), then this worker leaves; the server's rank keeps its final counters, and
         the user's optimizer (global rank 0's, with a sharded server) takes the server optimizer's final state.
 
@@ -457,26 +459,28 @@ class WorkerSession:
                 link.leave(Flag.FAILED)
             else:
                 if clean:
-                    self._absorb(link.drain(self.local_stop), global_step=-1)
+                    self._absorb(link.drain(self.local_stop), global_step)
                 link.leave(self.local_stop)
         except HybridSGDError:
             if error is None and clean:
                 raise
             log.debug("hybrid_sgd: could not leave cleanly", exc_info=True)
-        endpoint, self._endpoint = self._endpoint, None
-        if endpoint is None:
+        if self._endpoint is None:
             return
-        endpoint.close(timeout=self._options.peer_timeout if error is None else 1.0)
-        server = endpoint.server
-        if self._plan is None or error is None:  # gathering shards is collective: not after an error
-            if self._plan is not None:  # kept for a checkpoint saved after fit
-                self._shard_progress = gather_to_zero(server.progress_state())
-            state = self._state_of(server, self._optimizer.param_groups)
-            if state:
-                self._optimizer.load_state_dict(state)
-        self._version, self._threshold = server.version, server.threshold
-        self._staleness = server.stats
-        self._update_sizes = server.update_sizes
-        self._rejected = server.rejected
-        self._dropped = server.dropped
-        self._final_progress = server.progress_state()
+        server = self._endpoint.server
+        try:
+            self._endpoint.close(timeout=self._options.peer_timeout if error is None else 1.0)
+            if self._plan is None or error is None:  # gathering shards is collective: not after an error
+                if self._plan is not None:  # kept for a checkpoint saved after fit
+                    self._shard_progress = gather_to_zero(server.progress_state())
+                state = self._state_of(server, self._optimizer.param_groups)
+                if state:
+                    self._optimizer.load_state_dict(state)
+        finally:  # the server's final counters stay readable, whatever failed above
+            self._endpoint = None
+            self._version, self._threshold = server.version, server.threshold
+            self._staleness = server.stats
+            self._update_sizes = server.update_sizes
+            self._rejected = server.rejected
+            self._dropped = server.dropped
+            self._final_progress = server.progress_state()

@@ -24,7 +24,6 @@ Rules a user can rely on:
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import subprocess
@@ -39,7 +38,6 @@ import torch.distributed as dist
 from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning_fabric.strategies import _StrategyRegistry
-from lightning_fabric.utilities.distributed import _destroy_dist_connection
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from lightning_fabric.utilities.types import _PATH, ReduceOp
 from pytorch_lightning.plugins.precision import Precision
@@ -216,7 +214,8 @@ class HybridSGDStrategy(DDPStrategy):
 
     @property
     def worker_staleness(self) -> StalenessStats:
-        """This worker's own gradients' staleness, as the server's answers told it."""
+        """This worker's own gradients' staleness, as the server's answers told it (after fit, on the server's
+        rank, the server's statistics of all workers)."""
         return self._session.worker_staleness
 
     @property
@@ -247,14 +246,22 @@ class HybridSGDStrategy(DDPStrategy):
         """Optimizer steps of this rank since the last :meth:`reset_worker_counters`."""
         return self._session.steps
 
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._session.steps = value
+
     @property
     def wait_seconds(self) -> float:
         """Time of those steps spent waiting for the server's answers."""
         return self._session.wait_seconds
 
+    @wait_seconds.setter
+    def wait_seconds(self, value: float) -> None:
+        self._session.wait_seconds = value
+
     def reset_worker_counters(self) -> None:
         """Count this worker's steps and waiting time anew (the threshold callback does at every epoch)."""
-        self._session.steps, self._session.wait_seconds = 0, 0.0
+        self.steps, self.wait_seconds = 0, 0.0
 
     @property
     def server(self) -> Optional[ParameterServer]:
@@ -272,11 +279,7 @@ class HybridSGDStrategy(DDPStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        # Destroy the process groups before the interpreter finalises, as Lightning does for NCCL only: a gloo
-        # group freed during finalisation can abort the process after a clean run (SIGABRT, "terminate called
-        # without an active exception": seen once in CI after Trainer.test; torch PR 179291 explains it).
-        atexit.unregister(_destroy_dist_connection)
-        atexit.register(_destroy_dist_connection)
+        lockstep.destroy_process_groups_at_exit()
         if self._channels is None:
             # new_group is collective: every rank creates every channel, in the same order. A sharded server
             # needs one channel per pair of ranks (each serves the other), a single one one per worker.
@@ -307,6 +310,8 @@ class HybridSGDStrategy(DDPStrategy):
     def _start_session(self, trainer: "pl.Trainer") -> None:
         """Each fit starts a new server at version 0 (a checkpoint restores it), as Lightning builds new
         optimizers for each fit."""
+        self._session, self._sampler, self._work_state, self._pulling = WorkerSession(), None, None, False
+        self._restore = []
         optimizer = checks.check_one_optimizer(self.optimizers)
         checks.check_update_rules(
             self._group_scaling, self._max_staleness, optimizer, trainer.accumulate_grad_batches, self.world_size
@@ -314,15 +319,14 @@ class HybridSGDStrategy(DDPStrategy):
         threshold = resolve_threshold(self._threshold_spec, self.world_size)
         self._session_id = self.broadcast(next(_SESSIONS))  # rank 0's: a fresh child process counts from 1
         self._pulling = threshold < self.world_size if self._pull_work is None else self._pull_work
-        self._sampler, self._work_state = None, None
         if self._pulling:
             checks.check_pulled_work(trainer)
         if self._shard_server:
             checks.check_shardable(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         clipping, restore_clipping = lockstep.take_gradient_clipping(trainer)
-        self._restore.append(restore_clipping)
+        if restore_clipping is not None:
+            self._restore.append(restore_clipping)
         assert self._channels is not None
-        self._session = WorkerSession()
         self._session.start(
             rank=self.global_rank,
             world_size=self.world_size,
@@ -411,15 +415,14 @@ class HybridSGDStrategy(DDPStrategy):
         # final: no step of this rank follows in this epoch, so the push also drains and no gradient stays
         # pending while ranks enter epoch-end collectives
         final = lockstep.epoch_ends_after_this_step(trainer)
-        if trainer.max_steps >= 0 and trainer.global_step + 1 >= trainer.max_steps:
+        if not final and trainer.max_steps >= 0 and trainer.global_step + 1 >= trainer.max_steps:
             self._session.local_stop |= Flag.STOP  # with pulled work other ranks are at other steps: all stop here
             final = True
         with self._session.step(final, trainer.global_step) as exchange:
 
             def push(loss: Any) -> bool:
                 applied = exchange(loss)
-                if applied:
-                    self._act_on_stop()
+                self._act_on_stop(sigterm=applied)  # a dropped gradient's batch runs again before any SIGTERM stop
                 return applied
 
             return self.precision_plugin.optimizer_step(
@@ -432,14 +435,14 @@ class HybridSGDStrategy(DDPStrategy):
             self._session.drain(self.lightning_module.trainer.global_step)
             self._act_on_stop()
 
-    def _act_on_stop(self) -> None:
+    def _act_on_stop(self, sigterm: bool = True) -> None:
         """A relayed stop ends the run on every rank; after a drain that brought a relayed SIGTERM every rank
         stops here, as Lightning's DDP does (once: drains during the exception's handling, e.g. an
         OnExceptionCheckpoint, must not raise again)."""
         trainer = self.lightning_module.trainer
         if self._session.stop_requested:
             trainer.should_stop = True
-        if self._session.sigterm_relayed and lockstep.tell_lightning_of_sigterm(trainer):
+        if sigterm and self._session.sigterm_relayed and lockstep.tell_lightning_of_sigterm(trainer):
             raise SIGTERMException()
 
     # ------------------------------------------------------------------ collectives on the default group
@@ -516,7 +519,7 @@ class HybridSGDStrategy(DDPStrategy):
         progress = checkpoint.get(CHECKPOINT_KEY)
         if progress is not None:
             self._resume_work = progress.get("work")
-        self._session.load(checkpoint["optimizer_states"][0], progress, self.world_size)
+        self._session.load(checkpoint["optimizer_states"], progress, self.world_size)
         if self._session.server is not None:
             for optimizer in self.optimizers:
                 optimizer.state.clear()  # the server's copy is the one that steps
@@ -524,7 +527,10 @@ class HybridSGDStrategy(DDPStrategy):
     # ------------------------------------------------------------------ the end
     @override
     def on_train_end(self) -> None:
-        self._session.end()
+        trainer = self.lightning_module.trainer
+        self._session.end(global_step=trainer.global_step)
+        if self._session.stop_requested:
+            trainer.should_stop = True
 
     @override
     def on_exception(self, exception: BaseException) -> None:

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
