@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import subprocess
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
+import torch.distributed as dist
 from lightning_fabric.utilities.distributed import _destroy_dist_connection
 from pytorch_lightning.callbacks import Callback, Timer
 from pytorch_lightning.overrides.distributed import _sync_module_states
+from pytorch_lightning.strategies import ddp as lightning_ddp
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.strategies.launchers import subprocess_script as lightning_launcher
 
@@ -120,3 +123,15 @@ def children_command(command: Callable[[int], tuple[Any, str]]) -> Iterator[None
         yield
     finally:
         lightning_launcher._hydra_subprocess_cmd = lightnings_own
+
+
+@contextlib.contextmanager
+def default_group_on(store: dist.Store) -> Iterator[None]:
+    """While ``DDPStrategy.setup_distributed`` runs, the default process group forms on ``store`` instead of the
+    env:// rendezvous (Lightning looks its ``_init_dist_connection`` up by name in its DDP module)."""
+    lightnings_own = lightning_ddp._init_dist_connection
+    lightning_ddp._init_dist_connection = functools.partial(lightnings_own, store=store)
+    try:
+        yield
+    finally:
+        lightning_ddp._init_dist_connection = lightnings_own

@@ -50,6 +50,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_hybrid import checks, lockstep
+from lightning_hybrid.elastic import restart_round_store
 from lightning_hybrid.errors import HybridSGDError
 from lightning_hybrid.launcher import HydraJobLauncher
 from lightning_hybrid.server import ParameterServer
@@ -275,6 +276,17 @@ class HybridSGDStrategy(DDPStrategy):
         if self._start_method == "popen":  # children run their parent's one Hydra job, also under --multirun
             assert self.cluster_environment is not None
             self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    @override
+    def setup_distributed(self) -> None:
+        """As DDP's, except under torchrun with its shared store: there each restart round forms the default group
+        under a prefix of its own (see :mod:`lightning_hybrid.elastic`), so that ``--max-restarts`` works."""
+        store = restart_round_store(self.num_nodes * self.num_processes, self._timeout or default_pg_timeout)
+        if store is None:
+            super().setup_distributed()
+            return
+        with lockstep.default_group_on(store):
+            super().setup_distributed()
 
     @override
     def setup_environment(self) -> None:

@@ -198,6 +198,19 @@ class SigtermAt(Callback):
         module.write()
 
 
+class DieInFirstRound(Callback):
+    """Rank ``rank`` SIGKILLs itself at its global step ``step``, in torchrun's first round only (a lost worker
+    that a restart replaces)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        first_round = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if first_round and trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RandomThreshold(Callback):
     """Rank 0 sets a random K every ``every`` steps; also samples this process's resident memory."""
 
@@ -230,8 +243,14 @@ def rank_step_k(value: str) -> tuple[int, int, int]:
     return rank, step, k
 
 
+def rank_step(value: str) -> tuple[int, int]:
+    rank, step = (int(v) for v in value.split(":"))
+    return rank, step
+
+
 Threshold = Annotated[int | str, threshold_spec]
 ThresholdChange = Annotated[tuple[int, int, int], rank_step_k]
+RankStep = Annotated[tuple[int, int], rank_step]
 
 
 @dataclass(kw_only=True)
@@ -552,6 +571,7 @@ class Nodes(Slowed, Batches):
     pg_timeout: float = option(1800.0, "seconds, Lightning's collectives")
     checkpoint_every: int | None = option(None, "a ModelCheckpoint every this many steps")
     resume_from: Path | None = option(None, "a checkpoint to resume from")
+    die_in_first_round: RankStep | None = option(None, "RANK:STEP: that rank SIGKILLs itself in torchrun's round 0")
 
 
 @scenario
@@ -565,6 +585,8 @@ def nodes(args: Nodes) -> None:
     callbacks: list[Callback] = [SlowRank(slow_rank=args.slow_rank, delay=args.delay)]
     if args.checkpoint_every:
         callbacks.append(ModelCheckpoint(args.out / "ckpts", every_n_train_steps=args.checkpoint_every, save_top_k=-1))
+    if args.die_in_first_round:
+        callbacks.append(DieInFirstRound(*args.die_in_first_round))
     run = trainer(
         strategy,
         args,
@@ -581,6 +603,7 @@ def nodes(args: Nodes) -> None:
         run.global_rank,
         world_size=run.world_size,
         node_rank=run.node_rank,
+        restart_round=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         version=strategy.version,
         global_step=run.global_step,
         update_sizes=dict(strategy.update_sizes),

@@ -1,0 +1,33 @@
+"""Restarts under TorchElastic (``torchrun --max-restarts R``): each restart round forms its groups afresh.
+
+The torchrun agent (torch 2.13 here) shares its rendezvous TCPStore with the workers
+(``TORCHELASTIC_USE_AGENT_STORE=True``; opt out with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), and torch's env://
+rendezvous then uses that store without a per-round prefix. The same store outlives a failed round, so the
+restarted workers read the dead round's gloo addresses and fail with "Connection refused" (torch issues
+"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0 is not compatible with torchelastic restarts"). Here the default process
+group, and with it every channel and the pulled-work counters, lives under a prefix named by the restart round.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Optional
+
+import torch.distributed as dist
+
+
+def restart_round() -> int:
+    """TorchElastic's restart count: 0 for the first round and outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def restart_round_store(world_size: int, timeout: timedelta) -> Optional[dist.Store]:
+    """The agent's shared store, namespaced by the restart round; ``None`` where torchrun does not share its store
+    (then torch's own env:// rendezvous is right)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"hybrid_sgd/round{restart_round()}", agent_store)
