@@ -29,6 +29,7 @@ import lightning_hybrid
 from lightning_hybrid.app.data import DigitsDataModule
 from lightning_hybrid.app.delays import DelayDistribution, InjectDelays
 from lightning_hybrid.app.models import MLPClassifier
+from lightning_hybrid.elastic import restart_round
 
 
 def trainer(strategy: Any, args: Launch, **kwargs: Any) -> pl.Trainer:
@@ -206,8 +207,7 @@ class DieInFirstRound(Callback):
         self.rank, self.step = rank, step
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        first_round = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if first_round and trainer.global_rank == self.rank and trainer.global_step == self.step:
+        if restart_round() == 0 and trainer.global_rank == self.rank and trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -603,7 +603,7 @@ def nodes(args: Nodes) -> None:
         run.global_rank,
         world_size=run.world_size,
         node_rank=run.node_rank,
-        restart_round=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        restart_round=restart_round(),
         version=strategy.version,
         global_step=run.global_step,
         update_sizes=dict(strategy.update_sizes),
