@@ -30,6 +30,37 @@ STATIC_FIX = "or use HybridSGDStrategy(pull_work=False)"
 UNSHARDED_FIX = "or use HybridSGDStrategy(shard_server=False)"
 
 
+def check_recovery(
+    recovery_dir: Optional[Any], recovery_every: float, shard_server: bool, pull_work: Optional[bool]
+) -> None:
+    """Recovery checkpoints' arguments, when the strategy is built."""
+    if isinstance(recovery_every, bool) or not isinstance(recovery_every, (int, float)) or not recovery_every > 0:
+        raise ValueError(f"recovery_every must be a positive number of seconds, got {recovery_every!r}")
+    if recovery_dir is None:
+        return
+    if shard_server:
+        raise ValueError(
+            "recovery_dir needs one parameter server: with shard_server=True each rank holds the only copy of its "
+            "slice, which dies with it. Use shard_server=False, or recovery_dir=None and resume from a "
+            "ModelCheckpoint"
+        )
+    if pull_work is False:
+        raise ValueError(
+            "recovery_dir needs pulled work (pull_work=None or True): with static shards Lightning replays a "
+            "resumed epoch from its start, so batches would be trained twice or not at all"
+        )
+
+
+def check_recovery_fit(accumulate_grad_batches: int) -> None:
+    """Recovery knows which batch each gradient came from: one batch per step."""
+    if accumulate_grad_batches > 1:
+        raise MisconfigurationException(
+            f"hybrid_sgd: recovery_dir records the batch of every pushed gradient, but with accumulate_grad_batches="
+            f"{accumulate_grad_batches} a gradient sums several batches: use accumulate_grad_batches=1 (a larger "
+            "batch_size is the same update) or recovery_dir=None"
+        )
+
+
 def check_options(
     threshold: ThresholdSpec,
     pull_work: Optional[bool],

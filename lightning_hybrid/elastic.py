@@ -31,3 +31,8 @@ def restart_round_store(world_size: int, timeout: timedelta) -> Optional[dist.St
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
     )
     return dist.PrefixStore(f"hybrid_sgd/round{restart_round()}", agent_store)
+
+
+def restarts_allowed() -> bool:
+    """Launched by ``torchrun --max-restarts R`` with R > 0: the agent restarts the workers after a failure."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0

@@ -37,6 +37,7 @@ from lightning_hybrid.wire import (
     Reply,
     abort_error,
     timeout_error,
+    work_of,
 )
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,20 @@ class ServerEndpoint:
         self._sender.join(timeout)
 
     # ------------------------------------------------------------------ local worker (same process)
-    def push_local(self, gradient: list[Tensor], version: int, flags: Flag, threshold: Optional[int] = None) -> Reply:
+    def push_local(
+        self,
+        gradient: list[Tensor],
+        version: int,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+    ) -> Reply:
         """The local worker's push of ``gradient`` (flat buffers of the server's layout, read in memory; the server
-        may write into them until it answers) computed at ``version``; returns the server's answer."""
+        may write into them until it answers) computed at ``version`` from ``work``; returns the server's answer."""
         self.apply_requests(flags, threshold)
         drain, nonfinite = bool(flags & Flag.DRAIN), bool(flags & Flag.NONFINITE)
         return self._answer_local(
-            lambda: self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite)
+            lambda: self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite, work=work)
         )
 
     def drain_local(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> Reply:
@@ -250,7 +258,9 @@ class ServerEndpoint:
         self.apply_requests(header.flags, header.threshold)
         if header.kind == Kind.PUSH:
             drain, nonfinite = bool(header.flags & Flag.DRAIN), bool(header.flags & Flag.NONFINITE)
-            releases = self.server.push(rank, gradient, header.version, drain=drain, nonfinite=nonfinite)
+            releases = self.server.push(
+                rank, gradient, header.version, drain=drain, nonfinite=nonfinite, work=work_of(header)
+            )
         elif header.kind == Kind.DRAIN:
             releases = self.server.drain(rank)
         else:

@@ -21,6 +21,7 @@ from lightning_hybrid.server import all_finite
 from lightning_hybrid.shards import ShardPlan
 from lightning_hybrid.wire import (
     ANSWER_TAG,
+    NO_WORK,
     REQUEST_TAG,
     SERVER_RANK,
     Flag,
@@ -39,8 +40,15 @@ class LocalServerLink:
     def __init__(self, endpoint: ServerEndpoint) -> None:
         self._endpoint = endpoint
 
-    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: Optional[int] = None) -> Reply:
-        return self._endpoint.push_local(gradient, version, flags, threshold)
+    def push(
+        self,
+        gradient: list[Tensor],
+        version: int,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+    ) -> Reply:
+        return self._endpoint.push_local(gradient, version, flags, threshold, work)
 
     def drain(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> Reply:
         return self._endpoint.drain_local(flags, threshold)
@@ -77,25 +85,48 @@ class RemoteServerLink:
         self._sending: list[tuple[Tensor, dist.Work]] = []
         self._broken = False  # after an abort, a timeout or a lost connection: send nothing more
 
-    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: Optional[int] = None) -> Reply:
+    def push(
+        self,
+        gradient: list[Tensor],
+        version: int,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+    ) -> Reply:
         """Send a whole gradient (flat buffers of the layout) and wait for the answer."""
-        self.post_push(gradient, version, flags, threshold)
+        self.post_push(gradient, version, flags, threshold, work)
         return self.await_reply()
 
-    def post_push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: Optional[int] = None) -> None:
+    def post_push(
+        self,
+        gradient: list[Tensor],
+        version: int,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+    ) -> None:
         """Queue a whole gradient; :meth:`await_reply` waits for the answer."""
         if gradient and gradient[0].device.type != "cpu":
             for staged, tensor in zip(self._staging, gradient):
                 staged.copy_(tensor)
             gradient = self._staging
-        self.start_push(version, flags, threshold)
+        self.start_push(version, flags, threshold, work)
         for chunk in self._layout.chunk_views(gradient):
             self.send_chunk(chunk)
 
-    def start_push(self, version: int, flags: Flag, threshold: Optional[int] = None) -> None:
+    def start_push(
+        self, version: int, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None
+    ) -> None:
         """Begin a gradient message; its chunks follow with :meth:`send_chunk`, in the layout's wire order."""
         header = Header(
-            Kind.PUSH, self._rank, version, int(flags), threshold or 0, self._layout.numel, code=self._layout.signature
+            Kind.PUSH,
+            self._rank,
+            version,
+            int(flags),
+            threshold or 0,
+            self._layout.numel,
+            detail=NO_WORK if work is None else work,
+            code=self._layout.signature,
         )
         self._post(header.to_tensor())
 
@@ -223,14 +254,23 @@ class ShardedServerLink:
         self._param_slices = param_slices
         self.versions = [0] * plan.shards
 
-    def push(self, gradient: list[Tensor], version: int, flags: Flag, threshold: Optional[int] = None) -> Reply:
+    def push(
+        self,
+        gradient: list[Tensor],
+        version: int,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+    ) -> Reply:
         """Push ``gradient`` (the worker's flat gradient buffers); ``version`` is ignored: every shard gets shard 0's."""
         assert gradient is self._gradient, "a sharded push sends the gradient buffers the link was built with"
         if not all(all_finite(g) for g in gradient):
             flags |= Flag.NONFINITE
         for shard, link in self._remote:
-            link.post_push(self._gradient_slices[shard], self.versions[0], flags, threshold)
-        local = self._links[self._rank].push(self._gradient_slices[self._rank], self.versions[0], flags, threshold)
+            link.post_push(self._gradient_slices[shard], self.versions[0], flags, threshold, work)
+        local = self._links[self._rank].push(
+            self._gradient_slices[self._rank], self.versions[0], flags, threshold, work
+        )
         return self._merge(local)
 
     def drain(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> Reply:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import pytorch_lightning as pl
 import torch.distributed as dist
 from lightning_fabric.utilities.distributed import _destroy_dist_connection
+from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.callbacks import Callback, Timer
 from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.strategies import ddp as lightning_ddp
@@ -123,6 +124,25 @@ def children_command(command: Callable[[int], tuple[Any, str]]) -> Iterator[None
         yield
     finally:
         lightning_launcher._hydra_subprocess_cmd = lightnings_own
+
+
+def dump_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
+    """The checkpoint ``trainer.save_checkpoint`` would write, built on this rank without its barrier."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+def resume_from(trainer: pl.Trainer, choose: Callable[[Optional[_PATH]], Optional[_PATH]]) -> None:
+    """``fit`` restores from ``choose(ckpt_path)`` instead of the user's ``ckpt_path``. Lightning restores through
+    ``_restore_modules_and_callbacks`` after the strategy's ``setup_environment``; the replacement restores itself
+    on its first call."""
+    connector = trainer._checkpoint_connector
+    lightnings_own = connector._restore_modules_and_callbacks
+
+    def restore_chosen(checkpoint_path: Optional[_PATH] = None, weights_only: Optional[bool] = None) -> None:
+        vars(connector).pop("_restore_modules_and_callbacks", None)
+        lightnings_own(choose(checkpoint_path), weights_only)
+
+    connector._restore_modules_and_callbacks = restore_chosen
 
 
 @contextlib.contextmanager

@@ -33,7 +33,8 @@ class GradientStream:
         self._views = layout.views(gradient)
         self._chunks = layout.chunk_views(gradient)
         self._tensors_per_chunk = Counter(layout.chunk_of)
-        self._message: Optional[tuple[int, Flag, Optional[int]]] = None  # (version, flags, K request) while armed
+        # (version, flags, K request, work id) while armed
+        self._message: Optional[tuple[int, Flag, Optional[int], Optional[int]]] = None
         self._missing: list[int] = []
         self._packed: list[bool] = []
         self._next = 0
@@ -47,9 +48,9 @@ class GradientStream:
         """Part of a gradient message is out: unless finished, the link must be abandoned."""
         return 0 < self._next < len(self._chunks)
 
-    def arm(self, version: int, flags: Flag, threshold: Optional[int]) -> None:
+    def arm(self, version: int, flags: Flag, threshold: Optional[int], work: Optional[int] = None) -> None:
         """The next backward's gradients form a push with this header."""
-        self._message = (version, flags, threshold)
+        self._message = (version, flags, threshold, work)
         self._missing = [self._tensors_per_chunk[chunk] for chunk in range(len(self._chunks))]
         self._packed = [False] * len(self._params)
         self._next = 0

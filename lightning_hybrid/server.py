@@ -20,6 +20,7 @@ and one :class:`FollowerServer` per other shard (which applies the same groups a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 import time
@@ -73,6 +74,17 @@ class Release:
     dropped: tuple[int, ...] = ()  # their gradients were staler than max_staleness: compute the batch again
     staleness: dict[int, int] = field(default_factory=dict)
     in_place: bool = False  # params are the worker's own idle gradient buffer, not a snapshot to recycle
+
+
+@dataclass(frozen=True)
+class ServerSnapshot:
+    """The server's whole training state at one version, copied under its lock (see :meth:`ParameterServer.snapshot`):
+    what a recovery checkpoint needs when no other rank can be asked."""
+
+    master: list[Tensor]  # the master parameters, shaped as the model's, in the server's parameter order
+    optimizer_state: dict[str, Any]
+    progress: dict[str, Any]
+    absorbed: frozenset[int]  # work ids whose gradients the master holds (see ``push``)
 
 
 def clone_optimizer(
@@ -166,6 +178,8 @@ class ParameterServer:
         self._threshold = self._checked_threshold(threshold)
         self._version = 0
         self._pending: dict[int, int] = {}
+        self._pending_work: dict[int, int] = {}  # work ids of pending gradients that carry one
+        self.absorbed: set[int] = set()  # work ids of applied (or rejected) gradients, until forgotten
         self._draining: set[int] = set()
         self._active: set[int] = set(range(num_workers))
         self.stats = StalenessStats()
@@ -222,10 +236,20 @@ class ParameterServer:
 
     # ------------------------------------------------------------------ events
     def push(
-        self, worker: int, gradient: Sequence[Tensor], version: int, *, drain: bool = False, nonfinite: bool = False
+        self,
+        worker: int,
+        gradient: Sequence[Tensor],
+        version: int,
+        *,
+        drain: bool = False,
+        nonfinite: bool = False,
+        work: Optional[int] = None,
     ) -> list[Release]:
         """A worker's gradient, computed on parameters at ``version``; with ``drain`` it also starts draining.
         ``nonfinite``: the worker found NaN/Inf in its whole gradient (of which a shard sees a part): reject it.
+        ``work``: an id of the data the gradient came from (see :mod:`lightning_hybrid.work`); once the gradient is
+        applied (or rejected: its data was used) the id joins :attr:`absorbed`, so that a recovery knows which data
+        the master holds. A dropped gradient's data is not absorbed: its worker pushes it again.
 
         The server may write into ``gradient``'s buffers until the worker is answered (see ``_accumulate``)."""
         self._check_worker(worker)
@@ -246,11 +270,15 @@ class ParameterServer:
                 self._draining.add(worker)
             if not finite:
                 self.rejected[worker] += 1
+                if work is not None:
+                    self.absorbed.add(work)
                 if drain:  # the worker hears of it when the drain completes
                     self._unreported_rejections.add(worker)
                     return self._settle()
                 return [self._release((worker,), rejected=(worker,))] + self._settle()
             self._arrive(worker, gradient, version)
+            if work is not None:
+                self._pending_work[worker] = work
             self.update_seconds += time.perf_counter() - started
             return self._settle()
 
@@ -281,6 +309,21 @@ class ParameterServer:
             self.stop_flags |= flags
 
     # ------------------------------------------------------------------ state
+    def snapshot(self) -> ServerSnapshot:
+        """Everything the server holds, consistent at one version: no update runs while it is copied."""
+        with self._lock:
+            return ServerSnapshot(
+                master=[p.detach().clone() for p in self.parameters],
+                optimizer_state=copy.deepcopy(self.optimizer.state_dict()),
+                progress=self.progress_state(),
+                absorbed=frozenset(self.absorbed),
+            )
+
+    def forget_absorbed(self, below: int) -> None:
+        """Forget absorbed work ids below ``below`` (e.g. the ids of finished epochs)."""
+        with self._lock:
+            self.absorbed = {work for work in self.absorbed if work >= below}
+
     def progress_state(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -438,6 +481,7 @@ class ParameterServer:
             param.grad = None  # the sum's buffers go back to their worker with its answer
         self._sum = None
         staleness = {worker: self._version - self._pending.pop(worker) for worker in group}
+        self.absorbed.update(self._pending_work.pop(worker) for worker in group if worker in self._pending_work)
         for worker, value in staleness.items():
             self.stats.record(worker, value)
         self.update_sizes[count] += 1
@@ -524,6 +568,7 @@ class FollowerServer(ParameterServer):
             self._coming_drops[worker] += 1
             return []
         del self._arrived[worker], self._pending[worker]
+        self._pending_work.pop(worker, None)
         self._draining.discard(worker)  # a drain comes again with the batch
         self.dropped[worker] += 1
         return [self._release((worker,), dropped=(worker,))] + self._settle()

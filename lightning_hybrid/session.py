@@ -53,6 +53,14 @@ def _on_host(value: Any) -> Any:
     return value.cpu() if isinstance(value, Tensor) else value
 
 
+def with_hyperparameters(state: dict[str, Any], param_groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A server optimizer's ``state_dict`` with the user's current hyperparameters (e.g. a scheduled ``lr``), which
+    the server copies before each step but a checkpoint must hold as the user's optimizer has them."""
+    for saved, local in zip(state["param_groups"], param_groups):
+        saved.update({k: v for k, v in local.items() if k != "params"})
+    return state
+
+
 def gather_to_zero(obj: Any) -> Optional[list[Any]]:
     """Every rank's ``obj`` on global rank 0 (``None`` elsewhere); collective on the default group."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -266,18 +274,18 @@ class WorkerSession:
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
-    def step(self, final: bool, global_step: int) -> Iterator[Callable[[Any], bool]]:
+    def step(self, final: bool, global_step: int, work: Optional[int] = None) -> Iterator[Callable[[Any], bool]]:
         """One optimizer step; yields the push that the step's closure result goes to (see :meth:`_exchange`).
 
         ``final``: no step of this rank follows in this epoch (or ``max_steps`` ends the run), so the push also
-        drains. Decided before the closure
-        runs backward, so that the gradient can stream out during backward (a stop signal raised during backward
-        then travels with the next message)."""
+        drains. Decided before the closure runs backward, so that the gradient can stream out during backward (a
+        stop signal raised during backward then travels with the next message). ``work``: the id of the step's
+        batch, which the server records once it holds the gradient (``ParameterServer.absorbed``)."""
         threshold = self._take_threshold_request()
         if self._stream is not None:
-            self._stream.arm(self._version, self.local_stop | (Flag.DRAIN if final else Flag.NONE), threshold)
+            self._stream.arm(self._version, self.local_stop | (Flag.DRAIN if final else Flag.NONE), threshold, work)
         try:
-            yield lambda loss: self._exchange(loss, final, threshold, global_step)
+            yield lambda loss: self._exchange(loss, final, threshold, global_step, work)
         except BaseException:
             if self._stream is not None and self._stream.incomplete:
                 assert isinstance(self._link, RemoteServerLink)
@@ -287,7 +295,9 @@ class WorkerSession:
             if self._stream is not None:
                 self._stream.disarm()
 
-    def _exchange(self, loss: Any, final: bool, threshold: Optional[int], global_step: int) -> bool:
+    def _exchange(
+        self, loss: Any, final: bool, threshold: Optional[int], global_step: int, work: Optional[int]
+    ) -> bool:
         """Push this worker's gradient, wait for the server's answer and load the new parameters. False: the
         server dropped the gradient as too stale, and the batch must be computed again."""
         assert self._link is not None
@@ -305,7 +315,7 @@ class WorkerSession:
             self._layout.pack([p.grad for p in self._params], self._gradient)
             self.drained = False
             flags = self.local_stop | (Flag.DRAIN if final else Flag.NONE)
-            reply = self._link.push(self._gradient, self._version, flags, threshold)
+            reply = self._link.push(self._gradient, self._version, flags, threshold, work)
         if reply is not None and reply.flags & Flag.DROPPED:
             self._absorb(reply, global_step)
             self.wait_seconds += time.perf_counter() - started
@@ -408,9 +418,7 @@ class WorkerSession:
             if shard_states is None:
                 return {}
             state, self._shard_scalars = self._plan.merge_states(shard_states, param_groups)
-        for saved, local in zip(state["param_groups"], param_groups):
-            saved.update({k: v for k, v in local.items() if k != "params"})
-        return state
+        return with_hyperparameters(state, param_groups)
 
     def load(self, optimizer_states: list[dict[str, Any]], progress: Optional[dict[str, Any]], world_size: int) -> None:
         """Restore version and K from a checkpoint (also outside fit, e.g. ``validate(ckpt_path=...)``) and, where

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import subprocess
 import time
 from collections import Counter
@@ -50,19 +51,19 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_hybrid import checks, lockstep
-from lightning_hybrid.elastic import restart_round_store
+from lightning_hybrid.elastic import restart_round_store, restarts_allowed
 from lightning_hybrid.errors import HybridSGDError
 from lightning_hybrid.launcher import HydraJobLauncher
-from lightning_hybrid.server import ParameterServer
-from lightning_hybrid.session import SessionOptions, WorkerSession
+from lightning_hybrid.recovery import CHECKPOINT_KEY, RecoveryDir, RecoveryWriter, recovery_checkpoint
+from lightning_hybrid.server import ParameterServer, ServerSnapshot
+from lightning_hybrid.session import SessionOptions, WorkerSession, with_hyperparameters
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, resolve_threshold
 from lightning_hybrid.wire import SERVER_RANK, Flag
-from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader
+from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader, work_id
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "hybrid_sgd"
 # Fits started in this process, by any strategy instance: rank 0's count names each fit's keys in the
 # store that lives as long as the process group (workers may be fresh processes, e.g. per sweep job).
 _SESSIONS = itertools.count(1)
@@ -127,6 +128,18 @@ class HybridSGDStrategy(DDPStrategy):
         nonfinite: what a gradient holding NaN or Inf does: ``"skip"`` (it is rejected, counted and logged,
             the master weights untouched, training goes on) or ``"stop"`` (rejected, then the run stops on
             every rank with :class:`NonFiniteGradientError` naming the rank and step).
+        recovery_dir: a folder (on storage every node sees) for recovery checkpoints, which make a lost worker cost
+            its batch rather than the run: the server's rank alone writes one every ``recovery_every`` seconds and
+            one more when the run fails (a lost worker, SIGTERM), holding the master weights, the optimizer state,
+            the server's counters and which batches of the epoch the master holds (see
+            :mod:`lightning_hybrid.recovery`). The next ``fit`` resumes from the newest of them when it is newer than
+            its ``ckpt_path`` (as after ``torchrun --max-restarts``), with no change to the script; only batches whose
+            gradients the master had not absorbed are trained again. A fit that ends cleanly removes them. Default
+            ``None``: off, except under ``torchrun --max-restarts R`` with R > 0, where it is
+            ``<default_root_dir>/hybrid_sgd_recovery``. Needs pulled work (static shards replay a resumed epoch from
+            its start, as Lightning does) and one server (a shard's slice dies with its rank).
+        recovery_every: seconds between the periodic recovery checkpoints. The server's rank copies the server's
+            state under its lock (stalling the server for the copy only) and writes the file in a thread.
         peer_timeout: seconds a worker waits for the server's answer, or for one of its sends to go out,
             before it fails with a clear error (a hung, lost or cut-off peer). Raise it when stragglers are
             legitimately slower.
@@ -147,6 +160,8 @@ class HybridSGDStrategy(DDPStrategy):
         overlap_push: bool = False,
         shard_server: bool = False,
         nonfinite: Literal["skip", "stop"] = "skip",
+        recovery_dir: Optional[_PATH] = None,
+        recovery_every: float = 60.0,
         peer_timeout: float = 600.0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -170,6 +185,7 @@ class HybridSGDStrategy(DDPStrategy):
         checks.check_options(
             threshold, pull_work, group_scaling, max_staleness, overlap_push, shard_server, nonfinite, peer_timeout
         )
+        checks.check_recovery(recovery_dir, recovery_every, shard_server, pull_work)
         self._threshold_spec = threshold
         self._pull_work = pull_work
         self._group_scaling = group_scaling
@@ -179,6 +195,10 @@ class HybridSGDStrategy(DDPStrategy):
         self._shard_server = bool(shard_server)
         self._nonfinite = nonfinite
         self._peer_timeout = float(peer_timeout)
+        self._recovery_dir = recovery_dir
+        self._recovery_every = float(recovery_every)
+        self._recovery: Optional[RecoveryWriter] = None  # on the server's rank while fitting with recovery
+        self._recovery_on = False  # every rank: pushes carry their batch's id for the recovery checkpoints
         self._channels: Optional[dict[int, dist.ProcessGroup]] = None
         self._session = WorkerSession()  # idle until fit starts one; keeps the last fit's counters after it
         self._restore: list[lockstep.Restore] = []
@@ -186,7 +206,13 @@ class HybridSGDStrategy(DDPStrategy):
         self._pulling = False
         self._sampler: Optional[PulledBatchSampler] = None
         self._resume_work: Optional[dict[str, Any]] = None
+        self._resumed_done: dict[int, list[int]] = {}  # batches trained before this fit resumed, per epoch
         self._work_state: Optional[dict[str, Any]] = None
+        self._snapshot: Optional[ServerSnapshot] = None  # while the server's rank dumps a recovery checkpoint
+        self.resumed: Optional[dict[str, Any]] = None
+        """What the last ``fit`` resumed from a recovery checkpoint: ``why`` it was written (``"periodic"`` or
+        ``"failure"``), the restart ``round`` that wrote it, its ``version``, ``epoch`` and the batches ``done``
+        per epoch (``None``: it did not resume from one)."""
 
     # ------------------------------------------------------------------ public state
     @property
@@ -292,6 +318,9 @@ class HybridSGDStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         lockstep.destroy_process_groups_at_exit()
+        trainer = self.lightning_module.trainer
+        if trainer.state.fn == TrainerFn.FITTING and self._recovery_folder(trainer) is not None:
+            lockstep.resume_from(trainer, self._newer_recovery_checkpoint)
         if self._channels is None:
             # new_group is collective: every rank creates every channel, in the same order. A sharded server
             # needs one channel per pair of ranks (each serves the other), a single one one per worker.
@@ -323,6 +352,7 @@ class HybridSGDStrategy(DDPStrategy):
         """Each fit starts a new server at version 0 (a checkpoint restores it), as Lightning builds new
         optimizers for each fit."""
         self._session, self._sampler, self._work_state, self._pulling = WorkerSession(), None, None, False
+        self.resumed = None
         self._restore = []
         optimizer = checks.check_one_optimizer(self.optimizers)
         checks.check_update_rules(
@@ -330,7 +360,13 @@ class HybridSGDStrategy(DDPStrategy):
         )
         threshold = resolve_threshold(self._threshold_spec, self.world_size)
         self._session_id = self.broadcast(next(_SESSIONS))  # rank 0's: a fresh child process counts from 1
-        self._pulling = threshold < self.world_size if self._pull_work is None else self._pull_work
+        recovery = self._recovery_folder(trainer)
+        self._pulling = (
+            (threshold < self.world_size or recovery is not None) if self._pull_work is None else self._pull_work
+        )
+        self._recovery_on = recovery is not None
+        if recovery is not None:
+            checks.check_recovery_fit(trainer.accumulate_grad_batches)
         if self._pulling:
             checks.check_pulled_work(trainer)
         if self._shard_server:
@@ -359,6 +395,9 @@ class HybridSGDStrategy(DDPStrategy):
             ),
         )
         self._restore += lockstep.replace_lockstep_checks(trainer, self._note_sigterm, self._note_time_up)
+        self._recovery = None
+        if recovery is not None and self._session.server is not None:
+            self._recovery = RecoveryWriter(recovery, self._recovery_every, self.checkpoint_io)
 
     def _note_sigterm(self, signum: int) -> None:
         """Lightning's SIGTERM notifier minus its broadcast: forward the signal to the processes this rank
@@ -371,6 +410,55 @@ class HybridSGDStrategy(DDPStrategy):
 
     def _note_time_up(self) -> None:
         self._session.local_stop |= Flag.STOP
+
+    # ------------------------------------------------------------------ recovery
+    def _recovery_folder(self, trainer: "pl.Trainer") -> Optional[RecoveryDir]:
+        """Where recovery checkpoints live for this fit: ``recovery_dir``, or a folder under ``default_root_dir``
+        when torchrun may restart the workers (unless the server is sharded or work static: then none)."""
+        if self._recovery_dir is not None:
+            return RecoveryDir(self._recovery_dir)
+        if not restarts_allowed() or self._shard_server or self._pull_work is False:
+            return None
+        return RecoveryDir(os.path.join(trainer.default_root_dir, "hybrid_sgd_recovery"))
+
+    def _newer_recovery_checkpoint(self, ckpt_path: Optional[_PATH]) -> Optional[_PATH]:
+        """The newest recovery checkpoint where it is newer than the user's ``ckpt_path`` (rank 0 decides)."""
+        chosen = ckpt_path
+        if self.is_global_zero:
+            folder = self._recovery_folder(self.lightning_module.trainer)
+            newest = folder.newest() if folder is not None else None
+            if newest is not None and (
+                ckpt_path is None
+                or not os.path.isfile(ckpt_path)
+                or os.path.getmtime(newest) > os.path.getmtime(ckpt_path)
+            ):
+                chosen = str(newest)
+        return self.broadcast(chosen)
+
+    def _write_recovery(self, why: str, wait: bool) -> None:
+        """The server's rank alone, with no collective: its Lightning checkpoint with the server's state (see
+        :func:`lightning_hybrid.recovery.recovery_checkpoint`)."""
+        server, recovery = self._session.server, self._recovery
+        if server is None or recovery is None:
+            return
+        trainer = self.lightning_module.trainer
+        self._snapshot = snapshot = server.snapshot()
+        try:
+            checkpoint = lockstep.dump_checkpoint(trainer)
+        finally:
+            self._snapshot = None
+        optimizer = self.optimizers[0]
+        checkpoint = recovery_checkpoint(
+            checkpoint,
+            snapshot,
+            self.lightning_module,
+            [p for group in optimizer.param_groups for p in group["params"]],
+            trainer.current_epoch,
+            self._resumed_done,
+            self._sampler.claimed() if self._sampler is not None else None,
+            why,
+        )
+        recovery.write(checkpoint, snapshot.progress["version"], why, wait)
 
     # ------------------------------------------------------------------ pulled work
     @override
@@ -391,14 +479,20 @@ class HybridSGDStrategy(DDPStrategy):
             raise MisconfigurationException(str(err)) from err
         self._sampler = pulled.batch_sampler
         resume, self._resume_work = self._resume_work, None
+        self._resumed_done = {}
         if resume is not None and resume["epoch"] == trainer.current_epoch:
-            self._sampler.resume(resume["epoch"], resume["done"])
+            self._resumed_done = {resume["epoch"]: resume["done"], **resume.get("later_epochs", {})}
+            self._sampler.resume(resume["epoch"], self._resumed_done)
         return pulled
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._sampler is not None:
-            self._sampler.trained += 1
+        sampler, server = self._sampler, self._session.server
+        if sampler is None:
+            return
+        sampler.trained += 1
+        if self._recovery is not None and server is not None and sampler.trained == 1:
+            server.forget_absorbed(below=work_id(sampler.epoch, 0))  # earlier epochs ended on every rank
 
     def _gather_work_state(self) -> Optional[dict[str, Any]]:
         """Which batches of the running epoch the ranks have trained on, for a mid-epoch checkpoint
@@ -430,16 +524,20 @@ class HybridSGDStrategy(DDPStrategy):
         if not final and trainer.max_steps >= 0 and trainer.global_step + 1 >= trainer.max_steps:
             self._session.local_stop |= Flag.STOP  # with pulled work other ranks are at other steps: all stop here
             final = True
-        with self._session.step(final, trainer.global_step) as exchange:
+        work = self._sampler.current_work if self._recovery_on and self._sampler is not None else None
+        with self._session.step(final, trainer.global_step, work) as exchange:
 
             def push(loss: Any) -> bool:
                 applied = exchange(loss)
                 self._act_on_stop(sigterm=applied)  # a dropped gradient's batch runs again before any SIGTERM stop
                 return applied
 
-            return self.precision_plugin.optimizer_step(
+            result = self.precision_plugin.optimizer_step(
                 _PushingOptimizer(optimizer, push), model=model or self.lightning_module, closure=closure, **kwargs
             )
+        if self._recovery is not None and self._recovery.due():
+            self._write_recovery("periodic", wait=False)
+        return result
 
     def drain(self) -> None:
         """Apply pending gradients and give every rank the latest parameters and rank 0's buffers."""
@@ -505,6 +603,8 @@ class HybridSGDStrategy(DDPStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._snapshot is not None:  # a recovery checkpoint: this rank alone, the master weights come after
+            return super().lightning_module_state_dict()
         self.drain()
         self._work_state = self._gather_work_state()
         self._session.gather_shard_progress()
@@ -514,6 +614,8 @@ class HybridSGDStrategy(DDPStrategy):
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The server's optimizer state, in the unsharded format. With a sharded server this is collective (every
         rank calls it when Lightning dumps a checkpoint) and only global rank 0 gets the state."""
+        if self._snapshot is not None:
+            return with_hyperparameters(self._snapshot.optimizer_state, optimizer.param_groups)
         state = self._session.optimizer_state(optimizer.param_groups)
         return super().optimizer_state(optimizer) if state is None else state
 
@@ -531,10 +633,37 @@ class HybridSGDStrategy(DDPStrategy):
         progress = checkpoint.get(CHECKPOINT_KEY)
         if progress is not None:
             self._resume_work = progress.get("work")
+            if "recovery" in progress:
+                work = progress["work"]
+                done = {work["epoch"]: work["done"], **work["later_epochs"]}
+                self.resumed = {
+                    **progress["recovery"],
+                    "version": progress["version"],
+                    "epoch": work["epoch"],
+                    "done": done,
+                }
+                self._log_recovery(progress)
         self._session.load(checkpoint["optimizer_states"], progress, self.world_size)
         if self._session.server is not None:
             for optimizer in self.optimizers:
                 optimizer.state.clear()  # the server's copy is the one that steps
+
+    def _log_recovery(self, progress: dict[str, Any]) -> None:
+        recovery, work = progress["recovery"], progress["work"]
+        again = ""
+        if recovery["taken"] is not None:
+            again = f"; {recovery['taken'] - recovery['absorbed']} batches taken but not absorbed go back into it"
+        log.info(
+            "hybrid_sgd: resumed from the recovery checkpoint %s (written %s in restart round %d): epoch %d with %d "
+            "of its batches already trained, version %d%s",
+            self.lightning_module.trainer.ckpt_path,
+            "at a failure" if recovery["why"] == "failure" else "periodically",
+            recovery["round"],
+            work["epoch"],
+            len(work["done"]),
+            progress["version"],
+            again,
+        )
 
     # ------------------------------------------------------------------ the end
     @override
@@ -543,11 +672,19 @@ class HybridSGDStrategy(DDPStrategy):
         self._session.end(global_step=trainer.global_step)
         if self._session.stop_requested:
             trainer.should_stop = True
+        if self._recovery is not None:  # the run they would resume has ended
+            self._recovery.join()
+            self._recovery.directory.clear()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
         if isinstance(exception, HybridSGDError):  # said first: Lightning's launcher may SIGKILL this process soon
             log.error("[rank %d] %s", self.global_rank, exception)
+        if self._recovery is not None:  # before anything that could wait on a dead rank
+            try:
+                self._write_recovery("failure", wait=True)
+            except Exception:
+                log.exception("hybrid_sgd: could not write the recovery checkpoint at the failure")
         super().on_exception(exception)
         self._session.end(error=None if isinstance(exception, SIGTERMException) else exception)
         if isinstance(exception, HybridSGDError):
@@ -566,6 +703,9 @@ class HybridSGDStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        if self._recovery is not None:
+            self._recovery.join()
+            self._recovery = None
         self._session.end(clean=False)
         for restore in reversed(self._restore):
             restore()

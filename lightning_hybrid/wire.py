@@ -69,7 +69,7 @@ class Header:
     flags: int = 0
     threshold: int = 0  # PUSH: requested K (0: none); REPLY: the server's K
     numel: int = 0  # payload elements, a check against the layout
-    detail: int = 0  # REPLY: staleness of the worker's gradient (-1: none); ABORT: the lost rank
+    detail: int = 0  # PUSH: the gradient's work id (-1: none); REPLY: its staleness (-1: none); ABORT: the lost rank
     code: int = 0  # ABORT: AbortCode; PUSH: the gradient layout's signature (FlatLayout.signature)
 
     SIZE = 8
@@ -83,6 +83,14 @@ class Header:
     @classmethod
     def from_tensor(cls, tensor: Tensor) -> Header:
         return cls(*(int(v) for v in tensor.tolist()))
+
+
+NO_WORK = -1  # Header.detail of a PUSH whose gradient carries no work id
+
+
+def work_of(header: Header) -> Optional[int]:
+    """The work id a PUSH carries (see ``ParameterServer.push``)."""
+    return header.detail if header.detail != NO_WORK else None
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,26 @@ seen exactly once per epoch across all ranks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
+
+_BATCH_BITS = 32  # a work id is (epoch << 32) | batch: ordered by epoch, unique across epochs
+
+
+def work_id(epoch: int, batch: int) -> int:
+    """The id a pushed gradient carries for batch ``batch`` of ``epoch`` (see ``ParameterServer.push``)."""
+    return (epoch << _BATCH_BITS) | batch
+
+
+def done_by_epoch(work_ids: Iterable[int]) -> dict[int, list[int]]:
+    """The batches ``work_ids`` name, sorted, per epoch."""
+    done: dict[int, list[int]] = {}
+    for work in sorted(work_ids):
+        done.setdefault(work >> _BATCH_BITS, []).append(work & ((1 << _BATCH_BITS) - 1))
+    return done
 
 
 class PulledBatchSampler(Sampler[list[int]]):
@@ -43,7 +58,9 @@ class PulledBatchSampler(Sampler[list[int]]):
         self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
         self.rank, self.num_workers = rank, num_workers
         self._store, self._namespace = store, namespace
-        self._done: tuple[int, frozenset[int]] = (-1, frozenset())  # (epoch, batches trained before a resume)
+        self._done: dict[int, frozenset[int]] = {}  # per epoch, batches trained before a resume
+        self._remaining: list[int] = []  # the running epoch's batches to train, of which the first are reserved
+        self._reserved = 0
         self.yielded: list[int] = []  # batch ids this rank took in the current epoch, in order
         self.trained = 0  # of which this rank has started training on (the rest are prefetched)
 
@@ -58,21 +75,42 @@ class PulledBatchSampler(Sampler[list[int]]):
 
     @property
     def done(self) -> frozenset[int]:
-        epoch, done = self._done
-        return done if epoch == self.epoch else frozenset()
+        return self._done.get(self.epoch, frozenset())
 
-    def resume(self, epoch: int, done: Sequence[int]) -> None:
-        """Continue ``epoch`` without the batches ``done`` (trained before the checkpoint)."""
+    @property
+    def current_work(self) -> int:
+        """The work id of the batch this rank trains now (the last one it started)."""
+        return work_id(self.epoch, self.yielded[self.trained - 1])
+
+    def resume(self, epoch: int, done: Mapping[int, Sequence[int]]) -> None:
+        """Continue at ``epoch``; every epoch in ``done`` (``epoch`` and maybe the next, whose batches fast ranks
+        began before the checkpoint) runs without its batches listed there (trained before the checkpoint)."""
         self.sampler.set_epoch(epoch)
-        self._done = (epoch, frozenset(done))
+        self._done = {e: frozenset(batches) for e, batches in done.items()}
+
+    def indices(self, batch: int) -> list[int]:
+        """The dataset indices of batch ``batch`` of the running epoch."""
+        return list(self.sampler)[batch * self.batch_size : (batch + 1) * self.batch_size]
+
+    def claimed(self) -> int:
+        """How many batches of the running epoch all ranks together have taken so far (read from the store, which
+        outlives any rank)."""
+        if self._reserved == len(self._remaining):
+            return self._reserved
+        taken = self._store.add(f"{self._namespace}/epoch{self.epoch}", 0)
+        return min(len(self._remaining), self._reserved + taken)
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.epoch
         self.yielded, self.trained = [], 0
         done = self.done
-        remaining = [b for b in range(self.num_batches) if b not in done]
+        remaining = self._remaining = [b for b in range(self.num_batches) if b not in done]
+        if 0 < len(remaining) < self.num_workers:
+            # a resumed epoch with fewer batches left than ranks: Lightning runs an epoch's end (validation, its
+            # collectives) only on ranks that trained in it, so every rank takes one, some a batch trained before
+            remaining += sorted(done)[: self.num_workers - len(remaining)]
         order = list(self.sampler)
-        reserved = min(self.num_workers, len(remaining))
+        reserved = self._reserved = min(self.num_workers, len(remaining))
         claims = self._store if reserved < len(remaining) else None
         picks: Iterator[int] = iter([self.rank] if self.rank < reserved else [])
         while True:

@@ -208,6 +208,7 @@ class DieInFirstRound(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if restart_round() == 0 and trainer.global_rank == self.rank and trainer.global_step == self.step:
+            (Path(os.environ["SCENARIO_OUT"]) / "killed-at").write_text(str(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -608,6 +609,66 @@ def nodes(args: Nodes) -> None:
         global_step=run.global_step,
         update_sizes=dict(strategy.update_sizes),
         weights=weights(model),
+    )
+
+
+@dataclass(kw_only=True)
+class Recover(Epochs):
+    threshold: Threshold = "async"
+    die_in_first_round: RankStep | None = option(None, "RANK:STEP: that rank SIGKILLs itself in torchrun's round 0")
+    recovery_every: float = option(60.0, "seconds between periodic recovery checkpoints")
+    default_folder: bool = option(False, "no recovery_dir: the strategy's default folder under torchrun")
+    hidden: int = option(128, "the MLP's hidden width")
+    depth: int = option(1, "the MLP's hidden layers")
+
+
+class LogTrainedBatches(Callback):
+    """Every rank appends the epoch, time and sample indices of each batch it starts to ``trained-round{R}-rank{r}.txt``
+    (flushed at once: a SIGKILL loses none); rank 0 of a resumed run writes which samples the recovery checkpoint
+    held."""
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        out = Path(os.environ["SCENARIO_OUT"]) / f"trained-round{restart_round()}-rank{trainer.global_rank}.txt"
+        self.file = out.open("a")
+        self.on_train_epoch_start(trainer, module)  # Lightning does not call it for an epoch resumed mid-way
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        resumed = trainer.strategy.resumed
+        if trainer.global_rank == 0 and resumed is not None and trainer.current_epoch in resumed["done"]:
+            sampler = trainer.train_dataloader.batch_sampler
+            held = [i for batch in resumed["done"].get(trainer.current_epoch, []) for i in sampler.indices(batch)]
+            out = Path(os.environ["SCENARIO_OUT"]) / f"resumed-epoch{trainer.current_epoch}.pt"
+            torch.save({**resumed, "samples": held}, out)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self.file.write(f"{trainer.current_epoch} {time.time()} {' '.join(map(str, batch[2].tolist()))}\n")
+        self.file.flush()
+
+
+@scenario
+def recover(args: Recover) -> None:
+    """Under ``torchrun --max-restarts``: a rank SIGKILLs itself in round 0; round 1 resumes from the recovery
+    checkpoint (written by the server's rank at the failure, or periodically when the server's rank is the one
+    lost) and trains the rest."""
+    pl.seed_everything(args.seed)
+    os.environ["SCENARIO_PHASE"] = f"round{restart_round()}"
+    folder = None if args.default_folder else args.out / "recovery"
+    strategy = lightning_hybrid.HybridSGDStrategy(
+        threshold=args.threshold, peer_timeout=60, recovery_dir=folder, recovery_every=args.recovery_every
+    )
+    callbacks: list[Callback] = [LogTrainedBatches()]
+    if args.die_in_first_round:
+        callbacks.append(DieInFirstRound(*args.die_in_first_round))
+    run = trainer(strategy, args, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=args.out)
+    run.fit(RecordIndices(lr=args.lr, hidden=args.hidden, depth=args.depth), datamodule=IndexedDigits(num_workers=0))
+    save(
+        args.out,
+        run.global_rank,
+        restart_round=restart_round(),
+        epochs=run.current_epoch,
+        version=strategy.version,
+        resumed=strategy.resumed,
+        recovery_files=sorted(p.name for p in (folder or args.out / "hybrid_sgd_recovery").glob("*")),
     )
 
 

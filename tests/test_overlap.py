@@ -18,7 +18,7 @@ class RecordingLink:
     def __init__(self) -> None:
         self.sent: list[object] = []
 
-    def start_push(self, version: int, flags: Flag, threshold: int = 0) -> None:
+    def start_push(self, version: int, flags: Flag, threshold: int = 0, work: int | None = None) -> None:
         self.sent.append(("header", version, flags, threshold))
 
     def send_chunk(self, chunk: torch.Tensor) -> None:

@@ -28,6 +28,8 @@ class StrategyConfig:
     overlap_push: bool = False
     shard_server: bool = False  # every rank serves a slice of the model (element-wise optimizers)
     nonfinite: str = "skip"  # skip | stop
+    recovery_dir: Optional[str] = None  # recovery checkpoints (default under torchrun --max-restarts: see README)
+    recovery_every: float = 60.0  # seconds between periodic recovery checkpoints
     peer_timeout: float = 600.0
 
 

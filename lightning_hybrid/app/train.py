@@ -52,6 +52,8 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
         overlap_push=strategy.overlap_push,
         shard_server=strategy.shard_server,
         nonfinite=strategy.nonfinite,
+        recovery_dir=strategy.recovery_dir,
+        recovery_every=strategy.recovery_every,
         peer_timeout=strategy.peer_timeout,
     )
 
