@@ -11,7 +11,7 @@ is the file written by ``RecoveryDir.save`` (in a thread while training goes on)
 stall as a share of training time at the default interval (``recovery_every`` = 60 s).
 
 ``fault``: ``torchrun --standalone --nproc-per-node 3 --max-restarts 1`` runs ``tests/scenarios.py recover``
-(digits, K = 1, 2 epochs) on an MLP of each size, once undisturbed and once with rank 1 SIGKILLed at its step 15;
+(digits, K = 1, 2 epochs) on an MLP of each size, once undisturbed and once with rank 1 SIGKILLed at its step 4;
 time lost = wall time with the fault minus without (torchrun's restart, the processes' start, Lightning's set-up,
 the resume and the work redone), measured side by side; redone = batches round 0 trained that the recovery
 checkpoint did not hold.
@@ -71,22 +71,23 @@ def run_recover(model: str, out: Path, kill: bool) -> float:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
     command += ["--max-restarts", "1", str(SCENARIOS), "recover", "--out", str(out), "--devices", "3"]
     command += ["--threshold", "async", "--hidden", str(hidden), "--depth", str(depth)]
-    command += ["--die-in-first-round", "1:15"] if kill else []
+    command += ["--die-in-first-round", "1:4"] if kill else []
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
 def redone_batches(out: Path) -> int:
-    resumed = torch.load(out / "resumed-epoch0.pt", weights_only=False)
+    epoch = torch.load(out / "rank0.pt", weights_only=False)["resumed"]["epoch"]
+    resumed = torch.load(out / f"resumed-epoch{epoch}.pt", weights_only=False)
     trained = set()
     for path in out.glob("trained-round0-rank*.txt"):
         for line in path.read_text().splitlines():
-            epoch, _, first, *_ = line.split()
-            if int(epoch) == 0:
+            started, _, first, *_ = line.split()
+            if int(started) == epoch:
                 trained.add(int(first))
     held = set(resumed["samples"])
-    return len(trained - held)  # batches are identified by their first sample
+    return len(trained - held)  # batches started in round 0 and not held, each counted by its first sample
 
 
 def main() -> None:

@@ -329,6 +329,7 @@ class ParameterServer:
             return {
                 "version": self._version,
                 "threshold": self._threshold,
+                "num_workers": self.num_workers,
                 "staleness": self.stats.state_dict(),
                 "rejected": dict(self.rejected),
                 "dropped": dict(self.dropped),

@@ -51,7 +51,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_hybrid import checks, lockstep
-from lightning_hybrid.elastic import restart_round_store, restarts_allowed
+from lightning_hybrid.elastic import restart_round, restart_round_store, restarts_allowed
 from lightning_hybrid.errors import HybridSGDError
 from lightning_hybrid.launcher import HydraJobLauncher
 from lightning_hybrid.recovery import CHECKPOINT_KEY, RecoveryDir, RecoveryWriter, recovery_checkpoint
@@ -358,7 +358,7 @@ class HybridSGDStrategy(DDPStrategy):
         checks.check_update_rules(
             self._group_scaling, self._max_staleness, optimizer, trainer.accumulate_grad_batches, self.world_size
         )
-        threshold = resolve_threshold(self._threshold_spec, self.world_size)
+        threshold = self._threshold_for_this_world()
         self._session_id = self.broadcast(next(_SESSIONS))  # rank 0's: a fresh child process counts from 1
         recovery = self._recovery_folder(trainer)
         self._pulling = (
@@ -398,6 +398,18 @@ class HybridSGDStrategy(DDPStrategy):
         self._recovery = None
         if recovery is not None and self._session.server is not None:
             self._recovery = RecoveryWriter(recovery, self._recovery_every, self.checkpoint_io)
+
+    def _threshold_for_this_world(self) -> int:
+        """K for this fit's N. After torchrun restarted the run with fewer nodes (``--nnodes MIN:MAX``), a count
+        above the new N is clipped to it, with a warning (``"sync"``, ``"async"`` and ``"p%"`` resolve anew)."""
+        spec = self._threshold_spec
+        if isinstance(spec, int) and not isinstance(spec, bool) and spec > self.world_size and restart_round() > 0:
+            rank_zero_warn(
+                f"hybrid_sgd: threshold={spec} is more than the {self.world_size} workers torchrun restarted this run "
+                f"with: K = {self.world_size} (all of them) for this round"
+            )
+            return self.world_size
+        return resolve_threshold(spec, self.world_size)
 
     def _note_sigterm(self, signum: int) -> None:
         """Lightning's SIGTERM notifier minus its broadcast: forward the signal to the processes this rank
@@ -631,6 +643,14 @@ class HybridSGDStrategy(DDPStrategy):
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         super().load_optimizer_state_dict(checkpoint)
         progress = checkpoint.get(CHECKPOINT_KEY)
+        if progress is not None and progress.get("num_workers", self.world_size) != self.world_size:
+            # written by another number of workers (e.g. torchrun restarted with fewer nodes): its K is not this
+            # run's; the strategy's threshold, resolved for this N, holds (a ThresholdScheduler moves it as before)
+            rank_zero_warn(
+                f"hybrid_sgd: the checkpoint was written by {progress['num_workers']} workers and this run has "
+                f"{self.world_size}: K = {self.threshold} (threshold={self._threshold_spec!r} for {self.world_size})"
+            )
+            progress = {**progress, "threshold": self.threshold}
         if progress is not None:
             self._resume_work = progress.get("work")
             if "recovery" in progress:

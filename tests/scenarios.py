@@ -572,7 +572,6 @@ class Nodes(Slowed, Batches):
     pg_timeout: float = option(1800.0, "seconds, Lightning's collectives")
     checkpoint_every: int | None = option(None, "a ModelCheckpoint every this many steps")
     resume_from: Path | None = option(None, "a checkpoint to resume from")
-    die_in_first_round: RankStep | None = option(None, "RANK:STEP: that rank SIGKILLs itself in torchrun's round 0")
 
 
 @scenario
@@ -586,8 +585,6 @@ def nodes(args: Nodes) -> None:
     callbacks: list[Callback] = [SlowRank(slow_rank=args.slow_rank, delay=args.delay)]
     if args.checkpoint_every:
         callbacks.append(ModelCheckpoint(args.out / "ckpts", every_n_train_steps=args.checkpoint_every, save_top_k=-1))
-    if args.die_in_first_round:
-        callbacks.append(DieInFirstRound(*args.die_in_first_round))
     run = trainer(
         strategy,
         args,

@@ -71,20 +71,3 @@ def test_lightning_environment_two_nodes_on_loopback(tmp_path) -> None:
         for node in (0, 1)
     )
     check_two_nodes(tmp_path)
-
-
-@pytest.mark.parametrize("share_store", ["0", "1"])
-def test_torchrun_restarts_after_a_lost_worker(tmp_path, share_store) -> None:
-    # rank 1 is SIGKILLed at its step 3 of round 0; torchrun restarts the group once and round 1 trains to the end
-    # (from scratch: no recovery yet). With the agent's store shared (torch's default, "0") the restarted ranks
-    # used to read round 0's dead gloo addresses and fail ("Connection refused"); "1" is torch's opt-out.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
-    command += ["--max-restarts", "1", str(SCENARIOS), "nodes", "--out", str(tmp_path), "--devices", "3"]
-    command += ["--threshold", "1", "--batches", "5", "--die-in-first-round", "1:3"]
-    run_nodes([(command, clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=share_store))])
-    ranks = results(tmp_path, 3)
-    assert [r["restart_round"] for r in ranks] == [1, 1, 1]
-    # K = 1: one update per gradient, 3 workers x 5 batches x 2 epochs, all in round 1
-    assert ranks[0]["update_sizes"] == {1: 30} and all(r["version"] == 30 for r in ranks)
-    for rank in ranks[1:]:
-        assert all(torch.equal(value, rank["weights"][name]) for name, value in ranks[0]["weights"].items())

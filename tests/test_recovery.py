@@ -76,27 +76,34 @@ def trained(out, round_: int, ranks: int) -> dict[int, list[int]]:
     return seen
 
 
-def run_torchrun(out, *args: str) -> None:
+def run_torchrun(out, *args: str, **env: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
     command += ["--max-restarts", "1", str(SCENARIOS), "recover", "--out", str(out), "--devices", "3", *args]
-    process = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=240)
+    process = subprocess.run(command, env=clean_env(**env), capture_output=True, text=True, timeout=240)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    "lost, step, threshold, why",
-    [(1, 4, "async", "failure"), (1, 4, "sync", "failure"), (0, 30, "async", "periodic")],
-    ids=["worker-async", "worker-sync", "server-async"],
+    "lost, step, threshold, why, unshared_store",
+    [
+        (1, 4, "async", "failure", "0"),
+        (1, 4, "async", "failure", "1"),
+        (1, 4, "sync", "failure", "0"),
+        (0, 30, "async", "periodic", "0"),
+    ],
+    ids=["worker-async", "worker-async-own-rendezvous", "worker-sync", "server-async"],
 )
-def test_a_sigkilled_rank_costs_its_batches_not_the_run(tmp_path, lost, step, threshold, why) -> None:
+def test_a_sigkilled_rank_costs_its_batches_not_the_run(tmp_path, lost, step, threshold, why, unshared_store) -> None:
     # rank `lost` SIGKILLs itself at its step `step` in round 0; torchrun restarts the three ranks once. A lost
     # worker: the server's rank writes the recovery checkpoint at the failure. The server's own rank (with the
     # strategy's default folder under torchrun): the last periodic one is all there is (every 10 ms: rank 0 trains
-    # its 30 steps in under 0.1 s here).
+    # its 30 steps in under 0.1 s here). The plain torchrun command shares the agent's store with the workers (each
+    # restart round forms its groups under a prefix of its own); TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is torch's
+    # opt-out, where torch's own env:// rendezvous is used.
     args = ["--threshold", threshold, "--epochs", "2", "--die-in-first-round", f"{lost}:{step}"]
     args += ["--default-folder", "--recovery-every", "0.01"] if lost == 0 else ["--recovery-every", "1"]
-    run_torchrun(tmp_path, *args)
+    run_torchrun(tmp_path, *args, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=unshared_store)
     ranks = results(tmp_path, 3)
     assert [r["restart_round"] for r in ranks] == [1, 1, 1] and all(r["epochs"] == 2 for r in ranks)
     assert ranks[0]["recovery_files"] == [], "a fit that ends cleanly removes its recovery checkpoints"
