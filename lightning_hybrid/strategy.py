@@ -735,9 +735,16 @@ class HybridSGDStrategy(DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(
-                cls.strategy_name,
-                cls,
-                description="Hybrid synchronous/asynchronous parameter-server SGD (K-of-N gradients per update)",
-            )
+        """``hybrid_sgd`` and its named variants, as Lightning registers ``ddp_spawn`` and friends."""
+        for name, description, options in REGISTERED_VARIANTS:
+            if name not in strategy_registry:
+                strategy_registry.register(name, cls, description=description, **options)
+
+
+# name, description, HybridSGDStrategy arguments: the names `Trainer(strategy=...)` accepts (README's table)
+REGISTERED_VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("hybrid_sgd", "Hybrid synchronous/asynchronous parameter-server SGD (K-of-N gradients per update)", {}),
+    ("hybrid_sgd_async", "hybrid_sgd with K = 1: fully asynchronous, with pulled work", {"threshold": "async"}),
+    ("hybrid_sgd_sync", "hybrid_sgd with K = N: synchronous, exactly DDP's updates", {"threshold": "sync"}),
+    ("hybrid_sgd_sharded", "hybrid_sgd with the server sharded over every rank", {"shard_server": True}),
+]

@@ -34,6 +34,22 @@ def test_registered_name_builds_the_strategy_and_trains() -> None:
     assert pl.strategies.StrategyRegistry.get("hybrid_sgd").__class__ is HybridSGDStrategy
 
 
+@pytest.mark.parametrize(
+    "name, threshold, sharded",
+    [
+        ("hybrid_sgd", "50%", False),
+        ("hybrid_sgd_async", "async", False),
+        ("hybrid_sgd_sync", "sync", False),
+        ("hybrid_sgd_sharded", "50%", True),
+    ],
+)
+def test_named_variants_build_their_strategy(name, threshold, sharded) -> None:
+    trainer = pl.Trainer(strategy=name, accelerator="cpu", devices=1, logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, HybridSGDStrategy)
+    assert (strategy._threshold_spec, strategy._shard_server) == (threshold, sharded)
+
+
 def test_threshold_above_n_is_refused() -> None:
     with pytest.raises(ValueError, match=r"threshold=2 is outside \[1, 1\]"):
         fit(MLPClassifier(), strategy=HybridSGDStrategy(threshold=2))
