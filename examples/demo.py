@@ -30,7 +30,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     pl.seed_everything(args.seed, workers=True)
-    schedule = lightning_hybrid.LinearSchedule(start="async", end="sync", length=max(args.epochs - 1, 1))
+    scheduler = lightning_hybrid.ThresholdScheduler("linear")  # async to sync over the run's epochs
     strategy = lightning_hybrid.HybridSGDStrategy(threshold="async")
     offline = os.environ.get("WANDB_MODE", "offline") != "online"
     logger = WandbLogger(project="lightning-hybrid-demo", save_dir=args.save_dir, offline=offline)
@@ -40,7 +40,7 @@ def main() -> None:
         devices=args.workers,
         max_epochs=args.epochs,
         logger=logger,
-        callbacks=[lightning_hybrid.ThresholdScheduler(schedule)],
+        callbacks=[scheduler],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -50,7 +50,7 @@ def main() -> None:
         metrics = trainer.callback_metrics  # from the validation after the last epoch, synced over ranks
         stats, sizes = strategy.staleness, dict(sorted(strategy.update_sizes.items()))
         print(f"\nhybrid_sgd on digits: {args.workers} worker processes (rank 0, pid {os.getpid()}, hosts the server)")
-        print(f"  threshold K          {schedule} -> now {strategy.threshold} of {args.workers}")
+        print(f"  threshold K          {scheduler.schedule} -> now {strategy.threshold} of {args.workers}")
         print(f"  updates applied      {strategy.version}")
         print(f"  gradients per update {sizes}")
         print(

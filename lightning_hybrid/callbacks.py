@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import pytorch_lightning as pl
@@ -13,7 +13,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities.data import extract_batch_size
 
 from lightning_hybrid.strategy import HybridSGDStrategy
-from lightning_hybrid.thresholds import AdaSyncSchedule, Schedule
+from lightning_hybrid.thresholds import AdaSyncSchedule, Schedule, ThresholdSpec, has_length, make_schedule
 
 
 class ThresholdScheduler(pl.Callback):
@@ -21,14 +21,25 @@ class ThresholdScheduler(pl.Callback):
     steps) and logs telemetry through the trainer's loggers.
 
     Args:
-        schedule: a schedule from :mod:`lightning_hybrid.thresholds` (e.g. ``LinearSchedule(1, "sync", 10)``).
+        schedule: a schedule from :mod:`lightning_hybrid.thresholds` (e.g. ``LinearSchedule(1, "sync", 10)``), or
+            the name of one (``"linear"``, ``"cosine"``, ...: see ``make_schedule``) built from ``start``, ``end``
+            and ``length``. A named schedule without a ``length`` spans the run: with ``max_time`` the elapsed
+            share of the budget; else with ``max_epochs`` it reaches ``end`` in the last epoch (a one-epoch run
+            stays at ``start``); else with ``max_steps`` the server rank's own steps (rank 0's global step: with
+            pulled work other ranks take other counts). ``"switch"`` and ``"adasync"`` have no length.
+        start: a named schedule's first K (``None``: the schedule's default, ``"async"`` for a ramp).
+        end: a named schedule's last K (``None``: the schedule's default, ``"sync"`` for a ramp).
+        length: a named schedule's length, in what ``progress`` counts (``None``: the run's own, see above).
+        options: a named schedule's other options (e.g. ``{"steps": 4}`` of ``"step"``, ``{"at": 5}`` of
+            ``"switch"``), as ``make_schedule`` takes them.
         every_n_steps: also update K every so many steps of the server's rank (progress counted in steps);
             ``None`` updates at epoch starts only (progress counted in epochs).
-        progress: what the schedule's length counts: ``"epochs"`` (default), ``"steps"`` (the server rank's
-            steps, with ``every_n_steps``) or ``"time"``: the percentage of ``Trainer(max_time=...)`` elapsed, so a
-            schedule of ``length=100`` spans the whole budget whatever the speed of the method (fair in a
-            fixed-time comparison). K is then set on rank 0 at epoch starts and every ``every_n_steps`` steps
-            (default 10). AdaSync reads the loss, not progress: it moves at epoch starts in every mode.
+        progress: what the schedule's length counts: ``"epochs"``, ``"steps"`` (the server rank's steps, with
+            ``every_n_steps``) or ``"time"``: the percentage of ``Trainer(max_time=...)`` elapsed, so a schedule of
+            ``length=100`` spans the whole budget whatever the speed of the method (fair in a fixed-time
+            comparison). K is then set on rank 0 at epoch starts and every ``every_n_steps`` steps (default 10).
+            ``None``: ``"epochs"``, or for a named schedule without a length the run's bound (see above).
+            AdaSync reads the loss, not progress: it moves at epoch starts in every mode.
         monitor: the logged training loss an adaptive schedule (AdaSync) reads, averaged over ranks.
 
     Logged at every epoch end: ``hybrid/threshold``, ``hybrid/version``, ``hybrid/staleness_{mean,max,p50,p95}``,
@@ -43,22 +54,35 @@ class ThresholdScheduler(pl.Callback):
 
     def __init__(
         self,
-        schedule: Schedule,
+        schedule: Union[str, Schedule] = "linear",
+        start: Optional[ThresholdSpec] = None,
+        end: Optional[ThresholdSpec] = None,
+        length: Optional[int] = None,
+        options: Optional[dict[str, Any]] = None,
         every_n_steps: Optional[int] = None,
         monitor: str = "train_loss_epoch",
-        progress: str = "epochs",
+        progress: Optional[Literal["epochs", "steps", "time"]] = None,
     ):
-        if not callable(schedule):
-            raise TypeError(f"schedule must be a threshold schedule, got {type(schedule).__name__}")
+        named = {k: v for k, v in dict(start=start, end=end, length=length).items() if v is not None}
+        named.update(options or {})
+        if isinstance(schedule, str):
+            make_schedule(schedule, **named)  # an unknown name or a bad option fails here, with the known names
+        elif not callable(schedule):
+            raise TypeError(f"schedule must be a threshold schedule or its name, got {type(schedule).__name__}")
+        elif named:
+            raise ValueError(f"start, end, length and options build a named schedule; set them on {schedule} itself")
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps!r}")
-        if progress not in ("epochs", "steps", "time"):
+        if progress not in (None, "epochs", "steps", "time"):
             raise ValueError(f"progress must be 'epochs', 'steps' or 'time', got {progress!r}")
         if progress == "steps" and every_n_steps is None:
             raise ValueError("progress='steps' counts steps between updates of K: give every_n_steps as well")
-        self.schedule = schedule
+        self._name, self._options = (schedule, named) if isinstance(schedule, str) else (None, {})
+        self.schedule: Schedule = make_schedule(schedule, **named) if isinstance(schedule, str) else schedule
+        self._every_n_steps = every_n_steps
+        self._progress = progress
         self.every_n_steps = every_n_steps or (10 if progress == "time" else None)
-        self.progress = progress
+        self.progress: str = progress or "epochs"
         self.monitor = monitor
         self._timer: Optional[Timer] = None
         self._budget = 0.0  # seconds of max_time
@@ -74,6 +98,8 @@ class ThresholdScheduler(pl.Callback):
                 f"ThresholdScheduler sets the threshold of strategy='hybrid_sgd', but this trainer uses "
                 f"{type(trainer.strategy).__name__}: use Trainer(strategy='hybrid_sgd') or remove the callback."
             )
+        if stage == "fit" and self._name is not None and has_length(self._name) and "length" not in self._options:
+            self._span_the_run(trainer)
         try:  # both ends of the schedule must fit N
             self.schedule(0, trainer.world_size)
             self.schedule(10**9, trainer.world_size)
@@ -90,6 +116,23 @@ class ThresholdScheduler(pl.Callback):
                 )
             self._timer = timers[0]
             self._budget = timers[0].time_remaining() + timers[0].time_elapsed()  # before training starts
+
+    def _span_the_run(self, trainer: pl.Trainer) -> None:
+        """A named schedule without a length spans the run: its time budget, epochs or steps (see the class)."""
+        has_time = any(isinstance(c, Timer) and c.time_remaining() is not None for c in trainer.callbacks)
+        epochs, steps = trainer.max_epochs or -1, trainer.max_steps
+        progress = self._progress or next(
+            (kind for kind, bound in (("time", has_time), ("epochs", epochs > 0), ("steps", steps > 0)) if bound), None
+        )
+        if progress is None or (progress == "epochs" and epochs <= 0) or (progress == "steps" and steps <= 0):
+            raise ValueError(
+                f"ThresholdScheduler({self._name!r}) spans the run, but the Trainer has no max_time, max_epochs or "
+                "max_steps to span: give the schedule a length, or the Trainer a bound"
+            )
+        length = {"time": 100, "epochs": max(epochs - 1, 1), "steps": steps}[progress]
+        self.schedule = make_schedule(self._name, **self._options, length=length)
+        self.progress = progress
+        self.every_n_steps = self._every_n_steps or (10 if progress in ("time", "steps") else None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:  # a resumed run's counters start where the checkpoint left them

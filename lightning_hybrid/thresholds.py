@@ -217,10 +217,20 @@ SCHEDULES: dict[str, type] = {
 }
 
 
-def make_schedule(name: str, **options: Any) -> Schedule:
-    """A schedule by name (as configs give it), e.g. ``make_schedule("linear", start=1, end="sync", length=8)``."""
+def check_schedule_name(name: str) -> None:
     if name not in SCHEDULES:
         raise ValueError(f"unknown threshold schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+
+
+def has_length(name: str) -> bool:
+    """The schedule moves K over a ``length`` (of epochs, steps or percent of a time budget)."""
+    check_schedule_name(name)
+    return issubclass(SCHEDULES[name], _Ramp)
+
+
+def make_schedule(name: str, **options: Any) -> Schedule:
+    """A schedule by name (as configs give it), e.g. ``make_schedule("linear", start=1, end="sync", length=8)``."""
+    check_schedule_name(name)
     try:
         return SCHEDULES[name](**options)
     except TypeError as err:

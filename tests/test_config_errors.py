@@ -234,3 +234,30 @@ def test_a_schedule_over_time_reaches_its_end_as_the_budget_ends() -> None:
     fit(MLPClassifier(), callbacks=[scheduler], max_time={"seconds": 2}, max_epochs=1000, limit_train_batches=None)
     seen = seen[2:]  # setup tries both ends of the schedule first
     assert seen[0] < 10 and seen == sorted(seen) and 50 < seen[-1] <= 100, seen[:3] + seen[-3:]
+
+
+@pytest.mark.parametrize(
+    ("bounds", "progress", "length"),
+    [
+        (dict(max_epochs=5), "epochs", 4),  # reaches its end in the last epoch (index 4)
+        (dict(max_epochs=1), "epochs", 1),  # one epoch: stays at the start
+        (dict(max_epochs=-1, max_steps=6), "steps", 6),  # the server rank's own steps
+        (dict(max_epochs=2, max_time={"seconds": 30}), "time", 100),  # percent of the budget
+    ],
+)
+def test_a_named_schedule_spans_the_run(bounds, progress, length) -> None:
+    scheduler = lightning_hybrid.ThresholdScheduler("cosine", start="50%")
+    fit(MLPClassifier(), callbacks=[scheduler], limit_train_batches=1, **bounds)
+    assert scheduler.schedule == lightning_hybrid.CosineSchedule(start="50%", end="sync", length=length)
+    assert scheduler.progress == progress
+
+
+def test_named_schedules_are_checked_by_name_and_need_a_bound_or_a_length() -> None:
+    with pytest.raises(ValueError, match="unknown threshold schedule 'warp': choose one of constant, linear"):
+        lightning_hybrid.ThresholdScheduler("warp")
+    with pytest.raises(ValueError, match="set them on LinearSchedule"):
+        lightning_hybrid.ThresholdScheduler(lightning_hybrid.LinearSchedule(), length=3)
+    assert lightning_hybrid.ThresholdScheduler("linear", length=3).schedule == lightning_hybrid.LinearSchedule(length=3)
+    scheduler = lightning_hybrid.ThresholdScheduler("linear", progress="epochs")
+    with pytest.raises(ValueError, match="no max_time, max_epochs or max_steps to span: give the schedule a length"):
+        fit(MLPClassifier(), callbacks=[scheduler], max_epochs=-1, max_steps=3)

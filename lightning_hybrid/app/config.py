@@ -35,12 +35,14 @@ class StrategyConfig:
 
 @dataclass
 class ThresholdConfig:
-    """A threshold schedule applied by ThresholdScheduler; ``name: none`` keeps K fixed."""
+    """A threshold schedule applied by ThresholdScheduler; ``name: none`` keeps K fixed. A ramp without
+    ``options.length`` spans the run (``trainer.max_time``, else ``max_epochs``, else ``max_steps``)."""
 
     name: str = "none"
     options: dict[str, Any] = field(default_factory=dict)  # passed to make_schedule(name, **options)
     every_n_steps: Optional[int] = None
-    progress: str = "epochs"  # epochs | steps | time (percent of trainer.max_time): what `length` counts
+    # epochs | steps | time (percent of trainer.max_time): what `length` counts; null: the run's bound
+    progress: Optional[str] = None
 
 
 @dataclass

@@ -160,10 +160,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     curve = ValidationCurve(probe_every=config.probe_every)
     callbacks: list[pl.Callback] = [curve]
     if config.strategy.scheduled and config.threshold.name != "none":
-        schedule = lightning_hybrid.make_schedule(config.threshold.name, **config.threshold.options)
-        callbacks.append(
+        callbacks.append(  # a ramp without a length spans the run (ThresholdScheduler)
             lightning_hybrid.ThresholdScheduler(
-                schedule, every_n_steps=config.threshold.every_n_steps, progress=config.threshold.progress
+                config.threshold.name,
+                options=dict(config.threshold.options),
+                every_n_steps=config.threshold.every_n_steps,
+                progress=config.threshold.progress,  # type: ignore[arg-type]
             )
         )
     delays = config.delays
