@@ -13,11 +13,11 @@ import os
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import WandbLogger
 
 import lightning_hybrid
 from lightning_hybrid.app.data import DigitsDataModule
 from lightning_hybrid.app.models import MLPClassifier
+from lightning_hybrid.app.wandb_run import wandb_logger
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     scheduler = lightning_hybrid.ThresholdScheduler("linear")  # async to sync over the run's epochs
     strategy = lightning_hybrid.HybridSGDStrategy(threshold="async")
     offline = os.environ.get("WANDB_MODE", "offline") != "online"
-    logger = WandbLogger(project="lightning-hybrid-demo", save_dir=args.save_dir, offline=offline)
+    logger = wandb_logger(project="lightning-hybrid-demo", save_dir=args.save_dir, offline=offline)
     trainer = pl.Trainer(
         strategy=strategy,
         accelerator="cpu",

@@ -605,8 +605,15 @@ class HybridSGDStrategy(DDPStrategy):
 
     @override
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        """As DDP's. Without ``sync_grads`` through ``torch.distributed.all_gather`` itself: Lightning 2.6 always
+        takes ``torch.distributed.nn``'s autograd version, deprecated in torch 2.13 (a warning on every call)."""
         self._drain_before_collective()
-        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+        if sync_grads or not dist.is_initialized():
+            return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+        tensor = tensor.contiguous()
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, tensor, group=group)
+        return torch.stack(gathered)
 
     # ------------------------------------------------------------------ validation and checkpoints
     @override

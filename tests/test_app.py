@@ -2,12 +2,15 @@
 
 import csv
 import json
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import clean_env
+
+import lightning_hybrid
 
 pytestmark = pytest.mark.multiprocess
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
@@ -123,3 +126,16 @@ def test_mnist_files_and_the_cnn_through_the_app(tmp_path) -> None:
     assert sum(result["steps_per_rank"]) == 8 and result["version"] == 8  # 64 images / batch 8, K = 1
     failed = run_app("data=mnist", cwd=tmp_path, check=False)
     assert failed.returncode != 0 and "set data.root=/path/to/them" in failed.stderr + failed.stdout
+
+
+def test_the_demo_prints_no_warning_of_this_package(tmp_path) -> None:
+    # every module of lightning_hybrid turns its warnings into errors (in every rank: the children inherit the
+    # environment); the two that the project used to cause through Lightning and W&B are gone
+    modules = [name for _, name, _ in pkgutil.walk_packages(lightning_hybrid.__path__, "lightning_hybrid.")]
+    env = clean_env(PYTHONWARNINGS=",".join(f"error:::{name}" for name in ["lightning_hybrid", *modules]))
+    demo = Path(__file__).parents[1] / "examples" / "demo.py"
+    command = [sys.executable, str(demo), "--workers", "2", "--epochs", "1", "--save-dir", str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    console = result.stdout + result.stderr
+    assert "validation" in console and "sync_dist=True" not in console and "anonymous" not in console, console

@@ -40,7 +40,10 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        # the step's value stays local (syncing it would chain the workers every step); the epoch's mean is
+        # synced over ranks once per epoch, as Lightning advises and AdaSync reads it
+        self.log("train_loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

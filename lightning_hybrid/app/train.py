@@ -23,6 +23,7 @@ from lightning_hybrid.app.config import TrainConfig, register_configs
 from lightning_hybrid.app.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
 from lightning_hybrid.app.delays import DelayDistribution, InjectDelays
 from lightning_hybrid.app.models import CNNClassifier, MLPClassifier
+from lightning_hybrid.app.wandb_run import wandb_logger
 from lightning_hybrid.launcher import LAUNCH_VARIABLES, HydraJobLauncher
 
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
@@ -66,7 +67,7 @@ def build_logger(config: TrainConfig, output_dir: str) -> Any:
         raise ValueError(f"logger.name must be 'wandb' or 'csv', got {logger.name!r}")
     hydra_config = HydraConfig.get()
     sweep = Path(hydra_config.sweep.dir).name if hydra_config.mode.name == "MULTIRUN" else None
-    return pl.loggers.WandbLogger(
+    return wandb_logger(
         project=logger.project,
         save_dir=output_dir,
         offline=logger.mode != "online",
