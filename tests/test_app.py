@@ -139,3 +139,29 @@ def test_the_demo_prints_no_warning_of_this_package(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     console = result.stdout + result.stderr
     assert "validation" in console and "sync_dist=True" not in console and "anonymous" not in console, console
+
+
+def run_cli(cwd: Path, *args: str) -> list[dict[str, str]]:
+    """examples/cli.py fit with ARGS (2 worker processes); the rows of its CSV log that hold K."""
+    cli = Path(__file__).parents[1] / "examples" / "cli.py"
+    command = [sys.executable, str(cli), "fit", *args]
+    result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (metrics,) = cwd.glob("cli_runs/lightning_logs/version_*/metrics.csv")
+    with metrics.open() as handle:
+        return [row for row in csv.DictReader(handle) if row.get("hybrid/threshold")]
+
+
+def test_lightning_cli_takes_the_strategy_and_the_scheduler_from_yaml_and_from_flags(tmp_path) -> None:
+    # the YAML (examples/cli.yaml): HybridSGDStrategy by class path with threshold=50%, ThresholdScheduler by name;
+    # a linear ramp from async to sync over the run's 3 epochs, 2 workers: K = 1, 1.5 (rounds to 2), 2
+    (tmp_path / "yaml").mkdir()
+    rows = run_cli(tmp_path / "yaml", "--config", str(Path(__file__).parents[1] / "examples" / "cli.yaml"))
+    assert [float(row["hybrid/threshold"]) for row in rows] == [1.0, 2.0, 2.0]
+    # from flags: the strategy by its registered name, the callback appended, over 2 epochs: K = 1, then 2
+    (tmp_path / "flags").mkdir()
+    flags = ["--trainer.strategy=hybrid_sgd", "--trainer.devices=2", "--trainer.max_epochs=2"]
+    flags += ["--trainer.accelerator=cpu", "--trainer.logger=CSVLogger", "--trainer.logger.save_dir=cli_runs"]
+    flags += ["--trainer.callbacks+=lightning_hybrid.ThresholdScheduler", "--trainer.callbacks.schedule=linear"]
+    rows = run_cli(tmp_path / "flags", *flags)
+    assert [float(row["hybrid/threshold"]) for row in rows] == [1.0, 2.0]
