@@ -121,7 +121,9 @@ class RecoveryWriter:
         except Exception:  # a full disk must not end training; the older checkpoints stay
             log.exception("hybrid_sgd: could not write the %s recovery checkpoint to %s", why, self.directory.path)
             return
-        log.info(
+        level = logging.WARNING if why == "failure" else logging.INFO  # the periodic ones would fill the console
+        log.log(
+            level,
             "hybrid_sgd: %s recovery checkpoint %s (version %d) in %.2f s",
             why,
             path,

@@ -45,7 +45,7 @@ from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -680,16 +680,11 @@ class HybridSGDStrategy(DDPStrategy):
         again = ""
         if recovery["taken"] is not None:
             again = f"; {recovery['taken'] - recovery['absorbed']} batches taken but not absorbed go back into it"
-        log.info(
-            "hybrid_sgd: resumed from the recovery checkpoint %s (written %s in restart round %d): epoch %d with %d "
-            "of its batches already trained, version %d%s",
-            self.lightning_module.trainer.ckpt_path,
-            "at a failure" if recovery["why"] == "failure" else "periodically",
-            recovery["round"],
-            work["epoch"],
-            len(work["done"]),
-            progress["version"],
-            again,
+        written = "at a failure" if recovery["why"] == "failure" else "periodically"
+        rank_zero_info(  # Lightning's own logger, which prints INFO (as its "Restoring states from ...")
+            f"hybrid_sgd: resumed from the recovery checkpoint {self.lightning_module.trainer.ckpt_path} (written "
+            f"{written} in restart round {recovery['round']}): epoch {work['epoch']} with {len(work['done'])} of its "
+            f"batches already trained, version {progress['version']}{again}"
         )
 
     # ------------------------------------------------------------------ the end
