@@ -52,7 +52,7 @@ class RecoveryDir:
         self._prune()
         return self.path / name
 
-    def complete(self) -> list[Path]:
+    def checkpoints(self) -> list[Path]:
         """The recovery checkpoints on disk, oldest first."""
         if not self.path.is_dir():
             return []
@@ -61,7 +61,7 @@ class RecoveryDir:
     def newest(self) -> Optional[Path]:
         """The newest recovery checkpoint that is a whole file (torch's zip format ends with its directory: a
         truncated file, e.g. of a full disk, has none and is passed over with a warning)."""
-        for path in reversed(self.complete()):
+        for path in reversed(self.checkpoints()):
             if zipfile.is_zipfile(path):
                 return path
             log.warning("hybrid_sgd: recovery checkpoint %s is incomplete (not a whole torch file); skipped", path)
@@ -69,14 +69,14 @@ class RecoveryDir:
 
     def clear(self) -> None:
         """Remove every recovery checkpoint: the run they would resume has finished."""
-        for path in self.complete() + self._partials():
+        for path in self.checkpoints() + self._partials():
             path.unlink(missing_ok=True)
 
     def _partials(self) -> list[Path]:
         return [p for p in self.path.iterdir() if p.name.startswith(f".{_PREFIX}")] if self.path.is_dir() else []
 
     def _prune(self) -> None:
-        for path in self.complete()[: -self.keep] + self._partials():
+        for path in self.checkpoints()[: -self.keep] + self._partials():
             path.unlink(missing_ok=True)
 
 

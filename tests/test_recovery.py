@@ -39,7 +39,7 @@ def test_recovery_files_are_whole_or_ignored_and_the_newest_few_are_kept(tmp_pat
     folder, io = RecoveryDir(tmp_path / "r", keep=2), TorchCheckpointIO()
     assert folder.newest() is None
     paths = [folder.save({"step": step}, io, version=step) for step in range(3)]
-    assert folder.complete() == paths[1:] and folder.newest() == paths[2]
+    assert folder.checkpoints() == paths[1:] and folder.newest() == paths[2]
     assert torch.load(folder.newest(), weights_only=False) == {"step": 2}
     # a writer killed mid-file leaves a hidden partial file: never listed, removed by the next write
     (tmp_path / "r" / f".{paths[2].name}-x.partial").write_bytes(b"PK")
