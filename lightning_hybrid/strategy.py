@@ -198,7 +198,8 @@ class HybridSGDStrategy(DDPStrategy):
         self._recovery_dir = recovery_dir
         self._recovery_every = float(recovery_every)
         self._recovery: Optional[RecoveryWriter] = None  # on the server's rank while fitting with recovery
-        self._recovery_on = False  # every rank: pushes carry their batch's id for the recovery checkpoints
+        # every rank, for the fit being set up: where recovery checkpoints go (then pushes carry their batch's id)
+        self._fit_recovery: Optional[RecoveryDir] = None
         self._channels: Optional[dict[int, dist.ProcessGroup]] = None
         self._session = WorkerSession()  # idle until fit starts one; keeps the last fit's counters after it
         self._restore: list[lockstep.Restore] = []
@@ -319,7 +320,9 @@ class HybridSGDStrategy(DDPStrategy):
         super().setup_environment()
         lockstep.destroy_process_groups_at_exit()
         trainer = self.lightning_module.trainer
-        if trainer.state.fn == TrainerFn.FITTING and self._recovery_folder(trainer) is not None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        self._fit_recovery = self._recovery_folder(trainer) if fitting else None
+        if self._fit_recovery is not None:
             lockstep.resume_from(trainer, self._newer_recovery_checkpoint)
         if self._channels is None:
             # new_group is collective: every rank creates every channel, in the same order. A sharded server
@@ -360,11 +363,10 @@ class HybridSGDStrategy(DDPStrategy):
         )
         threshold = self._threshold_for_this_world()
         self._session_id = self.broadcast(next(_SESSIONS))  # rank 0's: a fresh child process counts from 1
-        recovery = self._recovery_folder(trainer)
+        recovery = self._fit_recovery
         self._pulling = (
             (threshold < self.world_size or recovery is not None) if self._pull_work is None else self._pull_work
         )
-        self._recovery_on = recovery is not None
         if recovery is not None:
             checks.check_recovery_fit(trainer.accumulate_grad_batches)
         if self._pulling:
@@ -437,8 +439,7 @@ class HybridSGDStrategy(DDPStrategy):
         """The newest recovery checkpoint where it is newer than the user's ``ckpt_path`` (rank 0 decides)."""
         chosen = ckpt_path
         if self.is_global_zero:
-            folder = self._recovery_folder(self.lightning_module.trainer)
-            newest = folder.newest() if folder is not None else None
+            newest = self._fit_recovery.newest() if self._fit_recovery is not None else None
             if newest is not None and (
                 ckpt_path is None
                 or not os.path.isfile(ckpt_path)
@@ -536,7 +537,7 @@ class HybridSGDStrategy(DDPStrategy):
         if not final and trainer.max_steps >= 0 and trainer.global_step + 1 >= trainer.max_steps:
             self._session.local_stop |= Flag.STOP  # with pulled work other ranks are at other steps: all stop here
             final = True
-        work = self._sampler.current_work if self._recovery_on and self._sampler is not None else None
+        work = self._sampler.current_work if self._fit_recovery is not None and self._sampler is not None else None
         with self._session.step(final, trainer.global_step, work) as exchange:
 
             def push(loss: Any) -> bool:
