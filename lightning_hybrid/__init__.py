@@ -1,7 +1,11 @@
 """lightning-hybrid: hybrid synchronous/asynchronous parameter-server SGD for PyTorch Lightning.
 
-``import lightning_hybrid`` registers the strategy, so ``Trainer(strategy="hybrid_sgd")`` works.
+``import lightning_hybrid`` registers the strategy, so ``Trainer(strategy="hybrid_sgd")`` works, with
+``pytorch_lightning`` and, when it is installed, with the unified ``lightning`` package (whose strategy class is
+``lightning_hybrid.lightning.HybridSGDStrategy``).
 """
+
+import importlib.util
 
 from pytorch_lightning.strategies import StrategyRegistry
 
@@ -23,6 +27,8 @@ from lightning_hybrid.thresholds import (
 )
 
 HybridSGDStrategy.register_strategies(StrategyRegistry)
+if importlib.util.find_spec("lightning") is not None:
+    import lightning_hybrid.lightning  # noqa: F401  (registers the strategy for `import lightning as L`)
 
 __version__ = "0.1.0"
 __all__ = [

@@ -2,21 +2,52 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import time
 from collections import Counter
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities.data import extract_batch_size
 
-from lightning_hybrid.strategy import HybridSGDStrategy
 from lightning_hybrid.thresholds import AdaSyncSchedule, Schedule, ThresholdSpec, has_length, make_schedule
 
+if TYPE_CHECKING:
+    from pytorch_lightning.callbacks import Timer
 
-class ThresholdScheduler(pl.Callback):
+    from lightning_hybrid.strategy import HybridSGDStrategy
+
+
+def _callback_bases() -> tuple[type, ...]:
+    """Lightning's ``Callback`` of ``pytorch_lightning`` and, when installed, of the unified ``lightning`` package:
+    one ``ThresholdScheduler`` class then serves either trainer (and passes LightningCLI's type checks of both)."""
+    if importlib.util.find_spec("lightning") is None:
+        return (pl.Callback,)
+    import lightning.pytorch
+
+    return (pl.Callback, lightning.pytorch.Callback)
+
+
+def _classes(name: str, *modules: str) -> tuple[type, ...]:
+    """Class ``name`` of each of ``modules`` imported so far: a trainer's strategy, callbacks or loggers come from
+    a Lightning namespace (and a strategy copy) that was imported to make them."""
+    return tuple(getattr(sys.modules[module], name) for module in modules if module in sys.modules)
+
+
+def _timers(trainer: pl.Trainer) -> list[Timer]:
+    """The trainer's ``Timer`` callbacks with a budget (``Trainer(max_time=...)``), of either namespace."""
+    timer = _classes("Timer", "pytorch_lightning.callbacks", "lightning.pytorch.callbacks")
+    return [c for c in trainer.callbacks if isinstance(c, timer) and c.time_remaining() is not None]
+
+
+# The strategy for pytorch_lightning, and its copy for the unified package (see lightning_api).
+STRATEGY_MODULES = ("lightning_hybrid.strategy", "lightning_hybrid.lightning.strategy")
+
+
+class ThresholdScheduler(*_callback_bases()):
     """Sets the strategy's threshold K from ``schedule`` at every epoch start (or every ``every_n_steps``
     steps) and logs telemetry through the trainer's loggers.
 
@@ -93,7 +124,7 @@ class ThresholdScheduler(pl.Callback):
 
     # ------------------------------------------------------------------ setting K
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(trainer.strategy, HybridSGDStrategy):
+        if not isinstance(trainer.strategy, _classes("HybridSGDStrategy", *STRATEGY_MODULES)):
             raise ValueError(
                 f"ThresholdScheduler sets the threshold of strategy='hybrid_sgd', but this trainer uses "
                 f"{type(trainer.strategy).__name__}: use Trainer(strategy='hybrid_sgd') or remove the callback."
@@ -108,7 +139,7 @@ class ThresholdScheduler(pl.Callback):
                 f"the threshold schedule {self.schedule} does not fit {trainer.world_size} workers: {err}"
             ) from err
         if self.progress == "time":
-            timers = [c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None]
+            timers = _timers(trainer)
             if not timers:
                 raise ValueError(
                     "ThresholdScheduler(progress='time') counts the share of the time budget: set "
@@ -119,7 +150,7 @@ class ThresholdScheduler(pl.Callback):
 
     def _span_the_run(self, trainer: pl.Trainer) -> None:
         """A named schedule without a length spans the run: its time budget, epochs or steps (see the class)."""
-        has_time = any(isinstance(c, Timer) and c.time_remaining() is not None for c in trainer.callbacks)
+        has_time = bool(_timers(trainer))
         epochs, steps = trainer.max_epochs or -1, trainer.max_steps
         progress = self._progress or next(
             (kind for kind, bound in (("time", has_time), ("epochs", epochs > 0), ("steps", steps > 0)) if bound), None
@@ -242,10 +273,9 @@ class ThresholdScheduler(pl.Callback):
         self._counts = Counter(counts)
         if not epoch_counts:
             return
-        from pytorch_lightning.loggers import WandbLogger
-
+        wandb_logger = _classes("WandbLogger", "pytorch_lightning.loggers", "lightning.pytorch.loggers")
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
+            if isinstance(logger, wandb_logger):
                 import wandb
 
                 top = max(epoch_counts)

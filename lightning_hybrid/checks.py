@@ -10,20 +10,18 @@ import zlib
 from collections.abc import Sequence
 from typing import Any, Optional
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.model_helpers import is_overridden
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from lightning_hybrid.group_scaling import check_group_scaling, check_rule_name
-from lightning_hybrid.lockstep import saves_by_steps_or_time
 from lightning_hybrid.server import check_max_staleness
 from lightning_hybrid.shards import ELEMENTWISE_OPTIMIZERS
 from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec
+
+from .lightning_api import MisconfigurationException, is_overridden, pl, rank_zero_warn
+from .lockstep import saves_by_steps_or_time
 
 DDP_FIX = "use strategy='ddp' for it"
 STATIC_FIX = "or use HybridSGDStrategy(pull_work=False)"

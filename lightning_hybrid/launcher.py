@@ -13,10 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from typing_extensions import override
 
-from lightning_hybrid.lockstep import children_command
+from .lightning_api import _SubprocessScriptLauncher
+from .lockstep import children_command
 
 # What Lightning's launcher (or torchrun) sets to tell a process which rank it is and where to connect.
 LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")

@@ -17,17 +17,21 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
-import pytorch_lightning as pl
 import torch.distributed as dist
-from lightning_fabric.utilities.distributed import _destroy_dist_connection
-from lightning_fabric.utilities.types import _PATH
-from pytorch_lightning.callbacks import Callback, Timer
-from pytorch_lightning.overrides.distributed import _sync_module_states
-from pytorch_lightning.strategies import ddp as lightning_ddp
-from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
-from pytorch_lightning.strategies.launchers import subprocess_script as lightning_launcher
 
 from lightning_hybrid.server import GradientClipping
+
+from .lightning_api import (
+    _PATH,
+    Callback,
+    Timer,
+    _destroy_dist_connection,
+    _SubprocessScriptLauncher,
+    _sync_module_states,
+    lightning_ddp,
+    lightning_launcher,
+    pl,
+)
 
 Restore = Callable[[], None]
 

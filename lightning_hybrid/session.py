@@ -10,6 +10,7 @@ keeps its final counters after it ends, so that the strategy's properties still 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections import Counter
@@ -33,6 +34,10 @@ from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.wire import SERVER_RANK, STOP_FLAGS, AbortCode, Flag, Reply
 
 log = logging.getLogger(__name__)
+
+# Fits started in this process, by any strategy instance of either Lightning namespace: rank 0's count names each
+# fit's keys in the store that lives as long as the process group (workers may be fresh processes, e.g. per sweep job).
+FITS_STARTED = itertools.count(1)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ Rules a user can rely on:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import subprocess
@@ -33,40 +32,46 @@ from collections import Counter
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning_fabric.strategies import _StrategyRegistry
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from lightning_fabric.utilities.types import _PATH, ReduceOp
-from pytorch_lightning.plugins.precision import Precision
-from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.trainer.states import RunningStage, TrainerFn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_hybrid import checks, lockstep
 from lightning_hybrid.elastic import restart_round, restart_round_store, restarts_allowed
 from lightning_hybrid.errors import HybridSGDError
-from lightning_hybrid.launcher import HydraJobLauncher
 from lightning_hybrid.recovery import CHECKPOINT_KEY, RecoveryDir, RecoveryWriter, recovery_checkpoint
 from lightning_hybrid.server import ParameterServer, ServerSnapshot
-from lightning_hybrid.session import SessionOptions, WorkerSession, with_hyperparameters
+from lightning_hybrid.session import FITS_STARTED, SessionOptions, WorkerSession, with_hyperparameters
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, resolve_threshold
 from lightning_hybrid.wire import SERVER_RANK, Flag
 from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader, work_id
 
-log = logging.getLogger(__name__)
+# Lightning's side, relative: see lightning_api.
+from . import checks, lockstep
+from .launcher import HydraJobLauncher
+from .lightning_api import (
+    _PATH,
+    PYTORCH,
+    STRATEGY_FOR,
+    CheckpointIO,
+    ClusterEnvironment,
+    DDPStrategy,
+    MisconfigurationException,
+    Precision,
+    ReduceOp,
+    RunningStage,
+    SIGTERMException,
+    TrainerFn,
+    _StrategyRegistry,
+    default_pg_timeout,
+    pl,
+    rank_zero_info,
+    rank_zero_warn,
+)
 
-# Fits started in this process, by any strategy instance: rank 0's count names each fit's keys in the
-# store that lives as long as the process group (workers may be fresh processes, e.g. per sweep job).
-_SESSIONS = itertools.count(1)
+log = logging.getLogger(__name__)
 
 
 class _PushingOptimizer:
@@ -362,7 +367,7 @@ class HybridSGDStrategy(DDPStrategy):
             self._group_scaling, self._max_staleness, optimizer, trainer.accumulate_grad_batches, self.world_size
         )
         threshold = self._threshold_for_this_world()
-        self._session_id = self.broadcast(next(_SESSIONS))  # rank 0's: a fresh child process counts from 1
+        self._session_id = self.broadcast(next(FITS_STARTED))  # rank 0's: a fresh child process counts from 1
         recovery = self._fit_recovery
         self._pulling = (
             (threshold < self.world_size or recovery is not None) if self._pull_work is None else self._pull_work
@@ -734,6 +739,12 @@ class HybridSGDStrategy(DDPStrategy):
             restore()
         self._restore = []
         super().teardown()
+
+    def __repr__(self) -> str:
+        """Names the namespace this class serves and the class of the other: a Trainer given the other namespace's
+        strategy rejects it with an error that prints this."""
+        (other,) = (namespace for namespace in STRATEGY_FOR if namespace != PYTORCH)
+        return f"<{STRATEGY_FOR[PYTORCH]} for {PYTORCH}; a {other} Trainer takes {STRATEGY_FOR[other]}>"
 
     @classmethod
     @override

@@ -670,6 +670,96 @@ def recover(args: Recover) -> None:
 
 
 @dataclass(kw_only=True)
+class Namespace(Batches):
+    namespace: Literal["pytorch_lightning", "lightning"] = option(
+        "lightning", "whose Trainer, LightningModule and callbacks: pytorch_lightning or the unified package"
+    )
+    threshold: Threshold = "sync"
+
+
+def digits_classifier(lightning_module: type) -> Any:
+    """A small digits MLP on ``lightning_module`` (the app's models are pytorch_lightning's), SGD with momentum and
+    weight decay; its losses logged once per epoch, synced over ranks."""
+
+    class DigitsClassifier(lightning_module):
+        def __init__(self, lr: float) -> None:
+            super().__init__()
+            self.lr = lr
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+        def loss(self, batch: Any) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = self.loss(batch)
+            self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", self.loss(batch), sync_dist=True)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
+
+    return DigitsClassifier
+
+
+@scenario
+def namespace(args: Namespace) -> None:
+    """The main paths on one namespace's Trainer: fit with an explicit strategy instance (the import path that
+    serves the namespace), ``ThresholdScheduler`` telemetry to a CSVLogger and an epoch-end checkpoint; validate;
+    then a fresh Trainer with the strategy by name resumes the checkpoint and trains one more epoch."""
+    if args.namespace == "lightning":
+        import lightning.pytorch as package
+
+        from lightning_hybrid.lightning import HybridSGDStrategy
+    else:
+        import pytorch_lightning as package
+
+        from lightning_hybrid import HybridSGDStrategy
+    package.seed_everything(args.seed)
+    (x, y), (vx, vy) = DigitsDataModule(seed=args.seed).load()
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(vx, vy), batch_size=256)
+    model = digits_classifier(package.LightningModule)(args.lr)
+    common = dict(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        limit_train_batches=args.batches,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    latest = package.callbacks.ModelCheckpoint(args.out / "checkpoints")  # no monitor: the newest epoch's
+    first = package.Trainer(
+        strategy=HybridSGDStrategy(threshold=args.threshold),
+        max_epochs=args.epochs,
+        logger=package.loggers.CSVLogger(args.out, name="csv"),
+        callbacks=[lightning_hybrid.ThresholdScheduler("linear", start=args.threshold, end="sync"), latest],
+        **common,
+    )
+    first.fit(model, train, val)
+    fitted, version = weights(model), first.strategy.version
+    (validated,) = first.validate(model, val, verbose=False)
+    second = package.Trainer(
+        strategy="hybrid_sgd_sync", max_epochs=args.epochs + 1, logger=False, enable_checkpointing=False, **common
+    )
+    resumed = digits_classifier(package.LightningModule)(args.lr)
+    second.fit(resumed, train, val, ckpt_path=latest.best_model_path)
+    save(
+        args.out,
+        first.global_rank,
+        strategies=(type(first.strategy).__module__, type(second.strategy).__module__),
+        fitted=fitted,
+        version=version,
+        val_loss=float(validated["val_loss"]),
+        resumed_version=second.strategy.version,
+        resumed_weights=weights(resumed),
+    )
+
+
+@dataclass(kw_only=True)
 class Soak(Seeded):
     max_time: str = option(help="Trainer(max_time), DD:HH:MM:SS: how long it trains")
     shard_server: bool = False
