@@ -9,6 +9,10 @@ Each rank times its steps after a warm-up. The table shows samples/s of all work
 ratio to DDP with the same workers and model; on the server's rank (rank 0) the time per update
 (finiteness checks, gradient sum, optimizer step, parameter snapshot; with a sharded server rank 0's shard) and peak RSS against DDP's rank 0; the bytes a
 remote worker moves per step; and the loopback bandwidth of a gloo send measured first in the same run.
+
+Its ``--run`` mode (one configuration; each rank writes its measurement) also serves ``gpu_throughput.py``, as
+``--configuration`` under torchrun: two "nodes" of one process on one GPU (``--accelerator gpu --num-nodes 2
+--process-group-backend gloo``).
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from launch import run_configuration, write_result
+from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_hybrid
 
 BATCH, CLASSES = 64, 10
-# name -> layer widths: 1m = 1,058,058 and 10m = 9,985,290 parameters
-MODELS = {"1m": [256, 1024, 768, CLASSES], "10m": [1024, 2048, 2048, 1792, CLASSES]}
+# name -> layer widths: 1m = 1,058,058, 10m = 9,985,290 and 100m = 100,728,842 parameters (100m: for GPUs)
+MODELS = {"1m": [256, 1024, 768, CLASSES], "10m": [1024, 2048, 2048, 1792, CLASSES], "100m": [4096] * 7 + [CLASSES]}
 
 
 class BenchmarkMLP(pl.LightningModule):
@@ -54,16 +59,34 @@ class BenchmarkMLP(pl.LightningModule):
 
 
 class StepTimer(pl.Callback):
+    """This rank's training steps per second after ``warmup`` steps: from the end of the last warm-up step to
+    the end of the last step. On a GPU the ends are CUDA events, read after a synchronisation: the window
+    closes when the GPU has finished the last step's work, without a stall per step."""
+
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.times: list[float] = []
+        self.times: list[Any] = []  # perf_counter() per step end; on a GPU a CUDA event
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.times.append(time.perf_counter())
+        if trainer.strategy.root_device.type == "cuda":
+            self.times.append(torch.cuda.Event(enable_timing=True))
+            self.times[-1].record()
+        else:
+            self.times.append(time.perf_counter())
 
-    def rate(self) -> float:
+    @property
+    def steps(self) -> int:
+        return len(self.times)
+
+    def rate(self) -> float | None:
+        """Steps per second; None if this rank trained fewer than two steps after the warm-up."""
         timed = self.times[self.warmup :]
-        return (len(timed) - 1) / (timed[-1] - timed[0])
+        if len(timed) < 2:
+            return None
+        if isinstance(timed[0], float):
+            return (len(timed) - 1) / (timed[-1] - timed[0])
+        torch.cuda.synchronize()
+        return (len(timed) - 1) / (timed[0].elapsed_time(timed[-1]) / 1000)
 
 
 def run_one(args: argparse.Namespace) -> None:
@@ -71,20 +94,25 @@ def run_one(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
     widths = MODELS[args.models[0]]
-    samples = BATCH * args.steps * args.workers
+    samples = args.batch * args.steps * args.workers
     data = TensorDataset(torch.randn(samples, widths[0]), torch.randint(0, CLASSES, (samples,)))
+    backend = args.process_group_backend
     if args.strategy in ("ddp", "single"):
-        strategy: Any = "ddp" if args.strategy == "ddp" else "auto"
+        strategy: Any = DDPStrategy(process_group_backend=backend) if args.strategy == "ddp" else "auto"
     else:  # "K=<k>", "K=<k>/overlap" or "K=<k>/sharded"
         threshold, _, variant = args.strategy.removeprefix("K=").partition("/")
         strategy = lightning_hybrid.HybridSGDStrategy(
-            threshold=int(threshold), overlap_push=variant == "overlap", shard_server=variant == "sharded"
+            threshold=int(threshold),
+            overlap_push=variant == "overlap",
+            shard_server=variant == "sharded",
+            process_group_backend=backend,
         )
-    timer = StepTimer(warmup=min(10, args.steps // 4))
+    timer = StepTimer(warmup=min(10, args.steps // 4) if args.warmup is None else args.warmup)
     trainer = pl.Trainer(
         strategy=strategy,
-        accelerator="cpu",
-        devices=args.workers,
+        accelerator=args.accelerator,
+        devices=args.workers // args.num_nodes,
+        num_nodes=args.num_nodes,
         max_epochs=1,
         limit_train_batches=args.steps,
         logger=False,
@@ -93,9 +121,11 @@ def run_one(args: argparse.Namespace) -> None:
         enable_model_summary=False,
         callbacks=[timer],
     )
-    trainer.fit(BenchmarkMLP(widths), DataLoader(data, batch_size=BATCH))
+    trainer.fit(BenchmarkMLP(widths), DataLoader(data, batch_size=args.batch))
     result: dict[str, Any] = {
         "rate": timer.rate(),
+        "steps": timer.steps,
+        "device": str(trainer.strategy.root_device),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.strategy.startswith("K=") and trainer.is_global_zero:
@@ -138,11 +168,17 @@ def loopback_bandwidth(numel: int, repeats: int = 20) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", action="store_true", help=argparse.SUPPRESS)
+    # --run under torchrun reads as an ambiguous abbreviation of its --run-path: there the same as --configuration
+    parser.add_argument("--run", "--configuration", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--accelerator", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--num-nodes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--process-group-backend", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["1m", "10m"], choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=80, help="steps per worker")
     parser.add_argument("--overlap", action="store_true", help="also run K=N with overlap_push")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here (for scaling_model.py)")

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_hybrid.elastic import restart_round, restart_round_store, restarts_allowed
+from lightning_hybrid.elastic import nodes_in_this_round, restart_round, restart_round_store, restarts_allowed
 from lightning_hybrid.errors import HybridSGDError
 from lightning_hybrid.recovery import CHECKPOINT_KEY, RecoveryDir, RecoveryWriter, recovery_checkpoint
 from lightning_hybrid.server import ParameterServer, ServerSnapshot
@@ -302,6 +302,25 @@ class HybridSGDStrategy(DDPStrategy):
         return self._session.server
 
     # ------------------------------------------------------------------ set-up
+    @property
+    @override
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    @override
+    def num_nodes(self, num_nodes: int) -> None:
+        """The Trainer's ``num_nodes``, except under torchrun, where the nodes of this rendezvous round count: with
+        ``--nnodes MIN:MAX`` they change when a node leaves or joins, and a script written for one count goes on."""
+        formed = nodes_in_this_round()
+        if formed is not None and formed != num_nodes:
+            rank_zero_warn(
+                f"hybrid_sgd: torchrun formed {formed} node(s) in this round and Trainer(num_nodes={num_nodes}) asked"
+                f" for {num_nodes}: training on {formed} (torchrun's --nnodes decides membership)"
+            )
+            num_nodes = formed
+        self._num_nodes = num_nodes
+
     @override
     def _configure_launcher(self) -> None:
         super()._configure_launcher()

@@ -1,15 +1,22 @@
-"""Shared helpers: launch a scenario of ``tests/scenarios.py`` as a real multi-process run."""
+"""Shared helpers: launch a scenario of ``tests/scenarios.py`` as a real multi-process run. They import without
+pytest (a failed launch then raises AssertionError), so that ``python tests/test_gpu.py`` runs on a GPU machine
+that has no pytest."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
+
+try:
+    import pytest
+except ImportError:  # a plain script (tests/test_gpu.py) on a machine without pytest
+    pytest = None
 
 from lightning_hybrid.launcher import environment_for_a_new_launch
 
@@ -32,8 +39,57 @@ def launch(
     command = [sys.executable, str(SCENARIOS), scenario, "--out", str(out), *words]
     result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        pytest.fail(f"{scenario} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        fail(f"{scenario} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def launch_nodes(scenario: str, out: Path, *args: Any, nodes: int = 2, timeout: float = 240) -> None:
+    """Run one scenario as ``nodes`` torchrun "nodes" of one process each on 127.0.0.1 (``--num-nodes nodes
+    --devices 1``): two ranks even where one GPU is all there is (Lightning refuses ``devices=2`` there)."""
+    words = [word for arg in args for word in str(arg).split()]
+    port = free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", "1"]
+    torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    scenario_args = [str(SCENARIOS), scenario, "--out", str(out), "--num-nodes", str(nodes), "--devices", "1", *words]
+    processes = [
+        subprocess.Popen(
+            [*torchrun, "--node-rank", str(node), *scenario_args],
+            env={"OMP_NUM_THREADS": "1", **clean_env()},  # as torchrun sets it for several processes per node
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in range(nodes)
+    ]
+    outputs, deadline = [], time.monotonic() + timeout
+    for process in processes:
+        try:
+            outputs.append(process.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            for other in processes:  # torchrun stops its worker when it is stopped
+                other.terminate()
+            try:
+                output = process.communicate(timeout=60)[0]
+            except subprocess.TimeoutExpired:
+                process.kill()
+                output = process.communicate()[0]
+            outputs.append(f"{output}\n(stopped after {timeout:.0f} s)")
+    if any(process.returncode != 0 for process in processes):
+        fail(
+            f"{scenario} on {nodes} nodes failed ({[p.returncode for p in processes]}):\n"
+            + "\n".join(f"--- node {node}\n{output[-4000:]}" for node, output in enumerate(outputs))
+        )
+
+
+def fail(message: str) -> None:
+    if pytest is not None:
+        pytest.fail(message)
+    raise AssertionError(message)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def results(out: Path, ranks: int) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from pytorch_lightning.strategies import DDPStrategy
 
 import lightning_hybrid
 from lightning_hybrid.app.data import DigitsDataModule
@@ -36,6 +37,7 @@ def trainer(strategy: Any, args: Launch, **kwargs: Any) -> pl.Trainer:
     options: dict[str, Any] = dict(
         accelerator=args.accelerator,
         devices=args.devices,
+        num_nodes=args.num_nodes,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -201,14 +203,16 @@ class SigtermAt(Callback):
 
 class DieInFirstRound(Callback):
     """Rank ``rank`` SIGKILLs itself at its global step ``step``, in torchrun's first round only (a lost worker
-    that a restart replaces)."""
+    that a restart replaces); with ``node`` its torchrun agent first (the whole node is lost)."""
 
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step = rank, step
+    def __init__(self, rank: int, step: int, node: bool = False) -> None:
+        self.rank, self.step, self.node = rank, step, node
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if restart_round() == 0 and trainer.global_rank == self.rank and trainer.global_step == self.step:
             (Path(os.environ["SCENARIO_OUT"]) / "killed-at").write_text(str(time.time()))
+            if self.node:
+                os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -260,6 +264,7 @@ class Launch:
 
     out: Path = option(help="each rank writes rank{r}.pt (and what the scenario records) here")
     devices: int = option(2, "processes on this node (Lightning's devices)")
+    num_nodes: int = option(1, "nodes (Lightning's num_nodes): launch this once per node, e.g. by torchrun")
     accelerator: str = "cpu"
 
 
@@ -287,6 +292,30 @@ class Slowed:
 
     slow_rank: int = option(-1, "the rank slowed at every training step (-1: none)")
     delay: float = option(0.0, "seconds the slowed rank sleeps before each training step")
+
+
+@dataclass(kw_only=True)
+class OneGpu:
+    """What a bare machine with one GPU needs (tests/test_gpu.py): two ranks on one device, no scikit-learn."""
+
+    process_group_backend: str | None = option(
+        None, "Lightning's default group's backend; gloo lets two ranks share a GPU (nccl, the GPU default, refuses)"
+    )
+    random_data: bool = option(False, "random data of the digits' shapes (digits needs scikit-learn)")
+
+
+class RandomDigits(DigitsDataModule):
+    """As many samples of the digits' shapes (64 features, 10 classes) as digits has, drawn from the seed."""
+
+    def load(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        x, y = torch.randn(1797, 64, generator=generator), torch.randint(0, 10, (1797,), generator=generator)
+        cut = int(len(x) * (1 - self.val_fraction))
+        return (x[:cut], y[:cut]), (x[cut:], y[cut:])
+
+
+def digits(args: OneGpu, seed: int) -> DigitsDataModule:
+    return (RandomDigits if args.random_data else DigitsDataModule)(seed=seed)
 
 
 SCENARIOS: dict[str, tuple[Callable[[Any], None], type[Launch]]] = {}
@@ -322,7 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser, spec: type[Launch]) -> None:
 
 # --------------------------------------------------------------------------- scenarios
 @dataclass(kw_only=True)
-class DdpEquivalence(Batches):
+class DdpEquivalence(OneGpu, Batches):
     optimizer: str = "sgd"
     weight_decay: float = 0.0
     batch_norm: bool = False
@@ -345,25 +374,28 @@ def ddp_equivalence(args: DdpEquivalence) -> None:
     for name in ("ddp", "hybrid_sgd"):
         pl.seed_everything(args.seed)
         strategy = (
-            "ddp"
+            DDPStrategy(process_group_backend=args.process_group_backend)
             if name == "ddp"
             else lightning_hybrid.HybridSGDStrategy(
-                threshold="sync", overlap_push=args.overlap_push, shard_server=args.shard_server
+                threshold="sync",
+                overlap_push=args.overlap_push,
+                shard_server=args.shard_server,
+                process_group_backend=args.process_group_backend,
             )
         )
         run = trainer(strategy, args, **fit_kwargs)
         model = MLPClassifier(**model_kwargs)
-        run.fit(model, datamodule=DigitsDataModule(seed=args.seed))
+        run.fit(model, datamodule=digits(args, args.seed))
         results[name] = weights(model)
         results[f"{name}_lr"] = run.optimizers[0].param_groups[0]["lr"]
         if name == "hybrid_sgd":
             results["version"] = strategy.version
             results["update_sizes"] = dict(strategy.update_sizes)
-    save(args.out, int(os.environ.get("LOCAL_RANK", 0)), **results)
+    save(args.out, run.global_rank, **results)
 
 
 @dataclass(kw_only=True)
-class Straggler(Slowed, Batches):
+class Straggler(OneGpu, Slowed, Batches):
     threshold: Threshold = "sync"
     static_shards: bool = option(
         False, "pull_work=False: Lightning's equal static shards (else the strategy's default)"
@@ -389,6 +421,7 @@ def straggler(args: Straggler) -> None:
         nonfinite=args.nonfinite,
         peer_timeout=60,
         shard_server=args.shard_server,
+        process_group_backend=args.process_group_backend,
     )
     extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}
     callbacks: list[Callback] = [slow, evaluation]
@@ -403,7 +436,7 @@ def straggler(args: Straggler) -> None:
         strategy, args, max_epochs=args.epochs, limit_train_batches=args.batches, callbacks=callbacks, **extra
     )
     model = NaNOnce(nan_rank=args.nan_rank, nan_step=args.nan_step, lr=args.lr)
-    data = DigitsDataModule(seed=args.seed)
+    data = digits(args, args.seed)
     run.fit(model, datamodule=data)
     run.test(model, datamodule=data, verbose=False)
     run.predict(model, datamodule=data)
@@ -566,7 +599,6 @@ def lost_worker(args: LostWorker) -> None:
 
 @dataclass(kw_only=True)
 class Nodes(Slowed, Batches):
-    num_nodes: int = 1
     threshold: Threshold = "sync"
     peer_timeout: float = 60.0
     pg_timeout: float = option(1800.0, "seconds, Lightning's collectives")
@@ -588,7 +620,6 @@ def nodes(args: Nodes) -> None:
     run = trainer(
         strategy,
         args,
-        num_nodes=args.num_nodes,
         max_epochs=args.epochs,
         limit_train_batches=args.batches,
         callbacks=callbacks,
@@ -613,6 +644,7 @@ def nodes(args: Nodes) -> None:
 class Recover(Epochs):
     threshold: Threshold = "async"
     die_in_first_round: RankStep | None = option(None, "RANK:STEP: that rank SIGKILLs itself in torchrun's round 0")
+    node_dies: bool = option(False, "the dying rank SIGKILLs its torchrun agent first: its whole node is lost")
     recovery_every: float = option(60.0, "seconds between periodic recovery checkpoints")
     default_folder: bool = option(False, "no recovery_dir: the strategy's default folder under torchrun")
     hidden: int = option(128, "the MLP's hidden width")
@@ -655,13 +687,14 @@ def recover(args: Recover) -> None:
     )
     callbacks: list[Callback] = [LogTrainedBatches()]
     if args.die_in_first_round:
-        callbacks.append(DieInFirstRound(*args.die_in_first_round))
+        callbacks.append(DieInFirstRound(*args.die_in_first_round, node=args.node_dies))
     run = trainer(strategy, args, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=args.out)
     run.fit(RecordIndices(lr=args.lr, hidden=args.hidden, depth=args.depth), datamodule=IndexedDigits(num_workers=0))
     save(
         args.out,
         run.global_rank,
         restart_round=restart_round(),
+        world_size=run.world_size,
         epochs=run.current_epoch,
         version=strategy.version,
         resumed=strategy.resumed,

@@ -1,14 +1,9 @@
 """K = N is synchronous SGD: the weights equal Lightning DDP's on the same seeds and data."""
 
 import pytest
-from conftest import launch, results
+from conftest import launch, max_difference, results
 
 pytestmark = pytest.mark.multiprocess
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def test_sgd_momentum_weight_decay_steplr_clipping_accumulation_batchnorm_match_ddp(tmp_path) -> None:

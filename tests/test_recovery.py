@@ -1,12 +1,16 @@
 """Recovery from a lost worker: torchrun restarts the group and the run goes on from the recovery checkpoint."""
 
+import signal
+import socket
 import subprocess
 import sys
+import time
+from subprocess import PIPE
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import SCENARIOS, clean_env, results
+from conftest import SCENARIOS, clean_env, free_port, results
 from lightning_fabric.plugins import TorchCheckpointIO
 from test_server import grad, make_server
 from torch.utils.data import DistributedSampler
@@ -107,25 +111,68 @@ def test_a_sigkilled_rank_costs_its_batches_not_the_run(tmp_path, lost, step, th
     ranks = results(tmp_path, 3)
     assert [r["restart_round"] for r in ranks] == [1, 1, 1] and all(r["epochs"] == 2 for r in ranks)
     assert ranks[0]["recovery_files"] == [], "a fit that ends cleanly removes its recovery checkpoints"
-    epoch = ranks[0]["resumed"]["epoch"]
-    resumed = torch.load(tmp_path / f"resumed-epoch{epoch}.pt", weights_only=False)
+    resumed, twice = resumed_with_nothing_lost(tmp_path, why, ranks_before=3, ranks_after=3)
+    if threshold == "async":  # K = 1: every batch of both epochs went into the master once (a padded one twice)
+        assert ranks[0]["version"] == 2 * 90 + twice // 16
+    assert ranks[0]["version"] == ranks[1]["version"] == ranks[2]["version"] > resumed["version"]
+
+
+def resumed_with_nothing_lost(out, why: str, ranks_before: int, ranks_after: int) -> tuple[dict, int]:
+    """Checks round 1 against round 0's record (2 epochs of IndexedDigits' batches of 16); returns what the record
+    held and how many samples were trained twice."""
+    epoch = torch.load(out / "rank0.pt", weights_only=False)["resumed"]["epoch"]
+    resumed = torch.load(out / f"resumed-epoch{epoch}.pt", weights_only=False)
     assert (resumed["why"], resumed["round"]) == (why, 0)
-    before, after = trained(tmp_path, 0, 3), trained(tmp_path, 1, 3)
+    before, after = trained(out, 0, ranks_before), trained(out, 1, ranks_after)
     held = resumed["samples"]
     assert 0 < len(held) < DIGITS_TRAIN and set(held) <= set(before[epoch]), "held: trained in round 0"
     # every sample of the resumed epoch trained once after the resume or held by the checkpoint (when fewer batches
     # than ranks were left, ranks without one retrain one held batch each); later epochs wholly in round 1
     assert set(held) | set(after[epoch]) == set(range(DIGITS_TRAIN)), "no sample lost"
     twice = len(held) + len(after[epoch]) - DIGITS_TRAIN
-    assert twice == 0 or (len(held) > DIGITS_TRAIN - 3 * 16 and twice <= 2 * 16), f"{twice} samples trained twice"
+    padded = len(held) > DIGITS_TRAIN - ranks_after * 16 and twice <= (ranks_after - 1) * 16
+    assert twice == 0 or padded, f"{twice} samples trained twice"
     for later in range(epoch + 1, 2):
         assert sorted(after[later]) == list(range(DIGITS_TRAIN))
     redone = len(set(before[epoch]) - set(held))
     if why == "failure":  # only batches in flight when the record was written: at most one per rank (the lost
-        assert redone <= 3 * 16, redone  # rank's too: it had started its batch)
-    if threshold == "async":  # K = 1: every batch of both epochs went into the master once (a padded one twice)
-        assert ranks[0]["version"] == 2 * 90 + twice // 16
-    assert ranks[0]["version"] == ranks[1]["version"] == ranks[2]["version"] > resumed["version"]
+        assert redone <= ranks_before * 16, redone  # rank's too: it had started its batch)
+    return resumed, twice
+
+
+def wait_for_listener(port: int, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, f"nothing listens on port {port} after {seconds} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.multiprocess
+def test_a_node_that_leaves_lets_the_others_finish_without_it(tmp_path) -> None:
+    # two torchrun nodes of one process each on 127.0.0.1 (`--nnodes 1:2`, c10d rendezvous); node 1 dies whole at
+    # its step 4 (its worker SIGKILLs its agent, then itself). Node 0's agent restarts its worker in a round of one
+    # node: the script's Trainer(num_nodes=2) trains on 1 (with a warning) and resumes the recovery checkpoint.
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1"]
+    command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "leave"]
+    command += ["--rdzv-conf", "last_call_timeout=10"]  # how long a round waits for more nodes (torch: 30 s)
+    command += ["--max-restarts", "1", str(SCENARIOS), "recover", "--out", str(tmp_path), "--devices", "1"]
+    command += ["--num-nodes", "2", "--epochs", "2", "--die-in-first-round", "1:4", "--node-dies"]
+    nodes = [subprocess.Popen(command, env=clean_env(), stdout=PIPE, stderr=PIPE, text=True)]
+    wait_for_listener(port)  # node 0's agent hosts the rendezvous (the node that must stay), and has the lower pid
+    nodes.append(subprocess.Popen(command, env=clean_env(), stdout=PIPE, stderr=PIPE, text=True))
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    assert nodes[0].returncode == 0, outputs[0][0][-3000:] + outputs[0][1][-5000:]
+    assert nodes[1].returncode == -signal.SIGKILL
+    assert (tmp_path / "trained-round0-rank1.txt").exists(), "round 0 had both nodes"
+    (rank,) = results(tmp_path, 1)
+    assert (rank["restart_round"], rank["world_size"], rank["epochs"]) == (1, 1, 2)
+    assert "torchrun formed 1 node(s) in this round and Trainer(num_nodes=2) asked for 2" in outputs[0][1]
+    resumed, twice = resumed_with_nothing_lost(tmp_path, "failure", ranks_before=2, ranks_after=1)
+    assert rank["version"] == 2 * 90 + twice // 16 > resumed["version"]  # K = 1: each batch once
 
 
 def test_a_resumed_epoch_with_fewer_batches_left_than_ranks_gives_every_rank_one() -> None:
