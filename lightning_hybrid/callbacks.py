@@ -49,7 +49,8 @@ STRATEGY_MODULES = ("lightning_hybrid.strategy", "lightning_hybrid.lightning.str
 
 class ThresholdScheduler(*_callback_bases()):
     """Sets the strategy's threshold K from ``schedule`` at every epoch start (or every ``every_n_steps``
-    steps) and logs telemetry through the trainer's loggers.
+    steps) and logs telemetry through the trainer's loggers. One class for ``pytorch_lightning`` and
+    ``lightning.pytorch`` Trainers alike: it is a ``Callback`` of both.
 
     Args:
         schedule: a schedule from :mod:`lightning_hybrid.thresholds` (e.g. ``LinearSchedule(1, "sync", 10)``), or

@@ -4,10 +4,10 @@ that has no pytest."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,38 +47,21 @@ def launch_nodes(scenario: str, out: Path, *args: Any, nodes: int = 2, timeout: 
     """Run one scenario as ``nodes`` torchrun "nodes" of one process each on 127.0.0.1 (``--num-nodes nodes
     --devices 1``): two ranks even where one GPU is all there is (Lightning refuses ``devices=2`` there)."""
     words = [word for arg in args for word in str(arg).split()]
-    port = free_port()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", "1"]
-    torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
-    scenario_args = [str(SCENARIOS), scenario, "--out", str(out), "--num-nodes", str(nodes), "--devices", "1", *words]
-    processes = [
-        subprocess.Popen(
-            [*torchrun, "--node-rank", str(node), *scenario_args],
-            env={"OMP_NUM_THREADS": "1", **clean_env()},  # as torchrun sets it for several processes per node
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in range(nodes)
-    ]
-    outputs, deadline = [], time.monotonic() + timeout
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for other in processes:  # torchrun stops its worker when it is stopped
-                other.terminate()
-            try:
-                output = process.communicate(timeout=60)[0]
-            except subprocess.TimeoutExpired:
-                process.kill()
-                output = process.communicate()[0]
-            outputs.append(f"{output}\n(stopped after {timeout:.0f} s)")
-    if any(process.returncode != 0 for process in processes):
+    command = [str(SCENARIOS), scenario, "--out", str(out), "--num-nodes", str(nodes), "--devices", "1", *words]
+    finished = _benchmark_launcher().run_loopback_nodes(nodes, command, clean_env(), timeout)
+    if any(code != 0 for code, _ in finished):
         fail(
-            f"{scenario} on {nodes} nodes failed ({[p.returncode for p in processes]}):\n"
-            + "\n".join(f"--- node {node}\n{output[-4000:]}" for node, output in enumerate(outputs))
+            f"{scenario} on {nodes} nodes failed ({[code for code, _ in finished]}):\n"
+            + "\n".join(f"--- node {node}\n{output[-4000:]}" for node, (_, output) in enumerate(finished))
         )
+
+
+def _benchmark_launcher() -> Any:
+    """benchmarks/launch.py, whose loopback node launcher the tests share (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location("benchmark_launch", SCENARIOS.parents[1] / "benchmarks" / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fail(message: str) -> None:

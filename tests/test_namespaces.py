@@ -1,6 +1,8 @@
 """Both Lightning namespaces, both installed: ``pytorch_lightning`` and the unified ``lightning`` package."""
 
+import importlib
 import math
+import pkgutil
 import re
 import subprocess
 import sys
@@ -37,7 +39,13 @@ def test_each_registry_holds_every_variant_with_its_namespaces_class() -> None:
 
 def test_only_the_lightning_facing_modules_are_copied_and_the_copies_hold_nothing_of_pytorch_lightning() -> None:
     copies = {name.rpartition(".")[2] for name in sys.modules if name.startswith("lightning_hybrid.lightning.")}
-    assert copies == LIGHTNING_FACING
+    assert copies == LIGHTNING_FACING == set(lightning_hybrid.lightning.COPIED)
+    walked = [name for _, name, _ in pkgutil.walk_packages(lightning_hybrid.__path__, "lightning_hybrid.")]
+    assert "lightning_hybrid.lightning" in walked and not any(
+        n.startswith("lightning_hybrid.lightning.") for n in walked
+    )
+    with pytest.raises(ModuleNotFoundError):  # nothing else of the parent under the copy's name
+        importlib.import_module("lightning_hybrid.lightning.server")
     for name in LIGHTNING_FACING:
         copy = sys.modules[f"lightning_hybrid.lightning.{name}"]
         for symbol, value in vars(copy).items():

@@ -6,15 +6,15 @@ instance must come from its trainer's namespace: ``lightning_hybrid.HybridSGDStr
 ``lightning_hybrid.lightning.HybridSGDStrategy`` (this package) for ``lightning``. ``ThresholdScheduler`` is one
 class that serves both.
 
-This package holds no code of its own: it loads the parent package's Lightning-facing modules (``strategy``,
-``lockstep``, ``checks``, ``launcher``, ``lightning_api``) a second time under its own name, so that their relative
-imports resolve here and ``lightning_api`` maps them to ``lightning.pytorch`` and ``lightning.fabric``; the way
-Lightning makes its unified package from the sources of ``pytorch_lightning``.
+This package holds no code of its own: it loads the parent package's Lightning-facing modules (:data:`COPIED`) a
+second time under its own name, so that their relative imports resolve here and ``lightning_api`` maps them to
+``lightning.pytorch`` and ``lightning.fabric``; the way Lightning makes its unified package from the sources of
+``pytorch_lightning``. Nothing else of the parent is reachable under this name.
 """
 
+import importlib.util
+import sys
 from pathlib import Path
-
-__path__ = [str(Path(__file__).resolve().parent.parent)]
 
 try:
     from lightning.pytorch.strategies import StrategyRegistry
@@ -24,10 +24,20 @@ except ModuleNotFoundError as missing:
         "pip install 'lightning-hybrid[lightning]' (or use pytorch_lightning with lightning_hybrid.HybridSGDStrategy)"
     ) from missing
 
-from lightning_hybrid.callbacks import ThresholdScheduler  # noqa: E402
+from lightning_hybrid.callbacks import ThresholdScheduler
 
-from .strategy import HybridSGDStrategy  # noqa: E402
+# The parent's modules that import Lightning, in the order they import one another.
+COPIED = ("lightning_api", "lockstep", "checks", "launcher", "strategy")
+__path__: list[str] = []  # a package with no folder of its own: only the copies below live under its name
 
+for _name in COPIED:
+    _spec = importlib.util.spec_from_file_location(f"{__name__}.{_name}", Path(__file__).parents[1] / f"{_name}.py")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _module
+    _spec.loader.exec_module(_module)
+    globals()[_name] = _module
+
+HybridSGDStrategy = sys.modules[f"{__name__}.strategy"].HybridSGDStrategy
 HybridSGDStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["HybridSGDStrategy", "ThresholdScheduler"]
+__all__ = ["COPIED", "HybridSGDStrategy", "ThresholdScheduler"]
