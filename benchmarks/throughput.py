@@ -12,7 +12,9 @@ remote worker moves per step; and the loopback bandwidth of a gloo send measured
 
 Its ``--run`` mode (one configuration; each rank writes its measurement) also serves ``gpu_throughput.py``, as
 ``--configuration`` under torchrun: two "nodes" of one process on one GPU (``--accelerator gpu --num-nodes 2
---process-group-backend gloo``).
+--process-group-backend gloo``), and ``cluster.py``, one torchrun node per network namespace (``--net-device``:
+each step end's byte counters of that interface and CPU seconds of the rank; ``--whole-epoch``: no per-rank step
+limit, so that pulled work shares out all ``steps * workers`` batches).
 """
 
 from __future__ import annotations
@@ -38,8 +40,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_hybrid
 
 BATCH, CLASSES = 64, 10
-# name -> layer widths: 1m = 1,058,058, 10m = 9,985,290 and 100m = 100,728,842 parameters (100m: for GPUs)
-MODELS = {"1m": [256, 1024, 768, CLASSES], "10m": [1024, 2048, 2048, 1792, CLASSES], "100m": [4096] * 7 + [CLASSES]}
+# name -> layer widths: 1m = 1,058,058, 10m = 9,985,290, 50m = 50,366,474 and 100m = 100,728,842 parameters
+# (50m: for the emulated cluster, cluster.py; 100m: for GPUs)
+MODELS = {
+    "1m": [256, 1024, 768, CLASSES],
+    "10m": [1024, 2048, 2048, 1792, CLASSES],
+    "50m": [2048, 4096, 4096, 4096, 2048, CLASSES],
+    "100m": [4096] * 7 + [CLASSES],
+}
 
 
 class BenchmarkMLP(pl.LightningModule):
@@ -63,9 +71,12 @@ class StepTimer(pl.Callback):
     the end of the last step. On a GPU the ends are CUDA events, read after a synchronisation: the window
     closes when the GPU has finished the last step's work, without a stall per step."""
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, net_device: str | None = None) -> None:
         self.warmup = warmup
         self.times: list[Any] = []  # perf_counter() per step end; on a GPU a CUDA event
+        # with net_device (cluster.py): per step end, that interface's byte counters and this process's CPU seconds
+        self.net_device = net_device
+        self.trace: dict[str, list[float]] = {"tx_bytes": [], "rx_bytes": [], "cpu_seconds": []}
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -73,6 +84,11 @@ class StepTimer(pl.Callback):
             self.times[-1].record()
         else:
             self.times.append(time.perf_counter())
+        if self.net_device is not None:
+            for counter in ("tx_bytes", "rx_bytes"):
+                path = Path("/sys/class/net", self.net_device, "statistics", counter)
+                self.trace[counter].append(int(path.read_text()))
+            self.trace["cpu_seconds"].append(time.process_time())
 
     @property
     def steps(self) -> int:
@@ -107,14 +123,16 @@ def run_one(args: argparse.Namespace) -> None:
             shard_server=variant == "sharded",
             process_group_backend=backend,
         )
-    timer = StepTimer(warmup=min(10, args.steps // 4) if args.warmup is None else args.warmup)
+    warmup = min(10, args.steps // 4) if args.warmup is None else args.warmup
+    timer = StepTimer(warmup, net_device=args.net_device)
     trainer = pl.Trainer(
         strategy=strategy,
         accelerator=args.accelerator,
         devices=args.workers // args.num_nodes,
         num_nodes=args.num_nodes,
         max_epochs=1,
-        limit_train_batches=args.steps,
+        # --whole-epoch (cluster.py): steps * workers batches in all, however pulled work shares them out
+        limit_train_batches=None if args.whole_epoch else args.steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -131,6 +149,8 @@ def run_one(args: argparse.Namespace) -> None:
     if args.strategy.startswith("K=") and trainer.is_global_zero:
         progress = strategy.progress
         result["update_ms"] = 1000 * progress["update_seconds"] / max(progress["version"], 1)
+    if args.net_device is not None:  # perf_counter is CLOCK_MONOTONIC: comparable between this machine's processes
+        result.update(step_ends=timer.times, **timer.trace)
     write_result(args.out, trainer.global_rank, result)
 
 
@@ -177,6 +197,8 @@ def main() -> None:
     parser.add_argument("--process-group-backend", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
+    parser.add_argument("--net-device", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--whole-epoch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--models", nargs="+", default=["1m", "10m"], choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=80, help="steps per worker")

@@ -1,0 +1,109 @@
+"""The emulated cluster of ``benchmarks/cluster.py`` (``benchmarks/netns_cluster.py``): shaped links measure near
+their rate in both directions, nothing is left behind (also after an exception inside the cluster), and one tiny
+training configuration runs through the harness with the bytes a single server's nodes should move.
+
+Needs root, iproute2 and tc's tbf (CI runs as root); skipped, saying why, where a cluster cannot be made."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multiprocess
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark(name: str) -> types.ModuleType:
+    """``benchmarks/NAME.py`` under its own name (benchmarks/ is no package; its scripts import one another so)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+netns_cluster = benchmark("netns_cluster")
+
+
+def root_links() -> set[str]:
+    listing = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return {line.split(":")[1].strip() for line in listing.splitlines()}
+
+
+@pytest.fixture
+def make_cluster():
+    """``make_cluster(nodes, rate_mbit, slow)`` starts a cluster (or skips the test, saying why); all are closed
+    at the end."""
+    made = []
+
+    def make(nodes: int, rate_mbit: float, slow: dict[int, float] | None = None):
+        cluster = netns_cluster.EmulatedCluster(nodes, rate_mbit, slow)
+        try:
+            cluster.start()
+        except netns_cluster.ClusterUnavailable as err:
+            pytest.skip(f"no emulated cluster here: {err}")
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.close()
+
+
+def test_shaped_links_measure_near_their_rate_in_both_directions(make_cluster) -> None:
+    before = root_links()
+    cluster = make_cluster(3, 200, slow={2: 2.0})  # node 2's link: 100 Mbit/s each way
+    measured = {
+        "a full-rate link": cluster.blast(0, 1),
+        "the slow node's sending end": cluster.blast(2, 0, port=5202),
+        "the slow node's receiving end": cluster.blast(0, 2, port=5203),
+    }
+    for what, blast in measured.items():
+        assert 0.70 <= blast["fraction"] <= 1.05, (what, blast)
+    assert (
+        measured["a full-rate link"]["shaped_mbit"] == 200
+        and measured["the slow node's sending end"]["shaped_mbit"] == 100
+    )
+    cluster.close()
+    assert cluster.leftovers() == [] and root_links() == before
+
+
+def test_nothing_is_left_behind_after_an_exception_inside_the_cluster(make_cluster) -> None:
+    make_cluster(1, 100)  # skips here if no cluster can be made
+    before = root_links()
+    cluster = netns_cluster.EmulatedCluster(2, 100)
+    with pytest.raises(RuntimeError, match="a failed run"):
+        with cluster:
+            sleeper = cluster.popen(1, ["sleep", "600"])
+            assert cluster.pids(1) == [sleeper.pid]
+            raise RuntimeError("a failed run")
+    assert sleeper.wait(timeout=10) == -9  # killed with its namespace
+    assert cluster.leftovers() == [] and root_links() == before
+    assert not any(name.startswith(cluster.tag) for name in netns_cluster.namespaces())
+
+
+def test_one_training_configuration_runs_through_the_harness(make_cluster, tmp_path, monkeypatch) -> None:
+    """One server, K = N = 2, 1M parameters: each node sends and receives about one model size per step (the
+    worker its gradient and the answer; the server's node the same, the other way), read from the counters."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # cluster.py imports throughput.py, which imports launch.py
+    cluster_py = importlib.import_module("cluster")
+    cluster = make_cluster(2, 1000)
+    args = argparse.Namespace(batch=32)
+    result = cluster_py.run(cluster, "K=2", "1m", 6, args, tmp_path / "run", port=29511, timeout=120)
+    assert "failed" not in result, "\n-----\n".join(result["log_tails"])
+    assert result["samples_per_s"] > 0
+    for node in result["nodes"]:
+        assert node["batches"] == 6
+        assert 0.95 <= node["sent_sizes_per_step"] <= 1.3, result["nodes"]
+        assert 0.95 <= node["received_sizes_per_step"] <= 1.3, result["nodes"]
+        assert 0 < node["cpu"] <= 2.5
+    assert all(sent > 6 * 4 * 1_058_058 for sent in result["whole_run"]["tx_bytes"])
+    assert cluster.pids(0) == [] and cluster.pids(1) == []  # the run's processes are gone
