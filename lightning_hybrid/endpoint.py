@@ -78,13 +78,14 @@ class ServerEndpoint:
         local_params: Optional[list[Tensor]] = None,
         rank: int = SERVER_RANK,
         followers: Sequence[int] = (),
-        coordinator: Optional[int] = None,
+        coordinator: Optional[tuple[int, dist.ProcessGroup]] = None,
     ) -> None:
         """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain).
         ``local_params`` (flat buffers of the server's layout: the local worker's model, see ``FlatLayout.bind``)
         receive the local worker's answers, so that every release is delivered when ``_dispatch`` returns.
         ``rank``: this server's (and its local worker's) rank. Sharded: shard 0 tells its ``followers`` the group
-        of every update; a :class:`FollowerServer` hears them from its ``coordinator``."""
+        of every update, each on the channel where it serves that follower; a :class:`FollowerServer` hears them
+        from its ``coordinator``: shard 0's rank and the channel where this rank is shard 0's worker."""
         if (coordinator is not None) != isinstance(server, FollowerServer):
             raise ValueError("a FollowerServer needs a coordinator rank, and only a FollowerServer takes one")
         self.server = server
@@ -109,11 +110,11 @@ class ServerEndpoint:
 
     def start(self) -> None:
         self._sender.start()
-        targets = [(self._serve, rank, f"hybrid-sgd-server-{rank}") for rank in self._channels]
+        targets = [(self._serve, (rank,), f"hybrid-sgd-server-{rank}") for rank in self._channels]
         if self._coordinator is not None:
             targets.append((self._follow, self._coordinator, "hybrid-sgd-decisions"))
-        for target, rank, name in targets:
-            thread = threading.Thread(target=target, args=(rank,), name=name, daemon=True)
+        for target, args, name in targets:
+            thread = threading.Thread(target=target, args=args, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -228,13 +229,13 @@ class ServerEndpoint:
                 if header.kind == Kind.LEAVE:
                     return
 
-    def _follow(self, coordinator: int) -> None:
+    def _follow(self, coordinator: int, channel: dist.ProcessGroup) -> None:
         """A follower shard applies shard 0's decisions as they come (see :class:`FollowerServer`)."""
         assert isinstance(self.server, FollowerServer)
         message = torch.empty(Decision.size(self.server.num_workers), dtype=torch.int64)
         with self._aborting_on_failure(coordinator):
             while True:
-                dist.recv(message, src=coordinator, group=self._channels[coordinator], tag=DECISION_TAG)
+                dist.recv(message, src=coordinator, group=channel, tag=DECISION_TAG)
                 decision = Decision.from_tensor(message)
                 if decision.version == END_OF_DECISIONS:
                     return

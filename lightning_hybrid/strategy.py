@@ -42,10 +42,10 @@ from lightning_hybrid.elastic import nodes_in_this_round, restart_round, restart
 from lightning_hybrid.errors import HybridSGDError
 from lightning_hybrid.recovery import CHECKPOINT_KEY, RecoveryDir, RecoveryWriter, recovery_checkpoint
 from lightning_hybrid.server import ParameterServer, ServerSnapshot
-from lightning_hybrid.session import FITS_STARTED, SessionOptions, WorkerSession, with_hyperparameters
+from lightning_hybrid.session import FITS_STARTED, Channels, SessionOptions, WorkerSession, with_hyperparameters
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, resolve_threshold
-from lightning_hybrid.wire import SERVER_RANK, Flag
+from lightning_hybrid.wire import Flag
 from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader, work_id
 
 # Lightning's side, relative: see lightning_api.
@@ -205,7 +205,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._recovery: Optional[RecoveryWriter] = None  # on the server's rank while fitting with recovery
         # every rank, for the fit being set up: where recovery checkpoints go (then pushes carry their batch's id)
         self._fit_recovery: Optional[RecoveryDir] = None
-        self._channels: Optional[dict[int, dist.ProcessGroup]] = None
+        self._channels: Optional[Channels] = None
         self._session = WorkerSession()  # idle until fit starts one; keeps the last fit's counters after it
         self._restore: list[lockstep.Restore] = []
         self._session_id = 0
@@ -349,15 +349,7 @@ class HybridSGDStrategy(DDPStrategy):
         if self._fit_recovery is not None:
             lockstep.resume_from(trainer, self._newer_recovery_checkpoint)
         if self._channels is None:
-            # new_group is collective: every rank creates every channel, in the same order. A sharded server
-            # needs one channel per pair of ranks (each serves the other), a single one one per worker.
-            self._channels = {}
-            servers = range(self.world_size) if self._shard_server else [SERVER_RANK]
-            for server in servers:
-                for worker in range(server + 1, self.world_size):
-                    group = dist.new_group([server, worker], backend="gloo", timeout=self._timeout)
-                    if self.global_rank in (server, worker):
-                        self._channels[worker if self.global_rank == server else server] = group
+            self._channels = Channels.between(self.global_rank, self.world_size, self._shard_server, self._timeout)
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
