@@ -247,7 +247,10 @@ class ShardedServerLink:
         ``links[s]`` receives its answers."""
         self._rank = rank
         self._links = links
-        self._remote = [(s, link) for s, link in enumerate(links) if isinstance(link, RemoteServerLink)]
+        # Rank r sends to and reads from shards r+1, r+2, ... (mod N) in turn: were every worker to read shard 1's
+        # answer first, shard 1's link would carry N-1 answers while the others' idled, and so on down the line.
+        remote = [(s, link) for s, link in enumerate(links) if isinstance(link, RemoteServerLink)]
+        self._remote = sorted(remote, key=lambda item: (item[0] - rank) % len(links))
         self._gradient = gradient
         self._gradient_slices = [plan.views(s, gradient) for s in range(plan.shards)]
         self._params = params
