@@ -17,6 +17,11 @@ server update (optimizer step over the whole model) of ``u``:
 ``--check`` compares the model with the ratios ``throughput.py`` measured: compute ``c`` from the
 one-process run (scaled by N / cores when N processes share this machine's cores), ``B`` from the
 loopback ping-pong, ``u`` from the server's time per update.
+
+``--fit-cluster docs/cluster.json`` (rows of ``cluster.py``, links shaped to a rate) fits, per model, ``c`` and
+the link's efficiency ``eta`` (``B`` = ``eta`` times the shaped rate) on the two 2-node DDP rows (two rates: two
+equations), with ``u`` = 0, and predicts every other row from them: the hybrid rows at 2 nodes and every row at
+4 nodes (``c`` scaled by N / cores), none of which the fit saw.
 """
 
 from __future__ import annotations
@@ -82,6 +87,41 @@ def check(path: Path, cores: int) -> None:
         print(f"{row['model']:>5} {n:>7} {row['strategy']:<14} {row['vs_ddp']:>8.2f}x {predicted:>8.2f}x")
 
 
+def fit_cluster(path: Path, cores: int) -> None:
+    """Fit ``c`` and ``eta`` per model on the 2-node DDP rows of ``cluster.py``'s JSON; predict the other rows."""
+    data = json.loads(path.read_text())
+    batch = int(data["settings"]["batch"])
+    rows = [r for r in data["rows"] if r.get("samples_per_s")]
+    print(f"{'model':>5} {'nodes':>5} {'Mbit/s':>6} {'strategy':<14} {'samples/s':>9} {'predicted':>9} {'error':>6}")
+    for model in sorted({r["model"] for r in rows}):
+        fitted = sorted((r for r in rows if (r["model"], r["nodes"], r["strategy"]) == (model, 2, "ddp")), key=rate)
+        if len({rate(r) for r in fitted}) < 2:
+            continue
+        (x1, t1), (x2, t2) = [(4 * r["numel"] / rate(r), 2 * batch / r["samples_per_s"]) for r in fitted[:2]]
+        slope = (t1 - t2) / (x1 - x2)  # t = c + M / (eta B) at N = 2
+        compute, eta = t1 - slope * x1, 1 / slope
+        print(f"{model}: fitted on the 2-node DDP rows: c = {1000 * compute:.1f} ms per step, eta = {eta:.2f}")
+        for row in (r for r in rows if r["model"] == model):
+            n, threshold, _, variant = row["nodes"], *row["strategy"].partition("/")
+            if threshold == "ddp":
+                design = "ddp"
+            else:
+                design = ("sharded" if variant == "sharded" else "single") + (" K=1" if threshold == "K=1" else " K=N")
+            steps = steps_per_second(design, n, 4 * row["numel"], eta * rate(row), compute * max(1.0, n / cores), 0.0)
+            predicted = steps * batch
+            error = predicted / row["samples_per_s"] - 1
+            seen = " (fitted)" if design == "ddp" and n == 2 else ""
+            print(
+                f"{model:>5} {n:>5} {row['rate_mbit']:>6.0f} {row['strategy']:<14} {row['samples_per_s']:>9.0f} "
+                f"{predicted:>9.0f} {100 * error:>+5.0f}%{seen}"
+            )
+
+
+def rate(row: dict) -> float:
+    """A cluster row's shaped link rate, bytes/s."""
+    return row["rate_mbit"] * 1e6 / 8
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=25e6, help="model parameters (float32)")
@@ -92,8 +132,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--check", type=Path, default=None, help="rows written by throughput.py --json")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores the measured processes shared")
+    parser.add_argument("--fit-cluster", type=Path, default=None, help="rows written by cluster.py --out")
     args = parser.parse_args()
-    if args.check:
+    if args.fit_cluster:
+        fit_cluster(args.fit_cluster, args.cores)
+    elif args.check:
         check(args.check, args.cores)
     else:
         cluster_table(args)
