@@ -148,7 +148,7 @@ def summarise(ranks: list[dict[str, Any]], nodes: list[Any], numel: int, batch: 
     return {
         "samples_per_s": timed * batch / (closed - opened) if closed > opened else None,
         "window_s": closed - opened,
-        "nodes": per_node,
+        "per_node": per_node,
     }
 
 
@@ -212,7 +212,7 @@ def mean(values: list[float]) -> float | None:
 def columns(result: dict[str, Any], slow: int | None) -> dict[str, str]:
     """A row's columns: model sizes sent/received per step of node 0 and of the other nodes (mean), CPU per node,
     the busiest link's use (or the slow link's) and the batches each node trained."""
-    nodes = result["nodes"]
+    nodes = result["per_node"]
     timed = [entry if "cpu" in entry else None for entry in nodes]
 
     def sizes(entries: list[dict[str, Any] | None]) -> str:

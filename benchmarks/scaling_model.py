@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -35,16 +36,17 @@ from pathlib import Path
 def steps_per_second(design: str, n: int, model_bytes: float, bandwidth: float, compute: float, update: float) -> float:
     """All workers' steps per second under the model above."""
     transfer = model_bytes / bandwidth
+    updates = 1 / update if update > 0 else math.inf  # the server's updates per second at most
     if design == "ddp":
         return n / (compute + 2 * (n - 1) / n * transfer + update)
     if design == "single K=N":
         return n / (compute + 2 * (n - 1) * transfer + update)
     if design == "single K=1":
-        return min(n / (compute + 2 * transfer + update), 1 / transfer, 1 / update)
+        return min(n / (compute + 2 * transfer + update), 1 / transfer, updates)
     if design == "sharded K=N":
         return n / (compute + 2 * (n - 1) / n * transfer + update / n)
     if design == "sharded K=1":
-        return min(n / (compute + 2 * (n - 1) / n * transfer + update / n), n / transfer, n / update)
+        return min(n / (compute + 2 * (n - 1) / n * transfer + update / n), n / transfer, n * updates)
     raise ValueError(f"unknown design {design!r}")
 
 

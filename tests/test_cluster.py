@@ -100,10 +100,10 @@ def test_one_training_configuration_runs_through_the_harness(make_cluster, tmp_p
     result = cluster_py.run(cluster, "K=2", "1m", 6, args, tmp_path / "run", port=29511, timeout=120)
     assert "failed" not in result, "\n-----\n".join(result["log_tails"])
     assert result["samples_per_s"] > 0
-    for node in result["nodes"]:
+    for node in result["per_node"]:
         assert node["batches"] == 6
-        assert 0.95 <= node["sent_sizes_per_step"] <= 1.3, result["nodes"]
-        assert 0.95 <= node["received_sizes_per_step"] <= 1.3, result["nodes"]
+        assert 0.95 <= node["sent_sizes_per_step"] <= 1.3, result["per_node"]
+        assert 0.95 <= node["received_sizes_per_step"] <= 1.3, result["per_node"]
         assert 0 < node["cpu"] <= 2.5
     assert all(sent > 6 * 4 * 1_058_058 for sent in result["whole_run"]["tx_bytes"])
     assert cluster.pids(0) == [] and cluster.pids(1) == []  # the run's processes are gone
