@@ -102,10 +102,8 @@ def predicted_rate(flag: str, numel: int, nodes: int, rates_mbit: list[float], b
     shared = alone * max(1.0, nodes / CORES)
     if nodes == 1:
         return 1 / alone
-    if flag == "ddp":  # a ring: 2(N-1)/N model sizes each way, both ways at once
+    if flag == "ddp" or flag.endswith("/sharded"):  # a ring, or shards: 2(N-1)/N model sizes each way, both at once
         return nodes / (shared + 2 * (nodes - 1) / nodes * bits / min(links))
-    if flag.endswith("/sharded"):  # as much, but one way after the other (as measured in the --quick table)
-        return nodes / (shared + 4 * (nodes - 1) / nodes * bits / min(links))
     if flag == "K=1":  # the server's own worker reaches it in memory; the others through the server's link
         remote = sum(1 / (shared + 2 * bits / min(link, links[0])) for link in links[1:])
         return 1 / alone + min(remote, links[0] / bits)
