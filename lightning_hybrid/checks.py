@@ -26,27 +26,13 @@ from .lockstep import saves_by_steps_or_time
 DDP_FIX = "use strategy='ddp' for it"
 STATIC_FIX = "or use HybridSGDStrategy(pull_work=False)"
 UNSHARDED_FIX = "or use HybridSGDStrategy(shard_server=False)"
+RECOVERY_FIX = "or use HybridSGDStrategy(recovery_dir=None)"
 
 
-def check_recovery(
-    recovery_dir: Optional[Any], recovery_every: float, shard_server: bool, pull_work: Optional[bool]
-) -> None:
+def check_recovery(recovery_every: float) -> None:
     """Recovery checkpoints' arguments, when the strategy is built."""
     if isinstance(recovery_every, bool) or not isinstance(recovery_every, (int, float)) or not recovery_every > 0:
         raise ValueError(f"recovery_every must be a positive number of seconds, got {recovery_every!r}")
-    if recovery_dir is None:
-        return
-    if shard_server:
-        raise ValueError(
-            "recovery_dir needs one parameter server: with shard_server=True each rank holds the only copy of its "
-            "slice, which dies with it. Use shard_server=False, or recovery_dir=None and resume from a "
-            "ModelCheckpoint"
-        )
-    if pull_work is False:
-        raise ValueError(
-            "recovery_dir needs pulled work (pull_work=None or True): with static shards Lightning replays a "
-            "resumed epoch from its start, so batches would be trained twice or not at all"
-        )
 
 
 def check_recovery_fit(accumulate_grad_batches: int) -> None:
@@ -176,30 +162,29 @@ def check_update_rules(
         )
 
 
-def check_pulled_work(trainer: pl.Trainer) -> None:
-    """With pulled work ranks train different numbers of batches per epoch, so nothing may be triggered by a
-    rank's batch or step count."""
+def check_pulled_work(trainer: pl.Trainer, pulled: bool) -> None:
+    """With pulled work ranks train different numbers of batches per epoch (with recovery's static batches, by one),
+    so nothing may be triggered by a rank's batch or step count."""
+    fix = STATIC_FIX if pulled else RECOVERY_FIX
     if trainer.val_check_interval != 1.0:
         raise MisconfigurationException(
             f"val_check_interval={trainer.val_check_interval!r} validates after a number of batches, but with "
-            "pulled work every rank trains a different number of batches per epoch: validate at epoch ends "
-            f"(val_check_interval=1.0), {STATIC_FIX}."
+            "pulled work (or recovery's numbered batches) ranks train different numbers of batches per epoch: "
+            f"validate at epoch ends (val_check_interval=1.0), {fix}."
         )
     for callback in trainer.checkpoint_callbacks:
         if saves_by_steps_or_time(callback):
             raise MisconfigurationException(
                 "ModelCheckpoint(every_n_train_steps=... or train_time_interval=...) would save at different "
-                "moments on ranks that train different numbers of batches (pulled work): save at epoch ends "
-                f"(every_n_epochs), {STATIC_FIX}."
+                "moments on ranks that train different numbers of batches (pulled work, or recovery's numbered "
+                f"batches): save at epoch ends (every_n_epochs), {fix}."
             )
 
 
-def check_pulled_dataloader(dataloader: object) -> DataLoader:
+def check_pulled_dataloader(dataloader: object, pulled: bool) -> DataLoader:
     if not isinstance(dataloader, DataLoader):
-        raise MisconfigurationException(
-            f"pulled work needs a torch DataLoader, got {type(dataloader).__name__}: "
-            "use HybridSGDStrategy(pull_work=False)."
-        )
+        what, fix = ("pulled work", STATIC_FIX) if pulled else ("recovery_dir", RECOVERY_FIX)
+        raise MisconfigurationException(f"{what} needs a torch DataLoader, got {type(dataloader).__name__}: {fix}.")
     return dataloader
 
 

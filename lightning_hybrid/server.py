@@ -40,6 +40,8 @@ from lightning_hybrid.staleness import StalenessStats
 
 # The "version" of a decision that drops the listed worker's gradient (updates produce versions from 1 on).
 DROPPED = 0
+# The "version" of a decision that asks every shard for a snapshot at the listed version (a recovery point).
+RECOVERY_POINT = -2
 
 
 @dataclass(frozen=True)
@@ -309,15 +311,22 @@ class ParameterServer:
             self.stop_flags |= flags
 
     # ------------------------------------------------------------------ state
-    def snapshot(self) -> ServerSnapshot:
-        """Everything the server holds, consistent at one version: no update runs while it is copied."""
+    def snapshot(self, recovery_point: bool = False) -> ServerSnapshot:
+        """Everything the server holds, consistent at one version: no update runs while it is copied. With
+        ``recovery_point``, shard 0 of a sharded server also asks every other shard for its snapshot at this
+        version (see :class:`FollowerServer`)."""
         with self._lock:
-            return ServerSnapshot(
-                master=[p.detach().clone() for p in self.parameters],
-                optimizer_state=copy.deepcopy(self.optimizer.state_dict()),
-                progress=self.progress_state(),
-                absorbed=frozenset(self.absorbed),
-            )
+            if recovery_point and self._on_decision is not None:
+                self._on_decision(RECOVERY_POINT, (self._version,))
+            return self._snapshot()
+
+    def _snapshot(self) -> ServerSnapshot:
+        return ServerSnapshot(
+            master=[p.detach().clone() for p in self.parameters],
+            optimizer_state=copy.deepcopy(self.optimizer.state_dict()),
+            progress=self.progress_state(),
+            absorbed=frozenset(self.absorbed),
+        )
 
     def forget_absorbed(self, below: int) -> None:
         """Forget absorbed work ids below ``below`` (e.g. the ids of finished epochs)."""
@@ -528,12 +537,19 @@ class FollowerServer(ParameterServer):
         self._arrived: dict[int, Sequence[Tensor]] = {}  # pending gradients, summed once their group is decided
         self._decisions: dict[int, tuple[int, ...]] = {}  # shard 0's groups by the version they produce
         self._coming_drops: Counter = Counter()  # shard 0 dropped these workers' gradients before they came here
+        self._recovery_point: Optional[int] = None  # the version at which shard 0 asked for a snapshot
+        self.on_recovery_point: Optional[Callable[[ServerSnapshot], None]] = None
+        """Called under the lock with this shard's snapshot at every recovery point shard 0 asks for (it must only
+        hand the snapshot on: the shard waits)."""
 
     def decide(self, version: int, group: Sequence[int]) -> list[Release]:
         """Shard 0's update to ``version`` applied the gradients of ``group``: apply the same here, in version
         order, once they have all arrived. ``version`` :data:`DROPPED`: shard 0 dropped the gradient of the one
         worker in ``group`` as too stale: drop it here too, whether it came already or comes later."""
         with self._lock:
+            if version == RECOVERY_POINT and len(group) == 1:
+                self._ask_snapshot(group[0])
+                return []
             for worker in group:
                 self._check_worker(worker)
             if version == DROPPED and len(group) == 1:
@@ -546,6 +562,20 @@ class FollowerServer(ParameterServer):
                 )
             self._decisions[version] = tuple(group)
             return self._settle()
+
+    def _ask_snapshot(self, version: int) -> None:
+        """Shard 0 took its snapshot at ``version``: take this shard's there (now, or once it gets there; shard 0
+        asks before it decides the next update, so no shard is past it)."""
+        if version < self._version:
+            raise ProtocolError(f"shard 0 asked for a snapshot at version {version}, this shard is at {self._version}")
+        self._recovery_point = version
+        self._take_recovery_point()
+
+    def _take_recovery_point(self) -> None:
+        if self._recovery_point == self._version:
+            self._recovery_point = None
+            if self.on_recovery_point is not None:
+                self.on_recovery_point(self._snapshot())
 
     def _arrive(self, worker: int, gradient: Sequence[Tensor], version: int) -> None:
         self._arrived[worker] = gradient  # its buffer is idle until the worker is answered
@@ -585,4 +615,5 @@ class FollowerServer(ParameterServer):
                 self._accumulate(self._arrived.pop(worker), self._weight(self._pending[worker]))
             self.update_seconds += time.perf_counter() - started
             releases.append(self._apply(group))
+            self._take_recovery_point()
         return self._with_drained(releases)

@@ -29,7 +29,7 @@ from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.links import AnyServerLink, LocalServerLink, RemoteServerLink, ServerLink, ShardedServerLink
 from lightning_hybrid.overlap import GradientStream
-from lightning_hybrid.server import FollowerServer, GradientClipping, ParameterServer, clone_optimizer
+from lightning_hybrid.server import FollowerServer, GradientClipping, ParameterServer, ServerSnapshot, clone_optimizer
 from lightning_hybrid.shards import ShardPlan
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.wire import SERVER_RANK, STOP_FLAGS, AbortCode, Flag, Reply
@@ -150,8 +150,11 @@ class WorkerSession:
         buffers: list[Tensor],
         clipping: Optional[GradientClipping],
         options: SessionOptions,
+        on_recovery_point: Optional[Callable[[ServerSnapshot], None]] = None,
     ) -> None:
-        """Bind the model's parameters to flat buffers and connect to the server (starting this rank's own)."""
+        """Bind the model's parameters to flat buffers and connect to the server (starting this rank's own).
+        ``on_recovery_point``: a follower shard's handler of its snapshots at recovery points (see
+        :class:`FollowerServer`)."""
         self._rank, self._options, self._optimizer = rank, options, optimizer
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._buffers = buffers
@@ -184,6 +187,8 @@ class WorkerSession:
                 group_scaling=options.group_scaling,
                 max_staleness=options.max_staleness,
             )
+            if isinstance(server, FollowerServer):
+                server.on_recovery_point = on_recovery_point
             endpoint = ServerEndpoint(
                 server,
                 channels.as_server,

@@ -40,13 +40,21 @@ from typing_extensions import override
 
 from lightning_hybrid.elastic import nodes_in_this_round, restart_round, restart_round_store, restarts_allowed
 from lightning_hybrid.errors import HybridSGDError
-from lightning_hybrid.recovery import CHECKPOINT_KEY, RecoveryDir, RecoveryWriter, recovery_checkpoint
+from lightning_hybrid.recovery import (
+    CHECKPOINT_KEY,
+    PART_KEY,
+    RecoveryDir,
+    RecoveryWriter,
+    Shard,
+    recovery_checkpoint,
+    shard_part,
+)
 from lightning_hybrid.server import ParameterServer, ServerSnapshot
 from lightning_hybrid.session import FITS_STARTED, Channels, SessionOptions, WorkerSession, with_hyperparameters
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.thresholds import ThresholdSpec, resolve_threshold
 from lightning_hybrid.wire import Flag
-from lightning_hybrid.work import PulledBatchSampler, pulled_dataloader, work_id
+from lightning_hybrid.work import EpochBatchSampler, epoch_dataloader, work_id
 
 # Lightning's side, relative: see lightning_api.
 from . import checks, lockstep
@@ -141,8 +149,12 @@ class HybridSGDStrategy(DDPStrategy):
             its ``ckpt_path`` (as after ``torchrun --max-restarts``), with no change to the script; only batches whose
             gradients the master had not absorbed are trained again. A fit that ends cleanly removes them. Default
             ``None``: off, except under ``torchrun --max-restarts R`` with R > 0, where it is
-            ``<default_root_dir>/hybrid_sgd_recovery``. Needs pulled work (static shards replay a resumed epoch from
-            its start, as Lightning does) and one server (a shard's slice dies with its rank).
+            ``<default_root_dir>/hybrid_sgd_recovery``. With static shards (``pull_work=False``) an epoch becomes
+            numbered batches, rank r taking every N-th, so that a resumed epoch skips those trained before (Lightning
+            would replay it from its start). With ``shard_server=True`` a lost rank's slice dies with it: shard 0
+            asks every shard for its snapshot at one version every ``recovery_every`` seconds (a recovery point, each
+            shard writing its part), nothing is written at the failure, and the next run resumes from the last
+            complete point.
         recovery_every: seconds between the periodic recovery checkpoints. The server's rank copies the server's
             state under its lock (stalling the server for the copy only) and writes the file in a thread.
         peer_timeout: seconds a worker waits for the server's answer, or for one of its sends to go out,
@@ -190,7 +202,7 @@ class HybridSGDStrategy(DDPStrategy):
         checks.check_options(
             threshold, pull_work, group_scaling, max_staleness, overlap_push, shard_server, nonfinite, peer_timeout
         )
-        checks.check_recovery(recovery_dir, recovery_every, shard_server, pull_work)
+        checks.check_recovery(recovery_every)
         self._threshold_spec = threshold
         self._pull_work = pull_work
         self._group_scaling = group_scaling
@@ -209,8 +221,8 @@ class HybridSGDStrategy(DDPStrategy):
         self._session = WorkerSession()  # idle until fit starts one; keeps the last fit's counters after it
         self._restore: list[lockstep.Restore] = []
         self._session_id = 0
-        self._pulling = False
-        self._sampler: Optional[PulledBatchSampler] = None
+        self._batches: Optional[str] = None  # "pulled", "static" (numbered, for recovery) or Lightning's sampler
+        self._sampler: Optional[EpochBatchSampler] = None
         self._resume_work: Optional[dict[str, Any]] = None
         self._resumed_done: dict[int, list[int]] = {}  # batches trained before this fit resumed, per epoch
         self._work_state: Optional[dict[str, Any]] = None
@@ -370,7 +382,7 @@ class HybridSGDStrategy(DDPStrategy):
     def _start_session(self, trainer: "pl.Trainer") -> None:
         """Each fit starts a new server at version 0 (a checkpoint restores it), as Lightning builds new
         optimizers for each fit."""
-        self._session, self._sampler, self._work_state, self._pulling = WorkerSession(), None, None, False
+        self._session, self._sampler, self._work_state, self._batches = WorkerSession(), None, None, None
         self.resumed = None
         self._restore = []
         optimizer = checks.check_one_optimizer(self.optimizers)
@@ -380,18 +392,22 @@ class HybridSGDStrategy(DDPStrategy):
         threshold = self._threshold_for_this_world()
         self._session_id = self.broadcast(next(FITS_STARTED))  # rank 0's: a fresh child process counts from 1
         recovery = self._fit_recovery
-        self._pulling = (
-            (threshold < self.world_size or recovery is not None) if self._pull_work is None else self._pull_work
-        )
+        pulling = (threshold < self.world_size or recovery is not None) if self._pull_work is None else self._pull_work
+        # recovery resumes an epoch where it stopped: static shards too are numbered batches then
+        self._batches = "pulled" if pulling else "static" if recovery is not None else None
         if recovery is not None:
             checks.check_recovery_fit(trainer.accumulate_grad_batches)
-        if self._pulling:
-            checks.check_pulled_work(trainer)
+        if self._batches is not None:
+            checks.check_pulled_work(trainer, pulling)
         if self._shard_server:
             checks.check_shardable(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         clipping, restore_clipping = lockstep.take_gradient_clipping(trainer)
         if restore_clipping is not None:
             self._restore.append(restore_clipping)
+        self._recovery = None
+        if recovery is not None and (self._shard_server or self.is_global_zero):  # every rank that serves writes
+            shard = Shard(self.global_rank, self.world_size) if self._shard_server else None
+            self._recovery = RecoveryWriter(recovery, self._recovery_every, self.checkpoint_io, shard)
         assert self._channels is not None
         self._session.start(
             rank=self.global_rank,
@@ -411,11 +427,9 @@ class HybridSGDStrategy(DDPStrategy):
                 shard_server=self._shard_server,
                 peer_timeout=self._peer_timeout,
             ),
+            on_recovery_point=self._write_part if self._recovery is not None and not self.is_global_zero else None,
         )
         self._restore += lockstep.replace_lockstep_checks(trainer, self._note_sigterm, self._note_time_up)
-        self._recovery = None
-        if recovery is not None and self._session.server is not None:
-            self._recovery = RecoveryWriter(recovery, self._recovery_every, self.checkpoint_io)
 
     def _threshold_for_this_world(self) -> int:
         """K for this fit's N. After torchrun restarted the run with fewer nodes (``--nnodes MIN:MAX``), a count
@@ -444,18 +458,19 @@ class HybridSGDStrategy(DDPStrategy):
     # ------------------------------------------------------------------ recovery
     def _recovery_folder(self, trainer: "pl.Trainer") -> Optional[RecoveryDir]:
         """Where recovery checkpoints live for this fit: ``recovery_dir``, or a folder under ``default_root_dir``
-        when torchrun may restart the workers (unless the server is sharded or work static: then none)."""
+        when torchrun may restart the workers."""
         if self._recovery_dir is not None:
             return RecoveryDir(self._recovery_dir)
-        if not restarts_allowed() or self._shard_server or self._pull_work is False:
+        if not restarts_allowed():
             return None
         return RecoveryDir(os.path.join(trainer.default_root_dir, "hybrid_sgd_recovery"))
 
     def _newer_recovery_checkpoint(self, ckpt_path: Optional[_PATH]) -> Optional[_PATH]:
         """The newest recovery checkpoint where it is newer than the user's ``ckpt_path`` (rank 0 decides)."""
         chosen = ckpt_path
-        if self.is_global_zero:
-            newest = self._fit_recovery.newest() if self._fit_recovery is not None else None
+        if self.is_global_zero and self._fit_recovery is not None:
+            self._fit_recovery.join_newest_parts(self.checkpoint_io)
+            newest = self._fit_recovery.newest()
             if newest is not None and (
                 ckpt_path is None
                 or not os.path.isfile(ckpt_path)
@@ -466,39 +481,55 @@ class HybridSGDStrategy(DDPStrategy):
 
     def _write_recovery(self, why: str, wait: bool) -> None:
         """The server's rank alone, with no collective: its Lightning checkpoint with the server's state (see
-        :func:`lightning_hybrid.recovery.recovery_checkpoint`)."""
+        :func:`lightning_hybrid.recovery.recovery_checkpoint`). Sharded: global rank 0's part of a recovery point,
+        whose other parts the shards write when shard 0's request reaches them (see :meth:`_write_part`)."""
         server, recovery = self._session.server, self._recovery
-        if server is None or recovery is None:
+        if server is None or recovery is None or not self.is_global_zero:
+            return
+        if why == "failure" and self._shard_server:
+            log.warning(
+                "hybrid_sgd: no recovery checkpoint at this failure: with shard_server=True a lost rank's slice of "
+                "the model died with it, so the next round resumes from the last complete recovery point"
+            )
             return
         trainer = self.lightning_module.trainer
-        self._snapshot = snapshot = server.snapshot()
+        self._snapshot = snapshot = server.snapshot(recovery_point=self._shard_server)
         try:
             checkpoint = lockstep.dump_checkpoint(trainer)
         finally:
             self._snapshot = None
-        optimizer = self.optimizers[0]
         checkpoint = recovery_checkpoint(
             checkpoint,
             snapshot,
             self.lightning_module,
-            [p for group in optimizer.param_groups for p in group["params"]],
+            self.optimizers[0],
             trainer.current_epoch,
             self._resumed_done,
             self._sampler.claimed() if self._sampler is not None else None,
             why,
+            sharded=self._shard_server,
         )
         recovery.write(checkpoint, snapshot.progress["version"], why, wait)
 
-    # ------------------------------------------------------------------ pulled work
+    def _write_part(self, snapshot: ServerSnapshot) -> None:
+        """A shard other than shard 0, at a recovery point: its part, written in a thread (the shard waits only
+        for the copy)."""
+        assert self._recovery is not None
+        self._recovery.write({PART_KEY: shard_part(snapshot)}, snapshot.progress["version"], "periodic", wait=False)
+
+    # ------------------------------------------------------------------ pulled work and numbered batches
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        """While fitting with pulled work, the training DataLoader gets a :class:`PulledBatchSampler`."""
+        """While fitting with pulled work (or recovery), the training DataLoader gets a :class:`PulledBatchSampler`
+        (or a :class:`StaticBatchSampler`)."""
         trainer = self.lightning_module.trainer
-        if not (self._pulling and self._session.live and trainer.state.stage == RunningStage.TRAINING):
+        if not (self._batches is not None and self._session.live and trainer.state.stage == RunningStage.TRAINING):
             return dataloader
+        pull = self._batches == "pulled"
         try:
-            pulled = pulled_dataloader(
-                checks.check_pulled_dataloader(dataloader),
+            numbered = epoch_dataloader(
+                checks.check_pulled_dataloader(dataloader, pull),
+                pull=pull,
                 rank=self.global_rank,
                 num_workers=self.world_size,
                 store=dist.distributed_c10d._get_default_store(),
@@ -506,13 +537,13 @@ class HybridSGDStrategy(DDPStrategy):
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
-        self._sampler = pulled.batch_sampler
+        self._sampler = numbered.batch_sampler
         resume, self._resume_work = self._resume_work, None
         self._resumed_done = {}
         if resume is not None and resume["epoch"] == trainer.current_epoch:
             self._resumed_done = {resume["epoch"]: resume["done"], **resume.get("later_epochs", {})}
             self._sampler.resume(resume["epoch"], self._resumed_done)
-        return pulled
+        return numbered
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -564,7 +595,7 @@ class HybridSGDStrategy(DDPStrategy):
             result = self.precision_plugin.optimizer_step(
                 _PushingOptimizer(optimizer, push), model=model or self.lightning_module, closure=closure, **kwargs
             )
-        if self._recovery is not None and self._recovery.due():
+        if self._recovery is not None and self.is_global_zero and self._recovery.due():
             self._write_recovery("periodic", wait=False)
         return result
 
@@ -711,9 +742,13 @@ class HybridSGDStrategy(DDPStrategy):
         self._session.end(global_step=trainer.global_step)
         if self._session.stop_requested:
             trainer.should_stop = True
-        if self._recovery is not None:  # the run they would resume has ended
-            self._recovery.join()
-            self._recovery.directory.clear()
+        if self._fit_recovery is not None:  # the run they would resume has ended
+            if self._recovery is not None:
+                self._recovery.join()
+            if self._shard_server:
+                self.barrier()  # every shard has written its last part
+            if self.is_global_zero:
+                self._fit_recovery.clear()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -722,6 +757,7 @@ class HybridSGDStrategy(DDPStrategy):
         if self._recovery is not None:  # before anything that could wait on a dead rank
             try:
                 self._write_recovery("failure", wait=True)
+                self._recovery.join()  # a shard's part of the last recovery point
             except Exception:
                 log.exception("hybrid_sgd: could not write the recovery checkpoint at the failure")
         super().on_exception(exception)

@@ -96,7 +96,8 @@ def work_of(header: Header) -> Optional[int]:
 @dataclass(frozen=True)
 class Decision:
     """Shard 0's update to ``version`` applied the gradients of ``workers`` (version ``DROPPED`` of
-    :mod:`lightning_hybrid.server`: it dropped the one worker's gradient). Sent as one int64 message
+    :mod:`lightning_hybrid.server`: it dropped the one worker's gradient; ``RECOVERY_POINT``: snapshot at the version
+    listed). Sent as one int64 message
     ``[version, count, worker, ..., -1 padding]`` of :meth:`size` values."""
 
     version: int

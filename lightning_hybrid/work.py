@@ -1,16 +1,20 @@
-"""Pulled work: fast workers take more batches of each epoch.
+"""Each epoch as numbered batches that ranks take: pulled (fast workers take more) or static, resumable mid-epoch.
 
 With a static split (Lightning's DistributedSampler) every rank owns an equal share of each epoch,
 so a 3x slower worker still has to finish its share and the epoch lasts as long as under DDP.
 Here each epoch is one permutation, the same on every rank (seeded by ``seed + epoch``), cut into
-batches; every rank first takes one batch of its own (so that every rank trains at least once and
-reaches the epoch's end hooks), then claims the next free batch from an atomic counter in
-torch.distributed's key-value store (``Store.add``) until the epoch is used up. Every sample is
-seen exactly once per epoch across all ranks.
+numbered batches. With pulled work every rank first takes one batch of its own (so that every rank
+trains at least once and reaches the epoch's end hooks), then claims the next free batch from an
+atomic counter in torch.distributed's key-value store (``Store.add``) until the epoch is used up. With
+static batches (recovery with ``pull_work=False``) rank r takes every N-th batch from the r-th. Every
+sample is seen exactly once per epoch across all ranks, and a resumed epoch (see :meth:`resume`) leaves
+out the batches trained before, which Lightning's DistributedSampler cannot do: Lightning 2.6 replays a
+resumed static-shard epoch from its start.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,13 +37,13 @@ def done_by_epoch(work_ids: Iterable[int]) -> dict[int, list[int]]:
     return done
 
 
-class PulledBatchSampler(Sampler[list[int]]):
-    """Yields this rank's batches of an epoch, claimed from a counter shared by all ranks.
+class EpochBatchSampler(Sampler[list[int]]):
+    """Yields this rank's batches of an epoch of numbered batches; subclasses choose which.
 
     ``sampler`` gives the epoch's order: a one-replica ``DistributedSampler`` (seeded by ``seed + epoch``,
     the same on every rank), whose ``set_epoch`` Lightning calls as it does for a ``BatchSampler``'s
-    sampler. There is no length on purpose: a rank's number of batches is only known when the epoch is
-    used up, so Lightning ends the epoch when the iterator does.
+    sampler. There is no length on purpose: ranks take different numbers of batches, and Lightning ends
+    the epoch when the iterator does. ``store`` counts the batches taken across ranks (it outlives any rank).
     """
 
     def __init__(
@@ -59,8 +63,8 @@ class PulledBatchSampler(Sampler[list[int]]):
         self.rank, self.num_workers = rank, num_workers
         self._store, self._namespace = store, namespace
         self._done: dict[int, frozenset[int]] = {}  # per epoch, batches trained before a resume
-        self._remaining: list[int] = []  # the running epoch's batches to train, of which the first are reserved
-        self._reserved = 0
+        self._remaining: list[int] = []  # the running epoch's batches to train
+        self._reserved = 0  # of which the first are taken without the store's counter
         self.yielded: list[int] = []  # batch ids this rank took in the current epoch, in order
         self.trained = 0  # of which this rank has started training on (the rest are prefetched)
 
@@ -93,15 +97,17 @@ class PulledBatchSampler(Sampler[list[int]]):
         return list(self.sampler)[batch * self.batch_size : (batch + 1) * self.batch_size]
 
     def claimed(self) -> int:
-        """How many batches of the running epoch all ranks together have taken so far (read from the store, which
-        outlives any rank)."""
+        """How many batches of the running epoch all ranks together have taken so far (read from the store)."""
         if self._reserved == len(self._remaining):
             return self._reserved
-        taken = self._store.add(f"{self._namespace}/epoch{self.epoch}", 0)
+        taken = self._store.add(self._counter, 0)
         return min(len(self._remaining), self._reserved + taken)
 
+    @property
+    def _counter(self) -> str:
+        return f"{self._namespace}/epoch{self.epoch}"
+
     def __iter__(self) -> Iterator[list[int]]:
-        epoch = self.epoch
         self.yielded, self.trained = [], 0
         done = self.done
         remaining = self._remaining = [b for b in range(self.num_batches) if b not in done]
@@ -110,34 +116,55 @@ class PulledBatchSampler(Sampler[list[int]]):
             # collectives) only on ranks that trained in it, so every rank takes one, some a batch trained before
             remaining += sorted(done)[: self.num_workers - len(remaining)]
         order = list(self.sampler)
-        reserved = self._reserved = min(self.num_workers, len(remaining))
-        claims = self._store if reserved < len(remaining) else None
-        picks: Iterator[int] = iter([self.rank] if self.rank < reserved else [])
-        while True:
-            position = next(picks, None)
-            if position is None:
-                if claims is None:
-                    return
-                position = reserved - 1 + claims.add(f"{self._namespace}/epoch{epoch}", 1)
-                if position >= len(remaining):
-                    return
-            batch = remaining[position]
+        for batch in self._take(remaining):
             self.yielded.append(batch)
             yield order[batch * self.batch_size : (batch + 1) * self.batch_size]
 
+    @abc.abstractmethod
+    def _take(self, remaining: list[int]) -> Iterator[int]:
+        """This rank's batches of ``remaining``, in order."""
 
-def pulled_dataloader(dataloader: DataLoader, **sampler_kwargs: Any) -> DataLoader:
-    """The user's DataLoader (dataset, workers, pin_memory, collate_fn, ...) with a :class:`PulledBatchSampler`."""
+
+class PulledBatchSampler(EpochBatchSampler):
+    """Fast workers take more: each rank's first batch is its own, the rest are claimed from the store's
+    counter."""
+
+    def _take(self, remaining: list[int]) -> Iterator[int]:
+        reserved = self._reserved = min(self.num_workers, len(remaining))
+        if self.rank < reserved:
+            yield remaining[self.rank]
+        if reserved == len(remaining):
+            return
+        while (position := reserved - 1 + self._store.add(self._counter, 1)) < len(remaining):
+            yield remaining[position]
+
+
+class StaticBatchSampler(EpochBatchSampler):
+    """Rank r takes every N-th batch left from the r-th: a fixed share, like Lightning's static shards, but of
+    numbered batches, so that a resumed epoch (see :meth:`resume`) skips those trained before, even when N
+    changed. Each take is counted in the store, so that a recovery checkpoint knows how many were taken."""
+
+    def _take(self, remaining: list[int]) -> Iterator[int]:
+        self._reserved = 0
+        for batch in remaining[self.rank :: self.num_workers]:
+            self._store.add(self._counter, 1)
+            yield batch
+
+
+def epoch_dataloader(dataloader: DataLoader, *, pull: bool, **sampler_kwargs: Any) -> DataLoader:
+    """The user's DataLoader (dataset, workers, pin_memory, collate_fn, ...) with a :class:`PulledBatchSampler`
+    (``pull``) or a :class:`StaticBatchSampler`."""
     dataset = dataloader.dataset
-    fix = "use static sharding instead: HybridSGDStrategy(pull_work=False)"
+    fix = "use static sharding instead: HybridSGDStrategy(pull_work=False)" if pull else "or recovery_dir=None"
+    what = "pulled work" if pull else "resuming an epoch where it stopped (recovery_dir)"
     if isinstance(dataset, IterableDataset):
-        raise ValueError(f"pulled work needs a map-style dataset with a length, got an IterableDataset: {fix}")
+        raise ValueError(f"{what} needs a map-style dataset with a length, got an IterableDataset: {fix}")
     try:
         len(dataset)  # type: ignore[arg-type]
     except TypeError as err:
-        raise ValueError(f"pulled work needs a dataset with a length: {fix}") from err
+        raise ValueError(f"{what} needs a dataset with a length: {fix}") from err
     if dataloader.batch_size is None:
-        raise ValueError(f"pulled work needs a DataLoader with batch_size (not a custom batch_sampler): {fix}")
+        raise ValueError(f"{what} needs a DataLoader with batch_size (not a custom batch_sampler): {fix}")
     user_sampler = dataloader.sampler
     epoch_order = DistributedSampler(
         dataset,  # type: ignore[arg-type]
@@ -146,7 +173,7 @@ def pulled_dataloader(dataloader: DataLoader, **sampler_kwargs: Any) -> DataLoad
         shuffle=bool(getattr(user_sampler, "shuffle", isinstance(user_sampler, RandomSampler))),
         seed=int(getattr(user_sampler, "seed", 0)),
     )
-    batch_sampler = PulledBatchSampler(
+    batch_sampler = (PulledBatchSampler if pull else StaticBatchSampler)(
         epoch_order, dataloader.batch_size, drop_last=dataloader.drop_last, **sampler_kwargs
     )
     kwargs: dict[str, Any] = dict(

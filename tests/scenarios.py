@@ -647,6 +647,8 @@ class Recover(Epochs):
     node_dies: bool = option(False, "the dying rank SIGKILLs its torchrun agent first: its whole node is lost")
     recovery_every: float = option(60.0, "seconds between periodic recovery checkpoints")
     default_folder: bool = option(False, "no recovery_dir: the strategy's default folder under torchrun")
+    static: bool = option(False, "pull_work=False: static shards (numbered batches, rank r every N-th)")
+    sharded: bool = option(False, "shard_server=True: recovery points written by every shard")
     hidden: int = option(128, "the MLP's hidden width")
     depth: int = option(1, "the MLP's hidden layers")
 
@@ -683,16 +685,23 @@ def recover(args: Recover) -> None:
     os.environ["SCENARIO_PHASE"] = f"round{restart_round()}"
     folder = None if args.default_folder else args.out / "recovery"
     strategy = lightning_hybrid.HybridSGDStrategy(
-        threshold=args.threshold, peer_timeout=60, recovery_dir=folder, recovery_every=args.recovery_every
+        threshold=args.threshold,
+        peer_timeout=60,
+        recovery_dir=folder,
+        recovery_every=args.recovery_every,
+        pull_work=False if args.static else None,
+        shard_server=args.sharded,
     )
     callbacks: list[Callback] = [LogTrainedBatches()]
     if args.die_in_first_round:
         callbacks.append(DieInFirstRound(*args.die_in_first_round, node=args.node_dies))
     run = trainer(strategy, args, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=args.out)
-    run.fit(RecordIndices(lr=args.lr, hidden=args.hidden, depth=args.depth), datamodule=IndexedDigits(num_workers=0))
+    model = RecordIndices(lr=args.lr, hidden=args.hidden, depth=args.depth)
+    run.fit(model, datamodule=IndexedDigits(num_workers=0))
     save(
         args.out,
         run.global_rank,
+        weights=weights(model),
         restart_round=restart_round(),
         world_size=run.world_size,
         epochs=run.current_epoch,

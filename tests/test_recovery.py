@@ -16,8 +16,11 @@ from test_server import grad, make_server
 from torch.utils.data import DistributedSampler
 
 from lightning_hybrid import HybridSGDStrategy
-from lightning_hybrid.recovery import RecoveryDir
-from lightning_hybrid.work import PulledBatchSampler, done_by_epoch, work_id
+from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.recovery import PART_KEY, RecoveryDir, Shard, recovery_checkpoint, shard_part
+from lightning_hybrid.server import ServerSnapshot
+from lightning_hybrid.shards import ShardPlan
+from lightning_hybrid.work import PulledBatchSampler, StaticBatchSampler, done_by_epoch, work_id
 
 DIGITS_TRAIN = 1437  # samples in IndexedDigits' training split: 90 batches of 16 (the last of 13)
 
@@ -56,17 +59,98 @@ def test_recovery_files_are_whole_or_ignored_and_the_newest_few_are_kept(tmp_pat
     assert list((tmp_path / "r").iterdir()) == []
 
 
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        (dict(recovery_dir="r", shard_server=True), "one parameter server"),
-        (dict(recovery_dir="r", pull_work=False), "needs pulled work"),
-        (dict(recovery_every=0), "recovery_every must be a positive"),
-    ],
-)
-def test_recovery_options_that_cannot_work_are_refused(options, message) -> None:
-    with pytest.raises(ValueError, match=message):
-        HybridSGDStrategy(**options)
+def test_recovery_every_must_be_a_positive_number_of_seconds() -> None:
+    for every in (0, -1, True, "60"):
+        with pytest.raises(ValueError, match="recovery_every must be a positive number of seconds"):
+            HybridSGDStrategy(recovery_every=every)
+
+
+def test_a_recovery_point_joins_the_shards_parts_exactly(tmp_path) -> None:
+    # a model's master weights and Adam state, split into 3 shards as a sharded server holds them (a piece may cut a
+    # tensor), written as the shards write their parts; the joined checkpoint holds them whole, and each shard's
+    # own counters and step counts
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 2))
+    optimizer = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.5}])
+    model(torch.randn(4, 5)).sum().backward()
+    optimizer.step()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    full_state = optimizer.state_dict()
+    plan = ShardPlan(FlatLayout.of(params), 3)
+    names = {id(p): name for name, p in model.named_parameters()}
+    folder, io = RecoveryDir(tmp_path / "r"), TorchCheckpointIO()
+    for shard in (2, 0, 1):
+        snapshot = ServerSnapshot(
+            master=[piece.clone() for piece in plan.piece_tensors(shard, params)],
+            optimizer_state=plan.shard_state(shard, full_state),
+            progress={"version": 7, "threshold": 1, "shard": shard},
+            absorbed=frozenset({work_id(0, 3)}),
+        )
+        part = {PART_KEY: shard_part(snapshot)}
+        if shard == 0:
+            stale = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}
+            lightning = {"state_dict": {"buffer": torch.ones(1), **stale}, "epoch": 0}
+            part = recovery_checkpoint(lightning, snapshot, model, optimizer, 0, {}, 5, "periodic", sharded=True)
+        folder.save(part, io, version=7, shard=Shard(shard, 3))
+        folder.join_newest_parts(io)
+        assert (folder.newest() is None) == (shard != 1), "joined when the last part is written, not before"
+    joined = torch.load(folder.newest(), weights_only=False)
+    assert list((tmp_path / "r").glob("part-*")) == [], "the parts go once joined"
+    assert all(torch.equal(joined["state_dict"][names[id(p)]], p) for p in params)
+    assert torch.equal(joined["state_dict"]["buffer"], torch.ones(1)), "the rest of rank 0's Lightning checkpoint"
+    (state,) = joined["optimizer_states"]
+    for index, entry in full_state["state"].items():
+        assert all(torch.equal(state["state"][index][k], v) for k, v in entry.items())
+    assert [g["lr"] for g in state["param_groups"]] == [0.001, 0.5]
+    hybrid = joined["hybrid_sgd"]
+    assert [s["shard"] for s in hybrid["shards"]] == [0, 1, 2] and hybrid["version"] == 7
+    assert hybrid["work"]["done"] == [3] and "shard_set" not in hybrid and PART_KEY not in joined
+
+
+def test_an_incomplete_recovery_point_is_never_joined(tmp_path) -> None:
+    folder, io = RecoveryDir(tmp_path / "r", keep=1), TorchCheckpointIO()
+    folder.save({"whole": 1}, io, version=3)
+    for shard in (1, 2):  # rank 0's part of version 9 never came (rank 0 died): the checkpoint of version 3 stays
+        folder.save({PART_KEY: {}}, io, version=9, shard=Shard(shard, 3))
+    folder.join_newest_parts(io)
+    assert torch.load(folder.newest(), weights_only=False) == {"whole": 1}
+    # a part killed while being written is a hidden partial: the set is not complete
+    folder.save({PART_KEY: {}}, io, version=9, shard=Shard(0, 3))
+    (tmp_path / "r" / "part-r0-n3-v9-2.ckpt").rename(tmp_path / "r" / ".part-r0-n3-v9-2.ckpt.partial")
+    folder.join_newest_parts(io)
+    assert torch.load(folder.newest(), weights_only=False) == {"whole": 1}
+    folder.clear()
+    assert list((tmp_path / "r").iterdir()) == []
+
+
+def test_static_batches_split_an_epoch_and_skip_what_a_resume_holds() -> None:
+    # rank r takes every N-th batch of those left; resumed with another N (a node left), the rest is split anew
+    def taken(ranks: int, done: dict) -> list[list[int]]:
+        store, batches = dist.HashStore(), []
+        for rank in range(ranks):
+            sampler = StaticBatchSampler(
+                DistributedSampler(range(100), num_replicas=1, rank=0, shuffle=True, seed=3),
+                10,
+                drop_last=False,
+                rank=rank,
+                num_workers=ranks,
+                store=store,
+                namespace="static",
+            )
+            sampler.resume(0, done)
+            batches.append(list(sampler))
+            assert batches[-1] == [sampler.indices(b) for b in sampler.yielded]
+        assert sampler.claimed() == sum(len(b) for b in batches), "every take counted in the store"
+        return batches
+
+    whole = taken(3, {})
+    assert [len(b) for b in whole] == [4, 3, 3]
+    assert sorted(i for rank in whole for batch in rank for i in batch) == list(range(100))
+    rest = taken(2, {0: [0, 1, 2, 5]})
+    samples = [i for rank in rest for batch in rank for i in batch]
+    order = list(DistributedSampler(range(100), num_replicas=1, rank=0, shuffle=True, seed=3))
+    held = [i for b in (0, 1, 2, 5) for i in order[b * 10 : (b + 1) * 10]]
+    assert sorted(samples + held) == list(range(100)) and len(samples) == 60
 
 
 def trained(out, round_: int, ranks: int) -> dict[int, list[int]]:
@@ -89,24 +173,30 @@ def run_torchrun(out, *args: str, **env: str) -> None:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    "lost, step, threshold, why, unshared_store",
+    "lost, step, threshold, why, unshared_store, layout",
     [
-        (1, 4, "async", "failure", "0"),
-        (1, 4, "async", "failure", "1"),
-        (1, 4, "sync", "failure", "0"),
-        (0, 30, "async", "periodic", "0"),
+        (1, 4, "async", "failure", "0", []),
+        (1, 4, "async", "failure", "1", []),
+        (1, 4, "sync", "failure", "0", []),
+        (0, 30, "async", "periodic", "0", []),
+        (1, 6, "sync", "failure", "0", ["--static"]),
+        (2, 20, "async", "periodic", "0", ["--sharded"]),
     ],
-    ids=["worker-async", "worker-async-own-rendezvous", "worker-sync", "server-async"],
+    ids=["worker-async", "worker-async-own-rendezvous", "worker-sync", "server-async", "static-sync", "sharded-async"],
 )
-def test_a_sigkilled_rank_costs_its_batches_not_the_run(tmp_path, lost, step, threshold, why, unshared_store) -> None:
+def test_a_sigkilled_rank_costs_its_batches_not_the_run(
+    tmp_path, lost, step, threshold, why, unshared_store, layout
+) -> None:
     # rank `lost` SIGKILLs itself at its step `step` in round 0; torchrun restarts the three ranks once. A lost
     # worker: the server's rank writes the recovery checkpoint at the failure. The server's own rank (with the
     # strategy's default folder under torchrun): the last periodic one is all there is (every 10 ms: rank 0 trains
     # its 30 steps in under 0.1 s here). The plain torchrun command shares the agent's store with the workers (each
     # restart round forms its groups under a prefix of its own); TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is torch's
     # opt-out, where torch's own env:// rendezvous is used.
-    args = ["--threshold", threshold, "--epochs", "2", "--die-in-first-round", f"{lost}:{step}"]
-    args += ["--default-folder", "--recovery-every", "0.01"] if lost == 0 else ["--recovery-every", "1"]
+    # Static shards (numbered batches, each rank every third): a resumed epoch skips what the record holds. Sharded
+    # (a shard lost): nothing can be written at the failure, the last complete recovery point is all there is.
+    args = ["--threshold", threshold, "--epochs", "2", "--die-in-first-round", f"{lost}:{step}", *layout]
+    args += ["--default-folder", "--recovery-every", "0.01"] if why == "periodic" else ["--recovery-every", "1"]
     run_torchrun(tmp_path, *args, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=unshared_store)
     ranks = results(tmp_path, 3)
     assert [r["restart_round"] for r in ranks] == [1, 1, 1] and all(r["epochs"] == 2 for r in ranks)
@@ -115,6 +205,17 @@ def test_a_sigkilled_rank_costs_its_batches_not_the_run(tmp_path, lost, step, th
     if threshold == "async":  # K = 1: every batch of both epochs went into the master once (a padded one twice)
         assert ranks[0]["version"] == 2 * 90 + twice // 16
     assert ranks[0]["version"] == ranks[1]["version"] == ranks[2]["version"] > resumed["version"]
+    if "--static" in layout:
+        # sync with static batches: every update's group of batches is fixed, so the run redoes the interrupted
+        # update and ends where an uninterrupted one does, up to the order in which the server summed each update's
+        # gradients (arrival order: floating-point sums differ in their last bits)
+        undisturbed = tmp_path / "undisturbed"
+        undisturbed.mkdir()
+        run_torchrun(undisturbed, "--threshold", threshold, "--epochs", "2", *layout)
+        (expected, *_) = results(undisturbed, 3)
+        assert expected["version"] == ranks[0]["version"] == 2 * 30
+        for name, value in expected["weights"].items():
+            torch.testing.assert_close(ranks[0]["weights"][name], value, rtol=1e-4, atol=1e-5)
 
 
 def resumed_with_nothing_lost(out, why: str, ranks_before: int, ranks_after: int) -> tuple[dict, int]:
