@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from netns_cluster import ClusterUnavailable, CpuMeter, EmulatedCluster, run_torchrun
 from throughput import BATCH, MODELS, BenchmarkMLP
@@ -68,14 +68,17 @@ QUEUE_MS = 5.0  # tbf's latency: how long a packet may wait in a link end's queu
 COMPUTE_MS_PER_MPARAM = 6.5  # one step of batch 64 per million parameters on one core (throughput.py's one process)
 
 
-def strategies(nodes: int) -> list[tuple[str, str]]:
-    return [
+def strategies(nodes: int, overlap: bool = False, only: Optional[list[str]] = None) -> list[tuple[str, str]]:
+    """The table's rows at ``nodes`` nodes (flag for throughput.py, label); ``only``: the labels to keep."""
+    rows = [
         ("ddp", "ddp"),
         (f"K={nodes}", "one server, K=N"),
         ("K=1", "one server, K=1, pulled"),
         (f"K={nodes}/sharded", "sharded, K=N"),
         ("K=1/sharded", "sharded, K=1, pulled"),
     ]
+    rows += [(f"K={nodes}/sharded/overlap", "sharded, K=N, overlap_push")] * overlap
+    return [row for row in rows if only is None or row[1] in only]
 
 
 def straggler_strategies(nodes: int) -> list[tuple[str, str]]:
@@ -102,7 +105,7 @@ def predicted_rate(flag: str, numel: int, nodes: int, rates_mbit: list[float], b
     shared = alone * max(1.0, nodes / CORES)
     if nodes == 1:
         return 1 / alone
-    if flag == "ddp" or flag.endswith("/sharded"):  # a ring, or shards: 2(N-1)/N model sizes each way, both at once
+    if flag == "ddp" or "/sharded" in flag:  # a ring, or shards: 2(N-1)/N model sizes each way, both at once
         return nodes / (shared + 2 * (nodes - 1) / nodes * bits / min(links))
     if flag == "K=1":  # the server's own worker reaches it in memory; the others through the server's link
         remote = sum(1 / (shared + 2 * bits / min(link, links[0])) for link in links[1:])
@@ -308,6 +311,10 @@ def main() -> None:
     parser.add_argument("--straggler-rate", type=float, default=None, help="Mbit/s (default: the highest of --rates)")
     parser.add_argument("--slow-factor", type=float, default=3.0)
     parser.add_argument("--queue-ms", type=float, default=QUEUE_MS, help="tbf's queue on each link end, in ms")
+    parser.add_argument("--overlap", action="store_true", help="also the sharded server at K = N with overlap_push")
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="LABEL", help='rows to run, e.g. "ddp" "sharded, K=N"'
+    )
     parser.add_argument("--quick", action="store_true", help="2 nodes, 1M parameters, 250 Mbit/s, few steps")
     parser.add_argument("--out", type=Path, default=None, help="write the rows here (JSON) and the table beside (.txt)")
     parser.add_argument("--keep-logs", type=Path, default=None, help="keep every run's output in this folder")
@@ -325,7 +332,7 @@ def main() -> None:
         for rate in args.rates
         for n in args.nodes
         for m in args.models
-        for flag, _ in strategies(n)
+        for flag, _ in strategies(n, args.overlap, args.only)
     )
     n, f = args.straggler_nodes, args.slow_factor
     for slow in (n - 1, 0) if n else ():
@@ -358,7 +365,8 @@ def main() -> None:
                                 f"each way per step of a node should be: DDP and sharded {2 * (n - 1) / n:.2f}, one "
                                 f"server's worker 1.00, the server's node {n - 1:.2f} (at K = N)"
                             )
-                            results["rows"] += measure(cluster, model, strategies(n), args, report, logs)
+                            rows = strategies(n, args.overlap, args.only)
+                            results["rows"] += measure(cluster, model, rows, args, report, logs)
             n, rate, model, f = args.straggler_nodes, args.straggler_rate, args.straggler_model, args.slow_factor
             if n:
                 report(

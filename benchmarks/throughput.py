@@ -115,12 +115,12 @@ def run_one(args: argparse.Namespace) -> None:
     backend = args.process_group_backend
     if args.strategy in ("ddp", "single"):
         strategy: Any = DDPStrategy(process_group_backend=backend) if args.strategy == "ddp" else "auto"
-    else:  # "K=<k>", "K=<k>/overlap" or "K=<k>/sharded"
-        threshold, _, variant = args.strategy.removeprefix("K=").partition("/")
+    else:  # "K=<k>", then "/sharded" and/or "/overlap"
+        threshold, *variants = args.strategy.removeprefix("K=").split("/")
         strategy = lightning_hybrid.HybridSGDStrategy(
             threshold=int(threshold),
-            overlap_push=variant == "overlap",
-            shard_server=variant == "sharded",
+            overlap_push="overlap" in variants,
+            shard_server="sharded" in variants,
             process_group_backend=backend,
         )
     warmup = min(10, args.steps // 4) if args.warmup is None else args.warmup
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--models", nargs="+", default=["1m", "10m"], choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=80, help="steps per worker")
-    parser.add_argument("--overlap", action="store_true", help="also run K=N with overlap_push")
+    parser.add_argument("--overlap", action="store_true", help="also run K=N with overlap_push (one server, sharded)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here (for scaling_model.py)")
     args = parser.parse_args()
     if args.run:
@@ -232,7 +232,8 @@ def main() -> None:
             for workers in args.workers:
                 ddp_samples, ddp_rss = 0.0, 0.0
                 configurations = ["ddp", f"K={workers}"] + [f"K={workers}/overlap"] * args.overlap
-                for flag in configurations + ["K=1", f"K={workers}/sharded", "K=1/sharded"]:
+                configurations += ["K=1", f"K={workers}/sharded"] + [f"K={workers}/sharded/overlap"] * args.overlap
+                for flag in configurations + ["K=1/sharded"]:
                     strategy = flag if flag == "ddp" else f"hybrid {flag}"
                     folder = Path(tmp, f"{model}-{workers}-{flag.replace('/', '-')}")
                     flags = ("--strategy", flag, "--steps", str(args.steps), "--models", model)

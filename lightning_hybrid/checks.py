@@ -51,7 +51,6 @@ def check_options(
     group_scaling: str,
     max_staleness: Optional[int],
     overlap_push: bool,
-    shard_server: bool,
     nonfinite: str,
     peer_timeout: float,
 ) -> None:
@@ -63,11 +62,6 @@ def check_options(
         raise ValueError(f"pull_work must be True, False or None (automatic), got {pull_work!r}")
     check_rule_name(group_scaling)
     check_max_staleness(max_staleness)
-    if shard_server and overlap_push:
-        raise ValueError(
-            "overlap_push streams a gradient to one server; with shard_server=True each rank serves a slice: "
-            "choose one of them"
-        )
     if max_staleness is not None and overlap_push:
         raise ValueError(
             "max_staleness computes a dropped gradient's batch again, but overlap_push has sent it during "

@@ -8,6 +8,7 @@ memory (``push_local``, ``drain_local``, ``leave_local``), without a copy throug
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -207,6 +208,7 @@ class ServerEndpoint:
         gradient = self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
         chunks = self.server.layout.chunk_views(gradient)
         header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
+        verdict = torch.empty(1, dtype=torch.int64)
         with self._aborting_on_failure(rank):
             while True:  # after an abort too: a worker blocked in a send must get through to read the ABORT
                 dist.recv(header_buffer, src=rank, group=group, tag=REQUEST_TAG)
@@ -225,6 +227,10 @@ class ServerEndpoint:
                         )
                     for chunk in chunks:
                         dist.recv(chunk, src=rank, group=group, tag=REQUEST_TAG)
+                    if header.flags & Flag.VERDICT:
+                        dist.recv(verdict, src=rank, group=group, tag=REQUEST_TAG)
+                        if verdict.item():
+                            header = dataclasses.replace(header, flags=header.flags | Flag.NONFINITE)
                 self._handle(rank, header, gradient)
                 if header.kind == Kind.LEAVE:
                     return

@@ -134,6 +134,10 @@ class RemoteServerLink:
         """Queue one chunk; it travels while the caller goes on (e.g. while backward still runs)."""
         self._post(chunk)
 
+    def send_verdict(self, nonfinite: bool) -> None:
+        """After a push flagged ``Flag.VERDICT``: whether the worker's whole gradient holds NaN/Inf."""
+        self._post(torch.tensor([int(nonfinite)], dtype=torch.int64))
+
     def await_reply(self) -> Reply:
         """Wait until the queued message is out, then for the server's answer."""
         self._complete_sends()
@@ -269,12 +273,37 @@ class ShardedServerLink:
         assert gradient is self._gradient, "a sharded push sends the gradient buffers the link was built with"
         if not all(all_finite(g) for g in gradient):
             flags |= Flag.NONFINITE
-        for shard, link in self._remote:
-            link.post_push(self._gradient_slices[shard], self.versions[0], flags, threshold, work)
+        for shard in self.remote_shards:
+            self.post_to(shard, flags, threshold, work)
+        return self.push_local(flags, threshold, work)
+
+    @property
+    def remote_shards(self) -> list[int]:
+        """The other ranks' shards, in the order this rank sends to them."""
+        return [shard for shard, _ in self._remote]
+
+    def post_to(self, shard: int, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None) -> None:
+        """Queue the gradient's slice for remote shard ``shard``; :meth:`push_local` completes the push."""
+        link = self._links[shard]
+        assert isinstance(link, RemoteServerLink)
+        link.post_push(self._gradient_slices[shard], self.versions[0], flags, threshold, work)
+
+    def send_verdict(self, shard: int, nonfinite: bool) -> None:
+        link = self._links[shard]
+        assert isinstance(link, RemoteServerLink)
+        link.send_verdict(nonfinite)
+
+    def push_local(self, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None) -> Reply:
+        """This rank's own shard's slice, in memory, after every remote shard's is queued; then every answer."""
         local = self._links[self._rank].push(
             self._gradient_slices[self._rank], self.versions[0], flags, threshold, work
         )
         return self._merge(local)
+
+    def abandon(self) -> None:
+        """A streamed gradient was cut off half-way: see :meth:`RemoteServerLink.abandon`."""
+        for _, link in self._remote:
+            link.abandon()
 
     def drain(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> Reply:
         for _, link in self._remote:

@@ -1,8 +1,10 @@
-"""A remote worker's gradient leaves in chunks while backward still runs, as DDP's bucketed all-reduce does.
+"""A remote worker's gradient leaves while backward still runs, as DDP's bucketed all-reduce does.
 
-Each parameter's post-accumulate-grad hook copies its gradient into the flat send buffer; a chunk (see
-:meth:`FlatLayout.chunks`: last parameters first, the order in which backward produces them) is sent
-as soon as all its gradients are in and every chunk before it is out. At the optimizer step the rest
+Each parameter's post-accumulate-grad hook copies its gradient into the flat send buffer. With one server a
+chunk (see :meth:`FlatLayout.chunks`: last parameters first, the order in which backward produces them) is sent
+as soon as all its gradients are in and every chunk before it is out (:class:`GradientStream`). With a sharded
+server each remote shard's slice leaves as soon as every gradient it holds a piece of is in: the slices are
+contiguous, so the last shards' are ready first (:class:`ShardedGradientStream`). At the optimizer step the rest
 follows: parameters without a gradient count as zeros, as at an ordinary push.
 
 Armed only for the backward that precedes an optimizer step (Lightning runs that closure inside
@@ -11,6 +13,7 @@ Armed only for the backward that precedes an optimizer step (Lightning runs that
 
 from __future__ import annotations
 
+import abc
 import functools
 from collections import Counter
 from collections.abc import Sequence
@@ -19,52 +22,50 @@ from typing import Optional
 from torch import Tensor
 
 from lightning_hybrid.flat import FlatLayout
-from lightning_hybrid.links import RemoteServerLink
-from lightning_hybrid.wire import Flag
+from lightning_hybrid.links import RemoteServerLink, ShardedServerLink
+from lightning_hybrid.server import all_finite
+from lightning_hybrid.shards import ShardPlan
+from lightning_hybrid.wire import Flag, Reply
 
 
-class GradientStream:
-    """Sends one worker's gradient chunk by chunk over its link while backward runs."""
+class _Stream(abc.ABC):
+    """Packs each parameter's gradient into the flat buffers as backward produces it; subclasses send."""
 
-    def __init__(self, params: Sequence[Tensor], layout: FlatLayout, gradient: list[Tensor], link: RemoteServerLink):
+    def __init__(self, params: Sequence[Tensor], layout: FlatLayout, gradient: list[Tensor]) -> None:
         self._params = list(params)
         self._layout = layout
-        self._link = link
+        self._gradient = gradient
         self._views = layout.views(gradient)
-        self._chunks = layout.chunk_views(gradient)
-        self._tensors_per_chunk = Counter(layout.chunk_of)
         # (version, flags, K request, work id) while armed
         self._message: Optional[tuple[int, Flag, Optional[int], Optional[int]]] = None
-        self._missing: list[int] = []
         self._packed: list[bool] = []
-        self._next = 0
         self._handles = [
             param.register_post_accumulate_grad_hook(functools.partial(self._ready, index))
             for index, param in enumerate(self._params)
         ]
 
     @property
+    @abc.abstractmethod
     def incomplete(self) -> bool:
         """Part of a gradient message is out: unless finished, the link must be abandoned."""
-        return 0 < self._next < len(self._chunks)
 
     def arm(self, version: int, flags: Flag, threshold: Optional[int], work: Optional[int] = None) -> None:
         """The next backward's gradients form a push with this header."""
         self._message = (version, flags, threshold, work)
-        self._missing = [self._tensors_per_chunk[chunk] for chunk in range(len(self._chunks))]
         self._packed = [False] * len(self._params)
-        self._next = 0
+        self._start()
 
     def disarm(self) -> None:
         self._message = None
 
-    def finish(self) -> None:
-        """At the optimizer step: pack what no hook delivered and send every chunk not yet sent."""
+    def finish(self) -> Reply:
+        """At the optimizer step: pack what no hook delivered, send the rest, and wait for the answer."""
         for index, packed in enumerate(self._packed):
             if not packed:
                 self._pack(index)
-        self._send_ready_chunks()
+        reply = self._finish()
         self._message = None
+        return reply
 
     def close(self) -> None:
         for handle in self._handles:
@@ -73,14 +74,13 @@ class GradientStream:
     def _ready(self, index: int, param: Tensor) -> None:
         if self._message is None:
             return  # a micro-batch that only accumulates, or a backward outside training steps
-        chunk = self._layout.chunk_of[index]
-        if self._packed[index] and chunk < self._next:
+        if self._packed[index] and self._sent(index):
             raise RuntimeError(
                 "hybrid_sgd: a parameter's gradient changed after it was sent to the server (a second backward in "
                 "one optimizer step?); set HybridSGDStrategy(overlap_push=False) to push at the optimizer step."
             )
         self._pack(index)
-        self._send_ready_chunks()
+        self._send_ready()
 
     def _pack(self, index: int) -> None:
         grad = self._params[index].grad
@@ -90,12 +90,121 @@ class GradientStream:
             self._views[index].copy_(grad)
         if not self._packed[index]:
             self._packed[index] = True
-            self._missing[self._layout.chunk_of[index]] -= 1
+            self._count(index)
 
-    def _send_ready_chunks(self) -> None:
+    @abc.abstractmethod
+    def _start(self) -> None:
+        """A new message: nothing packed, nothing sent."""
+
+    @abc.abstractmethod
+    def _count(self, index: int) -> None:
+        """Tensor ``index`` is packed for the first time."""
+
+    @abc.abstractmethod
+    def _sent(self, index: int) -> bool:
+        """Tensor ``index``'s gradient is already on its way."""
+
+    @abc.abstractmethod
+    def _send_ready(self) -> None:
+        """Send what is complete."""
+
+    @abc.abstractmethod
+    def _finish(self) -> Reply:
+        """Everything is packed: send the rest and wait for the answer."""
+
+
+class GradientStream(_Stream):
+    """Sends one worker's gradient to one server chunk by chunk, in wire order, while backward runs."""
+
+    def __init__(self, params: Sequence[Tensor], layout: FlatLayout, gradient: list[Tensor], link: RemoteServerLink):
+        super().__init__(params, layout, gradient)
+        self._link = link
+        self._chunks = layout.chunk_views(gradient)
+        self._tensors_per_chunk = Counter(layout.chunk_of)
+        self._missing: list[int] = []
+        self._next = 0
+
+    @property
+    def incomplete(self) -> bool:
+        return 0 < self._next < len(self._chunks)
+
+    def _start(self) -> None:
+        self._missing = [self._tensors_per_chunk[chunk] for chunk in range(len(self._chunks))]
+        self._next = 0
+
+    def _count(self, index: int) -> None:
+        self._missing[self._layout.chunk_of[index]] -= 1
+
+    def _sent(self, index: int) -> bool:
+        return self._layout.chunk_of[index] < self._next
+
+    def _send_ready(self) -> None:
         assert self._message is not None
         while self._next < len(self._chunks) and self._missing[self._next] == 0:
             if self._next == 0:
                 self._link.start_push(*self._message)
             self._link.send_chunk(self._chunks[self._next])
             self._next += 1
+
+    def _finish(self) -> Reply:
+        self._send_ready()
+        return self._link.await_reply()
+
+
+class ShardedGradientStream(_Stream):
+    """Sends each remote shard its slice as soon as backward has produced every gradient the slice cuts, then, at
+    the step, a verdict on the whole gradient (NaN/Inf anywhere: every shard rejects it alike, see
+    :class:`ShardedServerLink`); this rank's own shard gets its slice in memory at the step."""
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        layout: FlatLayout,
+        gradient: list[Tensor],
+        link: ShardedServerLink,
+        plan: ShardPlan,
+    ) -> None:
+        super().__init__(params, layout, gradient)
+        self._link = link
+        self._shards_of: list[list[int]] = [[] for _ in self._params]
+        for shard, pieces in enumerate(plan.pieces):
+            for index, _, _ in pieces:
+                self._shards_of[index].append(shard)
+        self._tensors_per_shard = [len(pieces) for pieces in plan.pieces]
+        self._missing: list[int] = []
+        self._streamed: list[int] = []  # remote shards whose slice is out, in the order sent
+
+    @property
+    def incomplete(self) -> bool:
+        return self._message is not None and bool(self._streamed)
+
+    def _start(self) -> None:
+        self._missing = list(self._tensors_per_shard)
+        self._streamed = []
+
+    def _count(self, index: int) -> None:
+        for shard in self._shards_of[index]:
+            self._missing[shard] -= 1
+
+    def _sent(self, index: int) -> bool:
+        return any(shard in self._streamed for shard in self._shards_of[index])
+
+    def _send_ready(self) -> None:
+        assert self._message is not None
+        _, flags, threshold, work = self._message
+        for shard in self._link.remote_shards:
+            if self._missing[shard] == 0 and shard not in self._streamed:
+                self._link.post_to(shard, flags | Flag.VERDICT, threshold, work)
+                self._streamed.append(shard)
+
+    def _finish(self) -> Reply:
+        assert self._message is not None
+        _, flags, threshold, work = self._message
+        if not all(all_finite(g) for g in self._gradient):
+            flags |= Flag.NONFINITE
+        for shard in self._streamed:
+            self._link.send_verdict(shard, bool(flags & Flag.NONFINITE))
+        for shard in self._link.remote_shards:
+            if shard not in self._streamed:
+                self._link.post_to(shard, flags, threshold, work)
+        return self._link.push_local(flags, threshold, work)

@@ -28,7 +28,7 @@ from lightning_hybrid.endpoint import ServerEndpoint
 from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.links import AnyServerLink, LocalServerLink, RemoteServerLink, ServerLink, ShardedServerLink
-from lightning_hybrid.overlap import GradientStream
+from lightning_hybrid.overlap import GradientStream, ShardedGradientStream
 from lightning_hybrid.server import FollowerServer, GradientClipping, ParameterServer, ServerSnapshot, clone_optimizer
 from lightning_hybrid.shards import ShardPlan
 from lightning_hybrid.staleness import StalenessStats
@@ -111,7 +111,7 @@ class WorkerSession:
         self._endpoint: Optional[ServerEndpoint] = None  # this rank's server (rank 0's, or every rank's shard)
         self._link: Optional[AnyServerLink] = None
         self._plan: Optional[ShardPlan] = None  # with shard_server
-        self._stream: Optional[GradientStream] = None
+        self._stream: Optional[GradientStream | ShardedGradientStream] = None
         self._options: Optional[SessionOptions] = None
         self._optimizer: Optional[Optimizer] = None  # the user's: hyperparameters come from it, its state goes back
         self._rank = 0
@@ -239,6 +239,8 @@ class WorkerSession:
             ]
             self._link = ShardedServerLink(rank, links, plan, self._gradient, self._flat_params, param_slices)
             self._plan = plan
+            if options.overlap_push and device.type == "cpu":
+                self._stream = ShardedGradientStream(self._params, self._layout, self._gradient, self._link, plan)
         elif rank == SERVER_RANK:
             self._endpoint = start_server(self._params, self._buffer_layout, self._flat_params)
             self._link = LocalServerLink(self._endpoint)
@@ -328,7 +330,7 @@ class WorkerSession:
             yield lambda loss: self._exchange(loss, final, threshold, global_step, work)
         except BaseException:
             if self._stream is not None and self._stream.incomplete:
-                assert isinstance(self._link, RemoteServerLink)
+                assert isinstance(self._link, (RemoteServerLink, ShardedServerLink))
                 self._link.abandon()
             raise
         finally:
@@ -349,8 +351,7 @@ class WorkerSession:
                 reply, self._threshold_request = None, self._threshold_request or threshold
         elif self._stream is not None:
             self.drained = False
-            self._stream.finish()
-            reply = self._link.await_reply()
+            reply = self._stream.finish()
         else:
             self._layout.pack([p.grad for p in self._params], self._gradient)
             self.drained = False

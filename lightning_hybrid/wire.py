@@ -48,6 +48,8 @@ class Flag(enum.IntFlag):
     FAILED = 32  # on LEAVE: the worker raised an exception; the run stops everywhere
     NONFINITE = 64  # on PUSH: the worker's whole gradient holds NaN/Inf (a shard sees part of it): reject it
     DROPPED = 128  # on REPLY: the pushed gradient was staler than max_staleness: compute the batch again
+    VERDICT = 256  # on PUSH: one int64 follows the payload, 1 if the worker's whole gradient holds NaN/Inf (a slice
+    # streamed to a shard during backward leaves before the rest of the gradient exists)
 
 
 STOP_FLAGS = Flag.SIGTERM | Flag.STOP

@@ -97,8 +97,9 @@ class BarrierEvery(Callback):
 
 
 class NaNOnce(MLPClassifier):
-    """Rank ``nan_rank`` returns a NaN loss on its global step ``nan_step``. It also logs a per-step
-    ``sync_dist=True`` value, which must not make workers wait for each other."""
+    """Rank ``nan_rank``'s gradient on its global step ``nan_step`` holds NaN in the first parameter only (so in one
+    shard's slice of a sharded server; the loss is NaN too). It also logs a per-step ``sync_dist=True`` value, which
+    must not make workers wait for each other."""
 
     def __init__(self, nan_rank: int, nan_step: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -108,7 +109,7 @@ class NaNOnce(MLPClassifier):
         loss = super().training_step(batch, batch_idx)
         self.log("loss_synced", loss, on_step=True, on_epoch=True, sync_dist=True)
         if self.global_rank == self.nan_rank and self.trainer.global_step == self.nan_step:
-            loss = loss * float("nan")
+            loss = loss + float("nan") * next(self.parameters()).sum()
         return loss
 
 
@@ -402,6 +403,7 @@ class Straggler(OneGpu, Slowed, Batches):
     )
     nonfinite: Literal["skip", "stop"] = "skip"
     shard_server: bool = False
+    overlap_push: bool = False
     nan_rank: int = option(-1, "the rank whose loss is NaN once")
     nan_step: int = option(-1, "the global step of that rank at which its loss is NaN")
     max_time: str | None = option(None, "Trainer(max_time), DD:HH:MM:SS")
@@ -421,6 +423,7 @@ def straggler(args: Straggler) -> None:
         nonfinite=args.nonfinite,
         peer_timeout=60,
         shard_server=args.shard_server,
+        overlap_push=args.overlap_push,
         process_group_backend=args.process_group_backend,
     )
     extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}

@@ -1,7 +1,8 @@
 """GradientStream: chunks leave during backward, in wire order, header first; the rest at the step.
+ShardedGradientStream: each remote shard's slice leaves once complete, a verdict on the whole gradient at the step.
 
-The link here records what it is asked to send (the real one is exercised by every multi-process test,
-where overlap_push is on by default and K = N still equals DDP exactly)."""
+The links here record what they are asked to send (the real ones are exercised by the multi-process tests with
+overlap_push, where K = N still equals DDP exactly: test_equivalence.py and test_sharded.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from lightning_hybrid.flat import FlatLayout
-from lightning_hybrid.overlap import GradientStream
+from lightning_hybrid.overlap import GradientStream, ShardedGradientStream
+from lightning_hybrid.shards import ShardPlan
 from lightning_hybrid.wire import Flag
 
 
@@ -23,6 +25,9 @@ class RecordingLink:
 
     def send_chunk(self, chunk: torch.Tensor) -> None:
         self.sent.append(chunk.clone())
+
+    def await_reply(self) -> str:
+        return "reply"
 
 
 def make(unused: bool = False):
@@ -80,3 +85,72 @@ def test_an_unarmed_backward_sends_nothing_and_a_second_armed_backward_is_refuse
     sent = len(link.sent)
     model(torch.randn(4, 512)).sum().backward()
     assert len(link.sent) == sent, "closed: the hooks are gone"
+
+
+class RecordingShardedLink:
+    """What a :class:`ShardedGradientStream` asks of its ``ShardedServerLink``, with the slices' contents then."""
+
+    def __init__(self, plan: ShardPlan, gradient: list[torch.Tensor], rank: int) -> None:
+        self.remote_shards = [s for s in range(plan.shards) if s != rank]
+        self._slices = [plan.views(s, gradient) for s in range(plan.shards)]
+        self.sent: list[tuple] = []
+
+    def post_to(self, shard: int, flags: Flag, threshold: int | None = None, work: int | None = None) -> None:
+        self.sent.append(("slice", shard, flags, [t.clone() for t in self._slices[shard]]))
+
+    def send_verdict(self, shard: int, nonfinite: bool) -> None:
+        self.sent.append(("verdict", shard, nonfinite))
+
+    def push_local(self, flags: Flag, threshold: int | None = None, work: int | None = None) -> str:
+        self.sent.append(("local", flags))
+        return "reply"
+
+
+def make_sharded(rank: int = 0):
+    torch.manual_seed(0)
+    # 8,970 parameters in 3 shards of 2,990: shard 0 holds part of the first weight, shard 1 the rest of it, the first
+    # bias and part of the second weight, shard 2 the rest (pieces cut tensors)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10))
+    params = list(model.parameters())
+    layout = FlatLayout.of(params)
+    gradient = layout.allocate()
+    plan = ShardPlan(layout, 3)
+    link = RecordingShardedLink(plan, gradient, rank)
+    # what was sent when backward reached the first weight (a hook registered before the stream's runs first)
+    during: list[int] = []
+    params[0].register_post_accumulate_grad_hook(lambda p: during.append(len(link.sent)))
+    return model, params, layout, plan, link, ShardedGradientStream(params, layout, gradient, link, plan), during
+
+
+def test_a_shards_slice_leaves_once_backward_has_produced_it_and_a_verdict_follows() -> None:
+    model, params, layout, plan, link, stream, during = make_sharded(rank=0)
+    stream.arm(version=3, flags=Flag.DRAIN, threshold=2)
+    model(torch.randn(8, 64)).square().sum().backward()
+    assert during == [1], "the last shard's slice left before backward reached the first weight"
+    assert link.sent[0][:3] == ("slice", 2, Flag.DRAIN | Flag.VERDICT) and stream.incomplete
+    assert stream.finish() == "reply" and not stream.incomplete
+    assert [entry[:3] for entry in link.sent] == [
+        ("slice", 2, Flag.DRAIN | Flag.VERDICT),
+        ("slice", 1, Flag.DRAIN | Flag.VERDICT),  # complete once the first weight's gradient came
+        ("verdict", 2, False),
+        ("verdict", 1, False),
+        ("local", Flag.DRAIN),
+    ]
+    expected = layout.allocate()
+    layout.pack([p.grad for p in params], expected)
+    for kind, shard, _, slices in link.sent[:2]:
+        assert all(torch.equal(a, b) for a, b in zip(slices, plan.views(shard, expected)))
+
+
+def test_a_nan_in_one_slice_is_every_shards_verdict() -> None:
+    # the NaN is in the first layer's weight (shard 0's slice, this rank's own): the slices streamed to shards 1 and
+    # 2 were clean, the verdict after them says the gradient is not finite, so every shard rejects it
+    model, params, layout, plan, link, stream, _ = make_sharded(rank=0)
+    stream.arm(version=0, flags=Flag.NONE, threshold=None)
+    (model(torch.randn(8, 64)).sum() + float("nan") * params[0][0, 0]).backward()
+    stream.finish()
+    assert [entry[:3] for entry in link.sent][-3:] == [
+        ("verdict", 2, True),
+        ("verdict", 1, True),
+        ("local", Flag.NONFINITE),
+    ]
