@@ -81,7 +81,7 @@ def redone_batches(out: Path) -> int:
     epoch = torch.load(out / "rank0.pt", weights_only=False)["resumed"]["epoch"]
     resumed = torch.load(out / f"resumed-epoch{epoch}.pt", weights_only=False)
     trained = set()
-    for path in out.glob("trained-round0-rank*.txt"):
+    for path in out.glob("trained-round0-of-*-rank*.txt"):
         for line in path.read_text().splitlines():
             started, _, first, *_ = line.split()
             if int(started) == epoch:

@@ -644,7 +644,7 @@ def nodes(args: Nodes) -> None:
 
 
 @dataclass(kw_only=True)
-class Recover(Epochs):
+class Recover(Slowed, Epochs):
     threshold: Threshold = "async"
     die_in_first_round: RankStep | None = option(None, "RANK:STEP: that rank SIGKILLs itself in torchrun's round 0")
     node_dies: bool = option(False, "the dying rank SIGKILLs its torchrun agent first: its whole node is lost")
@@ -657,12 +657,14 @@ class Recover(Epochs):
 
 
 class LogTrainedBatches(Callback):
-    """Every rank appends the epoch, time and sample indices of each batch it starts to ``trained-round{R}-rank{r}.txt``
-    (flushed at once: a SIGKILL loses none); rank 0 of a resumed run writes which samples the recovery checkpoint
-    held."""
+    """Every rank appends the epoch, time and sample indices of each batch it starts to
+    ``trained-round{R}-of-{W}-rank{r}.txt`` (restart count R and world size W: a node that joins starts a round without
+    a restart), flushed at once (a SIGKILL loses none); rank 0 of a resumed run writes which samples the recovery
+    checkpoint held."""
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        out = Path(os.environ["SCENARIO_OUT"]) / f"trained-round{restart_round()}-rank{trainer.global_rank}.txt"
+        name = f"trained-round{restart_round()}-of-{trainer.world_size}-rank{trainer.global_rank}.txt"
+        out = Path(os.environ["SCENARIO_OUT"]) / name
         self.file = out.open("a")
         self.on_train_epoch_start(trainer, module)  # Lightning does not call it for an epoch resumed mid-way
 
@@ -695,7 +697,7 @@ def recover(args: Recover) -> None:
         pull_work=False if args.static else None,
         shard_server=args.sharded,
     )
-    callbacks: list[Callback] = [LogTrainedBatches()]
+    callbacks: list[Callback] = [LogTrainedBatches(), SlowRank(args.slow_rank, args.delay)]
     if args.die_in_first_round:
         callbacks.append(DieInFirstRound(*args.die_in_first_round, node=args.node_dies))
     run = trainer(strategy, args, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=args.out)

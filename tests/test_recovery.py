@@ -153,10 +153,11 @@ def test_static_batches_split_an_epoch_and_skip_what_a_resume_holds() -> None:
     assert sorted(samples + held) == list(range(100)) and len(samples) == 60
 
 
-def trained(out, round_: int, ranks: int) -> dict[int, list[int]]:
-    """Samples each epoch's batches held, as the ranks of ``round_`` logged them when they started each batch."""
+def trained(out, round_: str) -> dict[int, list[int]]:
+    """Samples each epoch's batches held, as the ranks of ``round_`` (``"R-of-W"``: restart count R, W ranks) logged
+    them when they started each batch."""
     seen: dict[int, list[int]] = {}
-    for rank in range(ranks):
+    for rank in range(int(round_.split("-of-")[1])):
         path = out / f"trained-round{round_}-rank{rank}.txt"
         for line in path.read_text().splitlines() if path.exists() else []:
             epoch, _, *samples = line.split()
@@ -201,7 +202,7 @@ def test_a_sigkilled_rank_costs_its_batches_not_the_run(
     ranks = results(tmp_path, 3)
     assert [r["restart_round"] for r in ranks] == [1, 1, 1] and all(r["epochs"] == 2 for r in ranks)
     assert ranks[0]["recovery_files"] == [], "a fit that ends cleanly removes its recovery checkpoints"
-    resumed, twice = resumed_with_nothing_lost(tmp_path, why, ranks_before=3, ranks_after=3)
+    resumed, twice = resumed_with_nothing_lost(tmp_path, why, before="0-of-3", after="1-of-3")
     if threshold == "async":  # K = 1: every batch of both epochs went into the master once (a padded one twice)
         assert ranks[0]["version"] == 2 * 90 + twice // 16
     assert ranks[0]["version"] == ranks[1]["version"] == ranks[2]["version"] > resumed["version"]
@@ -218,13 +219,14 @@ def test_a_sigkilled_rank_costs_its_batches_not_the_run(
             torch.testing.assert_close(ranks[0]["weights"][name], value, rtol=1e-4, atol=1e-5)
 
 
-def resumed_with_nothing_lost(out, why: str, ranks_before: int, ranks_after: int) -> tuple[dict, int]:
-    """Checks round 1 against round 0's record (2 epochs of IndexedDigits' batches of 16); returns what the record
-    held and how many samples were trained twice."""
+def resumed_with_nothing_lost(out, why: str, before: str, after: str, epochs: int = 2) -> tuple[dict, int]:
+    """Checks round ``after`` against round ``before``'s record (``"R-of-W"``; ``epochs`` epochs of IndexedDigits'
+    batches of 16); returns what the record held and how many samples were trained twice."""
     epoch = torch.load(out / "rank0.pt", weights_only=False)["resumed"]["epoch"]
     resumed = torch.load(out / f"resumed-epoch{epoch}.pt", weights_only=False)
     assert (resumed["why"], resumed["round"]) == (why, 0)
-    before, after = trained(out, 0, ranks_before), trained(out, 1, ranks_after)
+    ranks_before, ranks_after = (int(label.split("-of-")[1]) for label in (before, after))
+    before, after = trained(out, before), trained(out, after)
     held = resumed["samples"]
     assert 0 < len(held) < DIGITS_TRAIN and set(held) <= set(before[epoch]), "held: trained in round 0"
     # every sample of the resumed epoch trained once after the resume or held by the checkpoint (when fewer batches
@@ -233,7 +235,7 @@ def resumed_with_nothing_lost(out, why: str, ranks_before: int, ranks_after: int
     twice = len(held) + len(after[epoch]) - DIGITS_TRAIN
     padded = len(held) > DIGITS_TRAIN - ranks_after * 16 and twice <= (ranks_after - 1) * 16
     assert twice == 0 or padded, f"{twice} samples trained twice"
-    for later in range(epoch + 1, 2):
+    for later in range(epoch + 1, epochs):
         assert sorted(after[later]) == list(range(DIGITS_TRAIN))
     redone = len(set(before[epoch]) - set(held))
     if why == "failure":  # only batches in flight when the record was written: at most one per rank (the lost
@@ -268,12 +270,41 @@ def test_a_node_that_leaves_lets_the_others_finish_without_it(tmp_path) -> None:
     outputs = [node.communicate(timeout=240) for node in nodes]
     assert nodes[0].returncode == 0, outputs[0][0][-3000:] + outputs[0][1][-5000:]
     assert nodes[1].returncode == -signal.SIGKILL
-    assert (tmp_path / "trained-round0-rank1.txt").exists(), "round 0 had both nodes"
+    assert (tmp_path / "trained-round0-of-2-rank1.txt").exists(), "round 0 had both nodes"
     (rank,) = results(tmp_path, 1)
     assert (rank["restart_round"], rank["world_size"], rank["epochs"]) == (1, 1, 2)
     assert "torchrun formed 1 node(s) in this round and Trainer(num_nodes=2) asked for 2" in outputs[0][1]
-    resumed, twice = resumed_with_nothing_lost(tmp_path, "failure", ranks_before=2, ranks_after=1)
+    resumed, twice = resumed_with_nothing_lost(tmp_path, "failure", before="0-of-2", after="1-of-1")
     assert rank["version"] == 2 * 90 + twice // 16 > resumed["version"]  # K = 1: each batch once
+
+
+@pytest.mark.multiprocess
+def test_a_node_that_joins_makes_the_job_go_on_with_more(tmp_path) -> None:
+    # node 0 trains alone (`--nnodes 1:2`, rank 0 sleeping 50 ms a step); node 1 starts once node 0 has trained 10
+    # batches: node 0's agent sees a node waiting, stops its worker (SIGTERM: the server's rank writes its record)
+    # and a round of two nodes resumes from it, without counting a restart. With torchrun's shared store the joining
+    # agent hangs in torch 2.13 (see README): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is part of the command.
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1"]
+    command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "join"]
+    command += ["--rdzv-conf", "last_call_timeout=1", "--max-restarts", "1", str(SCENARIOS), "recover"]
+    command += ["--out", str(tmp_path), "--devices", "1", "--num-nodes", "2", "--epochs", "3"]
+    command += ["--slow-rank", "0", "--delay", "0.05"]
+    env = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    nodes = [subprocess.Popen(command, env=env, stdout=PIPE, stderr=PIPE, text=True)]
+    alone = tmp_path / "trained-round0-of-1-rank0.txt"
+    deadline = time.monotonic() + 120
+    while not (alone.exists() and len(alone.read_text().splitlines()) >= 10):
+        assert time.monotonic() < deadline and nodes[0].poll() is None, "node 0 never trained alone"
+        time.sleep(0.2)
+    nodes.append(subprocess.Popen(command, env=env, stdout=PIPE, stderr=PIPE, text=True))
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    ranks = results(tmp_path, 2)
+    assert [(r["restart_round"], r["world_size"], r["epochs"]) for r in ranks] == [(0, 2, 3)] * 2
+    resumed, twice = resumed_with_nothing_lost(tmp_path, "failure", before="0-of-1", after="0-of-2", epochs=3)
+    assert ranks[0]["version"] == 3 * 90 + twice // 16 > resumed["version"]  # K = 1: each batch once
 
 
 def test_a_resumed_epoch_with_fewer_batches_left_than_ranks_gives_every_rank_one() -> None:
