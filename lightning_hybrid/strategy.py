@@ -128,9 +128,9 @@ class HybridSGDStrategy(DDPStrategy):
             sync's loss at sync's learning rate (README, *measured*). A full group (K = N) is never stale, so
             K = N stays exactly DDP.
         overlap_push: send a remote CPU worker's gradient in 1 MiB chunks while backward still runs, as
-            DDP overlaps its all-reduce (sharded: each remote shard's slice as soon as backward produced it). It then communicates gradients as backward leaves them: hooks that
-            change gradients afterwards (``on_after_backward``, ``on_before_optimizer_step``) do not reach
-            the server. Off by default: on a 2-core machine over loopback it changed throughput by -3 % to
+            DDP overlaps its all-reduce (sharded: each remote shard's slice as soon as backward produced it). It
+            then communicates gradients as backward leaves them: hooks that change gradients afterwards
+            (``on_after_backward``, ``on_before_optimizer_step``) do not reach the server. Off by default: on a 2-core machine over loopback it changed throughput by -3 % to
             +4 % (noise), since sending costs the same cores as backward; try it where a NIC moves the bytes.
         shard_server: serve the parameters from every rank, each holding ``1/N`` of the master weights and
             optimizer state (as BytePS does), instead of all from global rank 0: every rank then moves what a ring
@@ -152,8 +152,8 @@ class HybridSGDStrategy(DDPStrategy):
             numbered batches, rank r taking every N-th, so that a resumed epoch skips those trained before (Lightning
             would replay it from its start). With ``shard_server=True`` a lost rank's slice dies with it: shard 0
             asks every shard for its snapshot at one version every ``recovery_every`` seconds (a recovery point, each
-            shard writing its part), nothing is written at the failure, and the next run resumes from the last
-            complete point.
+            shard writing its part), nothing is written at a failure or SIGTERM, and the next run resumes from the
+            last complete point.
         recovery_every: seconds between the periodic recovery checkpoints. The server's rank copies the server's
             state under its lock (stalling the server for the copy only) and writes the file in a thread.
         peer_timeout: seconds a worker waits for the server's answer, or for one of its sends to go out,
