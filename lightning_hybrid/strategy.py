@@ -152,8 +152,8 @@ class HybridSGDStrategy(DDPStrategy):
             numbered batches, rank r taking every N-th, so that a resumed epoch skips those trained before (Lightning
             would replay it from its start). With ``shard_server=True`` a lost rank's slice dies with it: shard 0
             asks every shard for its snapshot at one version every ``recovery_every`` seconds (a recovery point, each
-            shard writing its part), nothing is written at a failure or SIGTERM, and the next run resumes from the
-            last complete point.
+            shard writing its part), and once more at a SIGTERM (every rank alive, e.g. a node joining); after a
+            lost rank the next run resumes from the last complete point.
         recovery_every: seconds between the periodic recovery checkpoints. The server's rank copies the server's
             state under its lock (stalling the server for the copy only) and writes the file in a thread.
         peer_timeout: seconds a worker waits for the server's answer, or for one of its sends to go out,
@@ -476,14 +476,16 @@ class HybridSGDStrategy(DDPStrategy):
                 chosen = str(newest)
         return self.broadcast(chosen)
 
-    def _write_recovery(self, why: str, wait: bool) -> None:
+    def _write_recovery(self, why: str, wait: bool, every_shard_alive: bool = True) -> None:
         """The server's rank alone, with no collective: its Lightning checkpoint with the server's state (see
         :func:`lightning_hybrid.recovery.recovery_checkpoint`). Sharded: global rank 0's part of a recovery point,
-        whose other parts the shards write when shard 0's request reaches them (see :meth:`_write_part`)."""
+        whose other parts the shards write when shard 0's request reaches them (see :meth:`_write_part`); at a
+        failure only while ``every_shard_alive`` (a relayed SIGTERM: every rank stopped at the same drain; a point
+        missing a dead rank's part would never be used anyway)."""
         server, recovery = self._session.server, self._recovery
         if server is None or recovery is None or not self.is_global_zero:
             return
-        if why == "failure" and self._shard_server:
+        if why == "failure" and self._shard_server and not every_shard_alive:
             log.warning(
                 "hybrid_sgd: no recovery checkpoint at this failure: with shard_server=True a lost rank's slice of "
                 "the model died with it, so the next round resumes from the last complete recovery point"
@@ -751,14 +753,16 @@ class HybridSGDStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         if isinstance(exception, HybridSGDError):  # said first: Lightning's launcher may SIGKILL this process soon
             log.error("[rank %d] %s", self.global_rank, exception)
+        sigterm = isinstance(exception, SIGTERMException)  # every rank stopped at the same drain: all alive
         if self._recovery is not None:  # before anything that could wait on a dead rank
             try:
-                self._write_recovery("failure", wait=True)
-                self._recovery.join()  # a shard's part of the last recovery point
+                self._write_recovery("failure", wait=True, every_shard_alive=sigterm)
             except Exception:
                 log.exception("hybrid_sgd: could not write the recovery checkpoint at the failure")
         super().on_exception(exception)
-        self._session.end(error=None if isinstance(exception, SIGTERMException) else exception)
+        self._session.end(error=None if sigterm else exception)
+        if self._recovery is not None:
+            self._recovery.join()  # a shard's part of a recovery point shard 0 asked for before the end
         if isinstance(exception, HybridSGDError):
             self._stop_local_children()
 

@@ -644,7 +644,7 @@ def nodes(args: Nodes) -> None:
 
 
 @dataclass(kw_only=True)
-class Recover(Slowed, Epochs):
+class Recover(Epochs):
     threshold: Threshold = "async"
     die_in_first_round: RankStep | None = option(None, "RANK:STEP: that rank SIGKILLs itself in torchrun's round 0")
     node_dies: bool = option(False, "the dying rank SIGKILLs its torchrun agent first: its whole node is lost")
@@ -652,8 +652,19 @@ class Recover(Slowed, Epochs):
     default_folder: bool = option(False, "no recovery_dir: the strategy's default folder under torchrun")
     static: bool = option(False, "pull_work=False: static shards (numbered batches, rank r every N-th)")
     sharded: bool = option(False, "shard_server=True: recovery points written by every shard")
+    step_delay: float = option(0.0, "seconds every rank sleeps before each training step (time for a node to join)")
     hidden: int = option(128, "the MLP's hidden width")
     depth: int = option(1, "the MLP's hidden layers")
+
+
+class EveryStepSleeps(Callback):
+    """Every rank sleeps ``seconds`` before each training step."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        time.sleep(self.seconds)
 
 
 class LogTrainedBatches(Callback):
@@ -697,7 +708,7 @@ def recover(args: Recover) -> None:
         pull_work=False if args.static else None,
         shard_server=args.sharded,
     )
-    callbacks: list[Callback] = [LogTrainedBatches(), SlowRank(args.slow_rank, args.delay)]
+    callbacks: list[Callback] = [LogTrainedBatches(), EveryStepSleeps(args.step_delay)]
     if args.die_in_first_round:
         callbacks.append(DieInFirstRound(*args.die_in_first_round, node=args.node_dies))
     run = trainer(strategy, args, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=args.out)

@@ -279,20 +279,22 @@ def test_a_node_that_leaves_lets_the_others_finish_without_it(tmp_path) -> None:
 
 
 @pytest.mark.multiprocess
-def test_a_node_that_joins_makes_the_job_go_on_with_more(tmp_path) -> None:
-    # node 0 trains alone (`--nnodes 1:2`, rank 0 sleeping 50 ms a step); node 1 starts once node 0 has trained 10
-    # batches: node 0's agent sees a node waiting, stops its worker (SIGTERM: the server's rank writes its record)
+@pytest.mark.parametrize("per_node, layout", [(1, []), (2, ["--sharded"])], ids=["one-server", "sharded"])
+def test_a_node_that_joins_makes_the_job_go_on_with_more(tmp_path, per_node, layout) -> None:
+    # node 0 trains alone (`--nnodes 1:2`, every rank sleeping 20 ms a step); node 1 starts once node 0's rank 0 has
+    # trained 10 batches: node 0's agent sees a node waiting and SIGTERMs its workers, which stop at one drain; the
+    # server's rank writes its record (sharded: every shard its part of one more recovery point, the first one here)
     # and a round of two nodes resumes from it, without counting a restart. With torchrun's shared store the joining
     # agent hangs in torch 2.13 (see README): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is part of the command.
     port = free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", str(per_node)]
     command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "join"]
     command += ["--rdzv-conf", "last_call_timeout=1", "--max-restarts", "1", str(SCENARIOS), "recover"]
-    command += ["--out", str(tmp_path), "--devices", "1", "--num-nodes", "2", "--epochs", "3"]
-    command += ["--slow-rank", "0", "--delay", "0.05"]
+    command += ["--out", str(tmp_path), "--devices", str(per_node), "--num-nodes", "2", "--epochs", "3"]
+    command += ["--step-delay", "0.02", *layout]
     env = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     nodes = [subprocess.Popen(command, env=env, stdout=PIPE, stderr=PIPE, text=True)]
-    alone = tmp_path / "trained-round0-of-1-rank0.txt"
+    alone = tmp_path / f"trained-round0-of-{per_node}-rank0.txt"
     deadline = time.monotonic() + 120
     while not (alone.exists() and len(alone.read_text().splitlines()) >= 10):
         assert time.monotonic() < deadline and nodes[0].poll() is None, "node 0 never trained alone"
@@ -301,9 +303,10 @@ def test_a_node_that_joins_makes_the_job_go_on_with_more(tmp_path) -> None:
     outputs = [node.communicate(timeout=240) for node in nodes]
     for node, (stdout, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    ranks = results(tmp_path, 2)
-    assert [(r["restart_round"], r["world_size"], r["epochs"]) for r in ranks] == [(0, 2, 3)] * 2
-    resumed, twice = resumed_with_nothing_lost(tmp_path, "failure", before="0-of-1", after="0-of-2", epochs=3)
+    ranks = results(tmp_path, 2 * per_node)
+    assert [(r["restart_round"], r["world_size"], r["epochs"]) for r in ranks] == [(0, 2 * per_node, 3)] * len(ranks)
+    before, after = f"0-of-{per_node}", f"0-of-{2 * per_node}"
+    resumed, twice = resumed_with_nothing_lost(tmp_path, "failure", before, after, epochs=3)
     assert ranks[0]["version"] == 3 * 90 + twice // 16 > resumed["version"]  # K = 1: each batch once
 
 
