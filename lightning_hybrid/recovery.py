@@ -9,8 +9,9 @@ write removes). Names sort by the wall-clock time of writing, so the newest is t
 A sharded server has no rank that holds the whole state: at a *recovery point* shard 0 asks every shard for its
 snapshot at one version (a decision on the channels it already has, no collective), and each shard writes its
 *part*; global rank 0's part also holds its Lightning checkpoint. The next run joins the newest complete set of
-parts into one recovery checkpoint. At a failure nothing is written: the lost rank's slice died with it, so the
-run resumes from the last complete recovery point.
+parts into one recovery checkpoint. When a rank is lost nothing more is written (its slice died with it): the run
+resumes from the last complete recovery point; at a relayed SIGTERM, with every rank alive, shard 0 asks for one
+more point.
 """
 
 from __future__ import annotations
