@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -83,6 +84,9 @@ def test_nothing_is_left_behind_after_an_exception_inside_the_cluster(make_clust
     with pytest.raises(RuntimeError, match="a failed run"):
         with cluster:
             sleeper = cluster.popen(1, ["sleep", "600"])
+            deadline = time.monotonic() + 10  # `ip netns exec` joins the namespace, then execs: not at once
+            while cluster.pids(1) != [sleeper.pid] and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert cluster.pids(1) == [sleeper.pid]
             raise RuntimeError("a failed run")
     assert sleeper.wait(timeout=10) == -9  # killed with its namespace
