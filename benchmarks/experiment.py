@@ -38,7 +38,7 @@ from lightning_hybrid.launcher import environment_for_a_new_launch
 
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 SYNC = "sync (K=N)"
-OVER_THE_BUDGET = ["threshold.progress=time", "threshold.options.length=100"]
+OVER_THE_BUDGET = ["threshold.progress=time"]  # a named ramp without a length spans max_time (ThresholdScheduler)
 
 # method -> app overrides; K for "backup" is N - 1 (one backup worker), set from --workers
 METHODS: dict[str, list[str]] = {

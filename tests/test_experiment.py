@@ -1,5 +1,6 @@
 """The experiment script end to end, tiny: two methods, a two-rate grid, one seed, a 3 s budget each."""
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -45,3 +46,35 @@ def test_experiment_reports_both_protocols_and_reuses_finished_runs(tmp_path) ->
     again = experiment(tmp_path)  # same settings, same folder: every run is reused, so the tables are identical
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout == result.stdout
+
+
+def test_every_method_and_rule_composes_with_the_apps_config(tmp_path) -> None:
+    # what each row hands the Hydra app must be valid config: composed here, without training (a schedule's removed
+    # `length` key once failed every schedule row of the experiment, and no run-through test had a schedule)
+    from hydra import compose, initialize_config_dir
+
+    from lightning_hybrid.app.train import CONFIG_PATH
+
+    sys.path.insert(0, str(EXPERIMENT.parent))
+    import experiment
+
+    args = argparse.Namespace(
+        max_staleness=8,
+        workers=4,
+        budget=25,
+        data="digits",
+        optimizer="sgd",
+        model="mlp",
+        slowed=1,
+        slowdown=3.0,
+        delay="fixed",
+        compute=0.02,
+        probe_every=1.0,
+        root=None,
+    )
+    rows = [experiment.SYNC, "ddp"] + [f"{m} [{r}]" for m in experiment.STALE for r in experiment.RULES]
+    with initialize_config_dir(config_dir=str(Path(CONFIG_PATH).resolve()), version_base="1.3"):
+        for row in rows:
+            overrides = [o for o in experiment.overrides_for(row, 0.1, 1, args, tmp_path) if not o.startswith("hydra.")]
+            config = compose(config_name="train", overrides=overrides)
+            assert config.model.lr == 0.1, row
