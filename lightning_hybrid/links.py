@@ -255,6 +255,7 @@ class ShardedServerLink:
         # answer first, shard 1's link would carry N-1 answers while the others' idled, and so on down the line.
         remote = [(s, link) for s, link in enumerate(links) if isinstance(link, RemoteServerLink)]
         self._remote = sorted(remote, key=lambda item: (item[0] - rank) % len(links))
+        self.remote_shards = [shard for shard, _ in self._remote]  # in the order this rank sends to them
         self._gradient = gradient
         self._gradient_slices = [plan.views(s, gradient) for s in range(plan.shards)]
         self._params = params
@@ -277,21 +278,17 @@ class ShardedServerLink:
             self.post_to(shard, flags, threshold, work)
         return self.push_local(flags, threshold, work)
 
-    @property
-    def remote_shards(self) -> list[int]:
-        """The other ranks' shards, in the order this rank sends to them."""
-        return [shard for shard, _ in self._remote]
-
     def post_to(self, shard: int, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None) -> None:
         """Queue the gradient's slice for remote shard ``shard``; :meth:`push_local` completes the push."""
-        link = self._links[shard]
-        assert isinstance(link, RemoteServerLink)
-        link.post_push(self._gradient_slices[shard], self.versions[0], flags, threshold, work)
+        self._remote_link(shard).post_push(self._gradient_slices[shard], self.versions[0], flags, threshold, work)
 
     def send_verdict(self, shard: int, nonfinite: bool) -> None:
+        self._remote_link(shard).send_verdict(nonfinite)
+
+    def _remote_link(self, shard: int) -> RemoteServerLink:
         link = self._links[shard]
         assert isinstance(link, RemoteServerLink)
-        link.send_verdict(nonfinite)
+        return link
 
     def push_local(self, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None) -> Reply:
         """This rank's own shard's slice, in memory, after every remote shard's is queued; then every answer."""
