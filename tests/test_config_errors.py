@@ -261,3 +261,22 @@ def test_named_schedules_are_checked_by_name_and_need_a_bound_or_a_length() -> N
     scheduler = lightning_hybrid.ThresholdScheduler("linear", progress="epochs")
     with pytest.raises(ValueError, match="no max_time, max_epochs or max_steps to span: give the schedule a length"):
         fit(MLPClassifier(), callbacks=[scheduler], max_epochs=-1, max_steps=3)
+
+
+@pytest.mark.parametrize(("override", "length"), [([], None), (["threshold.length=3"], 3)])
+def test_the_apps_ramp_takes_its_length_from_the_config_or_spans_the_run(override, length) -> None:
+    # `threshold.length` is a typed key of every threshold config (no `+` needed); null leaves the span to setup
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lightning_hybrid.app.config import register_configs
+    from lightning_hybrid.app.train import CONFIG_PATH, build_threshold_scheduler
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        config = compose(config_name="train", overrides=["strategy.scheduled=true", "threshold=linear", *override])
+    scheduler = build_threshold_scheduler(OmegaConf.to_object(config))
+    spans_at_setup = lightning_hybrid.LinearSchedule(length=5 - 1)  # max_epochs=5: ends in the last epoch
+    expected = spans_at_setup if length is None else lightning_hybrid.LinearSchedule(length=length)
+    fit(MLPClassifier(), callbacks=[scheduler], limit_train_batches=1, max_epochs=5)
+    assert scheduler.schedule == expected

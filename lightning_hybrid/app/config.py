@@ -35,11 +35,12 @@ class StrategyConfig:
 
 @dataclass
 class ThresholdConfig:
-    """A threshold schedule applied by ThresholdScheduler; ``name: none`` keeps K fixed. A ramp without
-    ``options.length`` spans the run (``trainer.max_time``, else ``max_epochs``, else ``max_steps``)."""
+    """A threshold schedule applied by ThresholdScheduler; ``name: none`` keeps K fixed. A ramp without a
+    ``length`` spans the run (``trainer.max_time``, else ``max_epochs``, else ``max_steps``)."""
 
     name: str = "none"
     options: dict[str, Any] = field(default_factory=dict)  # passed to make_schedule(name, **options)
+    length: Optional[int] = None  # a ramp's length in what `progress` counts; null: the run's own
     every_n_steps: Optional[int] = None
     # epochs | steps | time (percent of trainer.max_time): what `length` counts; null: the run's bound
     progress: Optional[str] = None

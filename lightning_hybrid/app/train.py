@@ -9,7 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 import pytorch_lightning as pl
@@ -123,6 +123,19 @@ class ValidationCurve(pl.Callback):
         self.points.append({"seconds": time.perf_counter() - self._started, "epoch": trainer.current_epoch, **metrics})
 
 
+def build_threshold_scheduler(config: TrainConfig) -> Optional[lightning_hybrid.ThresholdScheduler]:
+    """The ``threshold`` group's schedule when the strategy is scheduled; a ramp without a length spans the run."""
+    if not config.strategy.scheduled or config.threshold.name == "none":
+        return None
+    return lightning_hybrid.ThresholdScheduler(
+        config.threshold.name,
+        options=dict(config.threshold.options),
+        length=config.threshold.length,
+        every_n_steps=config.threshold.every_n_steps,
+        progress=config.threshold.progress,  # type: ignore[arg-type]
+    )
+
+
 def build_data(config: TrainConfig) -> pl.LightningDataModule:
     data = config.data
     if data.name == "digits":
@@ -160,15 +173,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     output_dir = HydraConfig.get().runtime.output_dir
     curve = ValidationCurve(probe_every=config.probe_every)
     callbacks: list[pl.Callback] = [curve]
-    if config.strategy.scheduled and config.threshold.name != "none":
-        callbacks.append(  # a ramp without a length spans the run (ThresholdScheduler)
-            lightning_hybrid.ThresholdScheduler(
-                config.threshold.name,
-                options=dict(config.threshold.options),
-                every_n_steps=config.threshold.every_n_steps,
-                progress=config.threshold.progress,  # type: ignore[arg-type]
-            )
-        )
+    scheduler = build_threshold_scheduler(config)
+    if scheduler is not None:
+        callbacks.append(scheduler)
     delays = config.delays
     if delays.ranks or delays.extra.scale:
         callbacks.append(
