@@ -25,9 +25,10 @@ start-up: every process imports torch and Lightning). Measured in one run, side 
   torchrun agent and start-up included) and the interfaces' counters over the whole run.
 
 Then one node on a link ``--slow-factor`` times slower (a communication straggler): DDP against the hybrid
-(K = N/2) and async (K = 1) with pulled work, one server and sharded, with the slow link on an ordinary worker
-(the last node) and, separately, on node 0 (one server's rank; with a sharded server shard 0, which also decides
-each update's group). Before each cluster's runs a 1 s TCP stream between two namespaces measures the link
+(K = N/2) and async (K = 1) with pulled work, one server, sharded, and sharded with each node's share of the
+model in proportion to its link's rate (``shard_weights``), with the slow link on an ordinary worker (the last
+node) and, separately, on node 0 (one server's rank; with a sharded server shard 0, which also decides each
+update's group). Before each cluster's runs a 1 s TCP stream between two namespaces measures the link
 (the saturation check).
 
 All nodes share this machine's cores. Where a link is the bottleneck ("busiest link" near 100 %) the nodes mostly
@@ -81,14 +82,18 @@ def strategies(nodes: int, overlap: bool = False, only: Optional[list[str]] = No
     return [row for row in rows if only is None or row[1] in only]
 
 
-def straggler_strategies(nodes: int) -> list[tuple[str, str]]:
-    half = max(1, nodes // 2)
+def straggler_strategies(rates_mbit: list[float], only: Optional[list[str]] = None) -> list[tuple[str, str]]:
+    """The straggler table's rows on links of ``rates_mbit``: the sharded server also with each node's share of
+    the model in proportion to its link's rate (``shard_weights``), so that the slow link carries a smaller slice."""
+    half = max(1, len(rates_mbit) // 2)
+    shares = ":".join(f"{rate / max(rates_mbit):.4g}" for rate in rates_mbit)
     rows = [("ddp", "ddp")]
-    for suffix, server in (("", "one server"), ("/sharded", "sharded")):
+    servers = (("", "one server"), ("/sharded", "sharded"), (f"/sharded={shares}", "sharded, shares by link"))
+    for suffix, server in servers:
         if half > 1:
             rows.append((f"K={half}{suffix}", f"{server}, hybrid K=N/2, pulled"))
         rows.append((f"K=1{suffix}", f"{server}, async K=1, pulled"))
-    return rows
+    return [row for row in rows if only is None or row[1] in only]
 
 
 def setup_seconds(nodes: int) -> float:
@@ -338,7 +343,8 @@ def main() -> None:
     for slow in (n - 1, 0) if n else ():
         rates = [args.straggler_rate / (f if i == slow else 1) for i in range(n)]
         expected += sum(
-            steps_for(flag, numels[args.straggler_model], rates, args)[1] for flag, _ in straggler_strategies(n)
+            steps_for(flag, numels[args.straggler_model], rates, args)[1]
+            for flag, _ in straggler_strategies(rates, args.only)
         )
     report = Report()
     report(
@@ -378,7 +384,7 @@ def main() -> None:
                         report(f"\n  slow link on {place}")
                         check = saturation(cluster, slow, 1 if slow == 0 else 0, report)
                         results["link_checks"].append({"nodes": n, "slow": slow, **check})
-                        configurations = straggler_strategies(n)
+                        configurations = straggler_strategies([node.rate_mbit for node in cluster.nodes], args.only)
                         results["straggler_rows"] += measure(cluster, model, configurations, args, report, logs, slow)
     except ClusterUnavailable as err:
         report(f"cluster.py: skipped, no emulated cluster here: {err}")

@@ -198,6 +198,10 @@ class EmulatedCluster:
         """``argv`` in node ``node``'s namespace (``ip netns exec`` execs it: the Popen's pid is the process)."""
         return subprocess.Popen(self.command(node, argv), **kwargs)
 
+    def set_link(self, node: int, up: bool) -> None:
+        """Take node ``node``'s interface down (a cut link: its packets go nowhere) or up again."""
+        _ip("-n", self.nodes[node].namespace, "link", "set", DEVICE, "up" if up else "down")
+
     def pids(self, node: int) -> list[int]:
         return namespace_pids(self.nodes[node].namespace)
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from lightning_hybrid import shards
 from lightning_hybrid.group_scaling import check_group_scaling, check_rule_name
 from lightning_hybrid.server import check_max_staleness
 from lightning_hybrid.shards import ELEMENTWISE_OPTIMIZERS
@@ -43,6 +44,17 @@ def check_recovery_fit(accumulate_grad_batches: int) -> None:
             f"{accumulate_grad_batches} a gradient sums several batches: use accumulate_grad_batches=1 (a larger "
             "batch_size is the same update) or recovery_dir=None"
         )
+
+
+def check_shard_weights(
+    weights: Optional[Sequence[float]], shard_server: bool, world_size: Optional[int] = None
+) -> None:
+    """Shares of a sharded server's ranks: when the strategy is built, and for the fit's world size at setup."""
+    if weights is None:
+        return
+    if not shard_server:
+        raise ValueError("shard_weights sizes the slices of a sharded server: set shard_server=True, or remove it")
+    shards.check_shard_weights(weights, world_size)
 
 
 def check_options(

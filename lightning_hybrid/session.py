@@ -81,6 +81,7 @@ class SessionOptions:
     nonfinite: str
     overlap_push: bool
     shard_server: bool
+    shard_weights: Optional[tuple[float, ...]]
     peer_timeout: float
 
 
@@ -219,7 +220,7 @@ class WorkerSession:
             )
 
         if options.shard_server:  # every rank serves its shard of the model and talks to every shard
-            plan = ShardPlan(self._layout, world_size)
+            plan = ShardPlan(self._layout, world_size, options.shard_weights)
             no_buffers = FlatLayout.of([])  # rank 0's module buffers travel with shard 0's answers only
             param_slices = [plan.views(shard, self._flat_params) for shard in range(plan.shards)]
             self._endpoint = start_server(

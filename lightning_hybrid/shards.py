@@ -2,7 +2,9 @@
 
 Shard ``s`` of N holds elements ``[n*s//N, n*(s+1)//N)`` of each dtype's flat buffer of ``n`` elements, so a
 shard's gradient, master and reply are plain views of the workers' flat buffers (no packing), and every rank
-sends and receives ``(N-1)/N`` of the model per step, as a ring all-reduce does. A slice cuts tensors into
+sends and receives ``(N-1)/N`` of the model per step, as a ring all-reduce does. With ``weights`` a shard's
+slice is its weight's share instead: a rank on a slower link serves less, since every update needs every shard
+and its link carries its slice to and from every worker. A slice cuts tensors into
 *pieces*; the shard's optimizer steps the pieces, which is exact for element-wise optimizers only (their
 per-element state is sliced with the parameters). Optimizer state travels in checkpoints in the unsharded
 format (one entry per whole parameter), so checkpoints move freely between sharded, unsharded and DDP runs.
@@ -35,20 +37,44 @@ ELEMENTWISE_OPTIMIZERS = (
 )
 
 
+def check_shard_weights(weights: Sequence[float], shards: int | None) -> Sequence[float]:
+    """One positive, finite share per shard (per rank of a sharded server; ``shards=None``: not known yet)."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise ValueError(f"shard_weights must be a list of numbers, one per rank, got {weights!r}")
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf")]
+    if bad:
+        raise ValueError(f"shard_weights must be positive finite numbers, got {bad[0]!r} in {list(weights)}")
+    if shards is not None and len(weights) != shards:
+        raise ValueError(
+            f"shard_weights gives {len(weights)} shares for {shards} ranks: give one per rank (global rank order), "
+            "or shard_weights=None for equal slices"
+        )
+    return weights
+
+
 def _per_element(value: Any) -> bool:
     """Optimizer state with one value per parameter element (a momentum buffer), not a scalar (a step count)."""
     return isinstance(value, Tensor) and value.dim() > 0
 
 
 class ShardPlan:
-    """Which piece of which parameter each of ``shards`` server ranks holds."""
+    """Which piece of which parameter each of ``shards`` server ranks holds (in shares of ``weights``, if given)."""
 
-    def __init__(self, layout: FlatLayout, shards: int) -> None:
+    def __init__(self, layout: FlatLayout, shards: int, weights: Sequence[float] | None = None) -> None:
         if not 1 <= shards <= layout.numel:
             raise ValueError(f"cannot split {layout.numel} parameter elements into {shards} shards")
         self.layout = layout
         self.shards = shards
-        self.ranges = [[(n * s // shards, n * (s + 1) // shards) for n in layout.sizes] for s in range(shards)]
+        self.weights = None if weights is None else tuple(float(w) for w in check_shard_weights(weights, shards))
+        bounds = [self._bounds(n) for n in layout.sizes]  # per flat buffer
+        self.ranges = [[(b[s], b[s + 1]) for b in bounds] for s in range(shards)]
+        empty = [s for s, ranges in enumerate(self.ranges) if all(end == start for start, end in ranges)]
+        if empty:
+            shares = "equal slices" if weights is None else f"shard_weights={list(weights)}"
+            raise ValueError(
+                f"shard {empty[0]} of {shards} would hold no parameter element with {shares} of {layout.numel} "
+                "elements: raise its weight, or shard over fewer ranks"
+            )
         # pieces[s]: (tensor index, first element, end) of every tensor slice shard s holds, in tensor order
         self.pieces: list[list[tuple[int, int, int]]] = []
         self.layouts: list[FlatLayout] = []
@@ -66,6 +92,17 @@ class ShardPlan:
                     [layout.dtypes[layout.slots[index].bucket] for index, _, _ in pieces],
                 )
             )
+
+    def _bounds(self, n: int) -> list[int]:
+        """Where each shard's slice of a flat buffer of ``n`` elements starts, and the end: ``shards + 1`` values."""
+        if self.weights is None:
+            return [n * s // self.shards for s in range(self.shards + 1)]
+        total, cumulative = sum(self.weights), 0.0
+        bounds = [0]
+        for weight in self.weights[:-1]:
+            cumulative += weight
+            bounds.append(min(int(n * cumulative / total), n))
+        return bounds + [n]
 
     def views(self, shard: int, buffers: Sequence[Tensor]) -> list[Tensor]:
         """Shard ``shard``'s flat buffers (in its own layout's dtype order) as views of the whole model's."""

@@ -29,6 +29,7 @@ import os
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -137,6 +138,9 @@ class HybridSGDStrategy(DDPStrategy):
             all-reduce moves, and no rank carries all traffic and every update. Shard 0 chooses the groups of
             K gradients (any K, schedules too) and the other shards apply the same groups. Needs an element-wise
             optimizer (SGD, Adam, AdamW, RMSprop, ...); clipping by norm is refused. Off by default.
+        shard_weights: with ``shard_server``, each rank's share of the model (one number per global rank, e.g.
+            its link's bandwidth): every update needs every shard, and a shard's link carries its slice to and from
+            every worker, so a rank on a slower link should serve less. ``None`` (default): equal slices.
         nonfinite: what a gradient holding NaN or Inf does: ``"skip"`` (it is rejected, counted and logged,
             the master weights untouched, training goes on) or ``"stop"`` (rejected, then the run stops on
             every rank with :class:`NonFiniteGradientError` naming the rank and step).
@@ -175,6 +179,7 @@ class HybridSGDStrategy(DDPStrategy):
         staleness_scaling: bool = True,
         overlap_push: bool = False,
         shard_server: bool = False,
+        shard_weights: Optional[Sequence[float]] = None,
         nonfinite: Literal["skip", "stop"] = "skip",
         recovery_dir: Optional[_PATH] = None,
         recovery_every: float = 60.0,
@@ -200,6 +205,7 @@ class HybridSGDStrategy(DDPStrategy):
         )
         checks.check_options(threshold, pull_work, group_scaling, max_staleness, overlap_push, nonfinite, peer_timeout)
         checks.check_recovery(recovery_every)
+        checks.check_shard_weights(shard_weights, shard_server)
         self._threshold_spec = threshold
         self._pull_work = pull_work
         self._group_scaling = group_scaling
@@ -207,6 +213,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._staleness_scaling = bool(staleness_scaling)
         self._overlap_push = bool(overlap_push)
         self._shard_server = bool(shard_server)
+        self._shard_weights = None if shard_weights is None else tuple(float(w) for w in shard_weights)
         self._nonfinite = nonfinite
         self._peer_timeout = float(peer_timeout)
         self._recovery_dir = recovery_dir
@@ -398,6 +405,7 @@ class HybridSGDStrategy(DDPStrategy):
             checks.check_pulled_work(trainer, pulling)
         if self._shard_server:
             checks.check_shardable(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+            checks.check_shard_weights(self._shard_weights, True, self.world_size)
         clipping, restore_clipping = lockstep.take_gradient_clipping(trainer)
         if restore_clipping is not None:
             self._restore.append(restore_clipping)
@@ -422,6 +430,7 @@ class HybridSGDStrategy(DDPStrategy):
                 nonfinite=self._nonfinite,
                 overlap_push=self._overlap_push,
                 shard_server=self._shard_server,
+                shard_weights=self._shard_weights,
                 peer_timeout=self._peer_timeout,
             ),
             on_recovery_point=self._write_part if self._recovery is not None and not self.is_global_zero else None,
@@ -507,6 +516,7 @@ class HybridSGDStrategy(DDPStrategy):
             self._sampler.claimed() if self._sampler is not None else None,
             why,
             sharded=self._shard_server,
+            shard_weights=self._shard_weights,
         )
         recovery.write(checkpoint, snapshot.progress["version"], why, wait)
 

@@ -8,6 +8,7 @@ import importlib.util
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ except ImportError:  # a plain script (tests/test_gpu.py) on a machine without p
 from lightning_hybrid.launcher import environment_for_a_new_launch
 
 SCENARIOS = Path(__file__).with_name("scenarios.py")
+BENCHMARKS = SCENARIOS.parents[1] / "benchmarks"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -48,7 +50,7 @@ def launch_nodes(scenario: str, out: Path, *args: Any, nodes: int = 2, timeout: 
     --devices 1``): two ranks even where one GPU is all there is (Lightning refuses ``devices=2`` there)."""
     words = [word for arg in args for word in str(arg).split()]
     command = [str(SCENARIOS), scenario, "--out", str(out), "--num-nodes", str(nodes), "--devices", "1", *words]
-    finished = _benchmark_launcher().run_loopback_nodes(nodes, command, clean_env(), timeout)
+    finished = benchmark("launch").run_loopback_nodes(nodes, command, clean_env(), timeout)
     if any(code != 0 for code, _ in finished):
         fail(
             f"{scenario} on {nodes} nodes failed ({[code for code, _ in finished]}):\n"
@@ -56,12 +58,15 @@ def launch_nodes(scenario: str, out: Path, *args: Any, nodes: int = 2, timeout: 
         )
 
 
-def _benchmark_launcher() -> Any:
-    """benchmarks/launch.py, whose loopback node launcher the tests share (benchmarks/ is no package)."""
-    spec = importlib.util.spec_from_file_location("benchmark_launch", SCENARIOS.parents[1] / "benchmarks" / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def benchmark(name: str) -> types.ModuleType:
+    """``benchmarks/NAME.py`` under its own name (benchmarks/ is no package; its scripts import one another so),
+    e.g. the loopback node launcher or the emulated cluster that tests share with the benchmarks."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def fail(message: str) -> None:

@@ -244,6 +244,11 @@ def threshold_spec(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
+def floats(value: str) -> tuple[float, ...]:
+    """Comma-separated numbers, e.g. ``--shard-weights 1,2,0.5``."""
+    return tuple(float(v) for v in value.split(","))
+
+
 def rank_step_k(value: str) -> tuple[int, int, int]:
     rank, step, k = (int(v) for v in value.split(":"))
     return rank, step, k
@@ -358,6 +363,7 @@ class DdpEquivalence(OneGpu, Batches):
     batch_norm: bool = False
     overlap_push: bool = False
     shard_server: bool = False
+    shard_weights: Annotated[tuple[float, ...], floats] | None = option(None, "each rank's share, e.g. 1,2,0.5")
 
 
 @scenario
@@ -381,6 +387,7 @@ def ddp_equivalence(args: DdpEquivalence) -> None:
                 threshold="sync",
                 overlap_push=args.overlap_push,
                 shard_server=args.shard_server,
+                shard_weights=args.shard_weights,
                 process_group_backend=args.process_group_backend,
             )
         )

@@ -8,29 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import subprocess
-import sys
 import time
-import types
-from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, benchmark
 
 pytestmark = pytest.mark.multiprocess
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def benchmark(name: str) -> types.ModuleType:
-    """``benchmarks/NAME.py`` under its own name (benchmarks/ is no package; its scripts import one another so)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 netns_cluster = benchmark("netns_cluster")
 
 

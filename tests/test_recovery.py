@@ -65,7 +65,8 @@ def test_recovery_every_must_be_a_positive_number_of_seconds() -> None:
             HybridSGDStrategy(recovery_every=every)
 
 
-def test_a_recovery_point_joins_the_shards_parts_exactly(tmp_path) -> None:
+@pytest.mark.parametrize("shard_weights", [None, (1.0, 3.0, 0.5)])
+def test_a_recovery_point_joins_the_shards_parts_exactly(tmp_path, shard_weights) -> None:
     # a model's master weights and Adam state, split into 3 shards as a sharded server holds them (a piece may cut a
     # tensor), written as the shards write their parts; the joined checkpoint holds them whole, and each shard's
     # own counters and step counts
@@ -76,7 +77,7 @@ def test_a_recovery_point_joins_the_shards_parts_exactly(tmp_path) -> None:
     optimizer.step()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     full_state = optimizer.state_dict()
-    plan = ShardPlan(FlatLayout.of(params), 3)
+    plan = ShardPlan(FlatLayout.of(params), 3, shard_weights)
     names = {id(p): name for name, p in model.named_parameters()}
     folder, io = RecoveryDir(tmp_path / "r"), TorchCheckpointIO()
     for shard in (2, 0, 1):
@@ -90,7 +91,9 @@ def test_a_recovery_point_joins_the_shards_parts_exactly(tmp_path) -> None:
         if shard == 0:
             stale = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}
             lightning = {"state_dict": {"buffer": torch.ones(1), **stale}, "epoch": 0}
-            part = recovery_checkpoint(lightning, snapshot, model, optimizer, 0, {}, 5, "periodic", sharded=True)
+            part = recovery_checkpoint(
+                lightning, snapshot, model, optimizer, 0, {}, 5, "periodic", sharded=True, shard_weights=shard_weights
+            )
         folder.save(part, io, version=7, shard=Shard(shard, 3))
         folder.join_newest_parts(io)
         assert (folder.newest() is None) == (shard != 1), "joined when the last part is written, not before"

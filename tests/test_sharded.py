@@ -28,11 +28,11 @@ def model_params() -> list[torch.Tensor]:
     return [torch.randn(5, 3), torch.randn(5), torch.randn(2, 5, dtype=torch.float64), torch.randn(7)]
 
 
-@pytest.mark.parametrize("shards", [1, 2, 3, 7])
-def test_shards_cover_every_element_once_as_views_of_the_flat_buffers(shards: int) -> None:
+@pytest.mark.parametrize("shards, weights", [(1, None), (2, None), (3, None), (7, None), (3, (1.0, 2.0, 0.5))])
+def test_shards_cover_every_element_once_as_views_of_the_flat_buffers(shards: int, weights) -> None:
     params = model_params()
     layout = FlatLayout.of(params)
-    plan = ShardPlan(layout, shards)
+    plan = ShardPlan(layout, shards, weights)
     flat = layout.allocate()
     layout.pack(params, flat)
     seen = [torch.zeros(n, dtype=torch.int64) for n in layout.sizes]
@@ -49,6 +49,9 @@ def test_shards_cover_every_element_once_as_views_of_the_flat_buffers(shards: in
         for bucket, (start, end) in enumerate(plan.ranges[shard]):
             seen[bucket][start:end] += 1
     assert all(bool((count == 1).all()) for count in seen)
+    shares = [sum(end - start for start, end in ranges) for ranges in plan.ranges]
+    expected = [layout.numel * w / sum(weights or [1] * shards) for w in weights or [1] * shards]
+    assert all(abs(share - e) <= len(layout.sizes) for share, e in zip(shares, expected)), (shares, expected)
 
 
 def test_optimizer_state_round_trips_through_shards_with_each_shards_step_count() -> None:
@@ -93,6 +96,20 @@ def test_refusals_name_the_fix() -> None:
         fit(LBFGSModel(), strategy=HybridSGDStrategy(shard_server=True))
     with pytest.raises(MisconfigurationException, match="gradient_clip_algorithm='value'"):
         fit(MLPClassifier(), strategy=HybridSGDStrategy(shard_server=True), gradient_clip_val=1.0)
+
+
+def test_bad_shard_weights_are_refused_naming_the_fix() -> None:
+    with pytest.raises(ValueError, match="set shard_server=True, or remove it"):
+        HybridSGDStrategy(shard_weights=[1, 1])
+    for bad in ([1, 0], [1, float("nan")], [1, "fast"], "1,1"):
+        with pytest.raises(ValueError, match="shard_weights must be"):
+            HybridSGDStrategy(shard_server=True, shard_weights=bad)
+    with pytest.raises(ValueError, match="gives 2 shares for 1 ranks: give one per rank"):
+        fit(MLPClassifier(), strategy=HybridSGDStrategy(shard_server=True, shard_weights=[1, 3]))
+    with pytest.raises(
+        ValueError, match="shard 1 of 3 would hold no parameter element with shard_weights=.* raise its weight"
+    ):
+        ShardPlan(FlatLayout.of([torch.zeros(10)]), 3, [2, 1e-3, 1])
 
 
 def test_one_shard_trains_like_the_single_server() -> None:
@@ -220,12 +237,13 @@ def test_a_follower_refuses_a_decision_it_already_took() -> None:
 
 @pytest.mark.multiprocess
 def test_sharded_sync_matches_ddp_with_three_uneven_shards(tmp_path) -> None:
-    # SGD momentum, StepLR, clipping by value, accumulation of 2, BatchNorm: 3 epochs x 8 batches -> 12 updates.
+    # shares 1 : 2 : 0.5 of the model (shard_weights); SGD momentum, StepLR, clipping by value, accumulation of 2, BatchNorm: 3 epochs x 8 batches -> 12 updates.
     # Slices stream to their shards during backward (overlap_push): only the backward before each step sends.
     launch(
         "ddp_equivalence",
         tmp_path,
-        "--devices 3 --epochs 3 --batches 8 --batch-norm --shard-server --weight-decay 0.01 --overlap-push",
+        "--devices 3 --epochs 3 --batches 8 --batch-norm --shard-server --weight-decay 0.01 --overlap-push"
+        " --shard-weights 1,2,0.5",
     )
     ranks = results(tmp_path, 3)
     for rank in ranks:

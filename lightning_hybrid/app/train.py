@@ -52,6 +52,7 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
         staleness_scaling=strategy.staleness_scaling,
         overlap_push=strategy.overlap_push,
         shard_server=strategy.shard_server,
+        shard_weights=strategy.shard_weights,
         nonfinite=strategy.nonfinite,
         recovery_dir=strategy.recovery_dir,
         recovery_every=strategy.recovery_every,
