@@ -152,8 +152,9 @@ class ParameterServer:
     ) -> None:
         """``hyperparameters`` returns param groups whose values (e.g. a scheduled ``lr``) the server copies
         into its own optimizer before every step. ``staleness_scaling`` weighs each gradient by
-        ``1 / (1 + staleness)`` before averaging (staleness-aware step size; exact at arrival, since no
-        update happens while a gradient is pending). ``group_scaling`` names the rule that sizes an update to
+        ``1 / (1 + s)`` before averaging, ``s`` its staleness counted in sync updates: how far the model moved
+        since the gradient's parameters, each update counting as far as ``group_scaling`` sized it (see
+        :meth:`_weight`; exact at arrival, since no update happens while a gradient is pending). ``group_scaling`` names the rule that sizes an update to
         its group of gradients (:mod:`lightning_hybrid.group_scaling`). A gradient staler than ``max_staleness``
         updates is dropped (its staleness is known at arrival, for the same reason)."""
         if num_workers < 1:
@@ -176,6 +177,10 @@ class ParameterServer:
         self._gradient_clipping = gradient_clipping
         self._hyperparameters = hyperparameters
         self._staleness_scaling = staleness_scaling
+        # how far the model has moved, in sync updates (each update's GroupScale.step), at every version a
+        # gradient may still come for: from the oldest version an active worker was answered with (see _weight)
+        self._moved_at: dict[int, float] = {0: 0.0}
+        self._answered: dict[int, int] = dict.fromkeys(range(num_workers), 0)
         self._lock = threading.RLock()
         self._threshold = self._checked_threshold(threshold)
         self._version = 0
@@ -297,6 +302,7 @@ class ParameterServer:
             self._check_worker(worker)
             self._active.discard(worker)
             self._draining.discard(worker)
+            self._answered.pop(worker, None)
             return self._settle()
 
     def set_threshold(self, threshold: int) -> list[Release]:
@@ -352,6 +358,8 @@ class ParameterServer:
     def load_progress_state(self, state: Mapping[str, Any]) -> None:
         with self._lock:
             self._version = int(state["version"])
+            self._moved_at = {self._version: 0.0}  # every worker starts from the loaded master
+            self._answered = dict.fromkeys(self._answered, self._version)
             self._threshold = self._checked_threshold(int(state["threshold"]))
             self.stats = StalenessStats()
             self.stats.load_state_dict(state.get("staleness", {"counts": {}, "per_worker": {}}))
@@ -412,7 +420,21 @@ class ParameterServer:
         return True
 
     def _weight(self, version: int) -> float:
-        return 1.0 / (1 + self._version - version) if self._staleness_scaling else 1.0
+        """``1 / (1 + s)``, ``s`` the sync updates' worth the model moved since ``version``. Counted in updates,
+        a gradient would weigh less when the same movement came in more, smaller updates (two updates of k/2
+        gradients move as far as one of k under ``group_scaling="step"``); counted in movement it weighs the same.
+        With ``group_scaling="none"`` every update counts 1: ``s`` is the staleness in updates."""
+        if not self._staleness_scaling:
+            return 1.0
+        return 1.0 / (1 + self._moved_at[self._version] - self._moved_at[version])
+
+    def _record_movement(self, step: float) -> None:
+        """The update to the next version moved the model ``step`` sync updates; forget the versions that neither
+        an active worker holds nor a pending gradient (of a worker that left since) was computed on."""
+        self._moved_at[self._version + 1] = self._moved_at[self._version] + step
+        oldest = min([*self._answered.values(), *self._pending.values()], default=self._version + 1)
+        for version in [v for v in self._moved_at if v < oldest]:
+            del self._moved_at[version]
 
     def _settle(self) -> list[Release]:
         releases = []
@@ -495,6 +517,7 @@ class ParameterServer:
         for worker, value in staleness.items():
             self.stats.record(worker, value)
         self.update_sizes[count] += 1
+        self._record_movement(scales[0].step)
         self._version += 1
         answered = tuple(w for w in sorted(group) if w not in self._draining and w in self._active)
         release = self._release(answered, staleness=staleness)
@@ -517,6 +540,7 @@ class ParameterServer:
             params = self._spare_snapshots.pop() if self._spare_snapshots else self.layout.allocate(self.device)
         for snapshot, master in zip(params, self._master):
             snapshot.copy_(master)
+        self._answered.update(dict.fromkeys(workers, self._version))
         return Release(workers=workers, version=self._version, params=params, in_place=in_place, **kwargs)
 
     def recycle(self, params: list[Tensor]) -> None:

@@ -123,11 +123,13 @@ class HybridSGDStrategy(DDPStrategy):
         max_staleness: drop a gradient staler than this many updates: it is counted (``hybrid/dropped``) and its
             worker computes the batch again on the latest parameters. ``None`` (default) applies every gradient.
             Mind stragglers: at K = 1 a worker s times slower than N - 1 others sees staleness near s(N - 1).
-        staleness_scaling: weigh each gradient by ``1 / (1 + staleness)`` before averaging (staleness-aware
-            step size). On by default: asynchrony acts like extra momentum (a gradient s updates stale lands as if
-            momentum carried it s more steps), and with ``group_scaling`` this weight is what kept the hybrid below
-            sync's loss at sync's learning rate (README, *measured*). A full group (K = N) is never stale, so
-            K = N stays exactly DDP.
+        staleness_scaling: weigh each gradient by ``1 / (1 + s)`` before averaging (staleness-aware step size),
+            ``s`` its staleness counted in sync updates: how far the model moved since the gradient's parameters,
+            an update of k gradients counting k/N under ``group_scaling="step"`` (one update under ``"none"``), so
+            that the same movement weighs a gradient alike however many updates it came in. On by default:
+            asynchrony acts like extra momentum (a stale gradient lands as if momentum carried it further), and with
+            ``group_scaling`` this weight is what kept the hybrid below sync's loss at sync's learning rate
+            (README, *measured*). A full group (K = N) is never stale, so K = N stays exactly DDP.
         overlap_push: send a remote CPU worker's gradient in 1 MiB chunks while backward still runs, as
             DDP overlaps its all-reduce (sharded: each remote shard's slice as soon as backward produced it). It
             then communicates gradients as backward leaves them: hooks that change gradients afterwards

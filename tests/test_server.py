@@ -94,6 +94,31 @@ def test_staleness_scaling_weighs_stale_gradients_down() -> None:
     assert torch.allclose(master(server), torch.full((7,), -3.0))
 
 
+def test_staleness_is_weighed_by_how_far_the_model_moved_in_sync_updates() -> None:
+    # group_scaling="step", N = 4: an update of k gradients moves k/4 of a sync update, so a gradient 2 updates of
+    # one gradient stale has missed half a sync update: weight 1 / (1 + 2/4), where counting updates gives 1/3
+    server = make_server(workers=4, threshold=1, staleness_scaling=True, group_scaling="step")
+    server.push(0, grad(4), version=0)  # master -1 (4 * 1/4)
+    server.push(0, grad(4), version=1)  # master -2
+    (release,) = server.push(1, grad(6), version=0)  # 6 * 1/4 * 2/3 = 1: master -3
+    assert release.staleness == {1: 2}
+    assert torch.allclose(master(server), torch.full((7,), -3.0))
+    # K = 2: one update of two gradients moves as far as two updates of one; the gradient weighs the same
+    server.set_threshold(2)
+    server.push(0, grad(0), version=3)
+    server.push(2, grad(0), version=3)  # version 4: moved another half sync update
+    server.push(3, grad(9), version=0)  # 4 updates stale, 3 * 1/4 + 2/4 sync updates moved: weight 4/9
+    (release,) = server.push(1, grad(3), version=3)  # 1 update stale, half a sync update moved: weight 2/3
+    assert release.staleness == {3: 4, 1: 1}
+    # (9 * 4/9 + 3 * 2/3) / 2 gradients * 2/4 of a sync step = 1.5
+    assert torch.allclose(master(server), torch.full((7,), -4.5))
+    # the movement is kept only for versions a worker holds: memory does not grow with the updates
+    for _ in range(100):
+        for worker in range(4):
+            server.push(worker, grad(0), version=server.version)
+    assert len(server._moved_at) <= 4
+
+
 def test_k_equal_n_is_synchronous_sgd() -> None:
     server = make_server(workers=3, threshold=3, lr=0.5)
     for step in range(4):

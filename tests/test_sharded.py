@@ -128,7 +128,9 @@ def test_a_follower_shard_applies_shard_0s_groups_whatever_the_arrival_order(see
     rng = random.Random(seed)
     torch.manual_seed(seed)
     start = [torch.randn(6, dtype=torch.float64)]
-    kwargs = dict(num_workers=4, threshold=2, staleness_scaling=True, max_staleness=(1, None)[seed % 2])
+    # group_scaling="step": staleness weighed by how far updates of every size (flushed ones too) moved the model
+    kwargs = dict(num_workers=4, threshold=2, group_scaling="step", staleness_scaling=True)
+    kwargs.update(max_staleness=(1, None)[seed % 2])
     make_optimizer = lambda master: torch.optim.Adam(master, lr=0.1)  # noqa: E731
     servers = (ParameterServer(start, make_optimizer, **kwargs), FollowerServer(start, make_optimizer, **kwargs))
     inboxes = [{w: collections.deque() for w in range(4)} for _ in servers]

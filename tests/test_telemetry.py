@@ -41,7 +41,7 @@ def test_threshold_rises_and_wandb_holds_the_telemetry(tmp_path) -> None:
             assert row[f"hybrid/worker{rank}/samples_per_s"] > 0
     assert epochs[0]["hybrid/staleness_max"] > 0, "asynchronous epoch with a slow worker: stale gradients"
     # K = 1 of 3: an update moves a third of a sync step (group_scaling="step"), less when stale (weighed by
-    # 1 / (1 + staleness)); K = 3: most updates move a full one
+    # 1 / (1 + staleness in sync updates)); K = 3: most updates move a full one
     assert 0 < epochs[0]["hybrid/step_scale"] <= 1 / 3
     assert epochs[0]["hybrid/step_scale"] < epochs[2]["hybrid/step_scale"] <= 1
     assert all(row["hybrid/momentum"] == pytest.approx(0.9) and row["hybrid/dropped"] == 0 for row in epochs)

@@ -24,7 +24,7 @@ class StrategyConfig:
     pull_work: Optional[bool] = None
     group_scaling: str = "step"  # step | auto | momentum | sqrt_step | none (lightning_hybrid.group_scaling)
     max_staleness: Optional[int] = None  # drop gradients staler than this many updates
-    staleness_scaling: bool = True  # weigh each gradient by 1 / (1 + staleness)
+    staleness_scaling: bool = True  # weigh each gradient by 1 / (1 + staleness in sync updates)
     overlap_push: bool = False
     shard_server: bool = False  # every rank serves a slice of the model (element-wise optimizers)
     shard_weights: Optional[list[float]] = None  # each rank's share of a sharded model (e.g. its link's rate)
