@@ -154,9 +154,10 @@ class ParameterServer:
         into its own optimizer before every step. ``staleness_scaling`` weighs each gradient by
         ``1 / (1 + s)`` before averaging, ``s`` its staleness counted in sync updates: how far the model moved
         since the gradient's parameters, each update counting as far as ``group_scaling`` sized it (see
-        :meth:`_weight`; exact at arrival, since no update happens while a gradient is pending). ``group_scaling`` names the rule that sizes an update to
-        its group of gradients (:mod:`lightning_hybrid.group_scaling`). A gradient staler than ``max_staleness``
-        updates is dropped (its staleness is known at arrival, for the same reason)."""
+        :meth:`_weight`; exact at arrival, since no update happens while a gradient is pending).
+        ``group_scaling`` names the rule that sizes an update to its group of gradients
+        (:mod:`lightning_hybrid.group_scaling`). A gradient staler than ``max_staleness`` updates is dropped (its
+        staleness is known at arrival, for the same reason)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         check_max_staleness(max_staleness)
