@@ -318,7 +318,11 @@ def main() -> None:
     parser.add_argument("--queue-ms", type=float, default=QUEUE_MS, help="tbf's queue on each link end, in ms")
     parser.add_argument("--overlap", action="store_true", help="also the sharded server at K = N with overlap_push")
     parser.add_argument(
-        "--only", nargs="+", default=None, metavar="LABEL", help='rows to run, e.g. "ddp" "sharded, K=N"'
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help='rows to run (of both tables), e.g. "ddp" "sharded, K=N"',
     )
     parser.add_argument("--quick", action="store_true", help="2 nodes, 1M parameters, 250 Mbit/s, few steps")
     parser.add_argument("--out", type=Path, default=None, help="write the rows here (JSON) and the table beside (.txt)")
