@@ -407,7 +407,7 @@ class HybridSGDStrategy(DDPStrategy):
             checks.check_pulled_work(trainer, pulling)
         if self._shard_server:
             checks.check_shardable(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
-            checks.check_shard_weights(self._shard_weights, True, self.world_size)
+        checks.check_shard_weights(self._shard_weights, self._shard_server, self.world_size)
         clipping, restore_clipping = lockstep.take_gradient_clipping(trainer)
         if restore_clipping is not None:
             self._restore.append(restore_clipping)
