@@ -78,21 +78,22 @@ class ServerEndpoint:
         peer_timeout: float,
         local_params: Optional[list[Tensor]] = None,
         rank: int = SERVER_RANK,
-        followers: Sequence[int] = (),
-        coordinator: Optional[tuple[int, dist.ProcessGroup]] = None,
+        decisions: Optional[dict[int, dist.ProcessGroup]] = None,
     ) -> None:
         """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain).
         ``local_params`` (flat buffers of the server's layout: the local worker's model, see ``FlatLayout.bind``)
         receive the local worker's answers, so that every release is delivered when ``_dispatch`` returns.
-        ``rank``: this server's (and its local worker's) rank. Sharded: shard 0 tells its ``followers`` the group
-        of every update, each on the channel where it serves that follower; a :class:`FollowerServer` hears them
-        from its ``coordinator``: shard 0's rank and the channel where this rank is shard 0's worker."""
-        if (coordinator is not None) != isinstance(server, FollowerServer):
-            raise ValueError("a FollowerServer needs a coordinator rank, and only a FollowerServer takes one")
+        ``rank``: this server's (and its local worker's) rank. Sharded: ``decisions`` are the channels of shard 0's
+        decisions (``Channels.decisions``): on shard 0 one per follower, which it tells the group of every update;
+        on a :class:`FollowerServer` the one it hears them from, under shard 0's rank."""
+        decisions = decisions or {}
+        follower = isinstance(server, FollowerServer)
+        if follower and len(decisions) != 1:
+            raise ValueError("a FollowerServer hears shard 0's decisions: give it that one channel in `decisions`")
         self.server = server
         self.rank = rank
-        self._followers = list(followers)
-        self._coordinator = coordinator
+        self._followers = {} if follower else decisions
+        self._coordinator = next(iter(decisions.items())) if follower else None
         server.connect(
             answers_in_place=channels,  # each remote worker has a receive buffer of its own
             on_decision=self._tell_followers if self._followers else None,
@@ -106,7 +107,7 @@ class ServerEndpoint:
         self._send_locks = {rank: threading.Lock() for rank in channels}
         self._threads: list[threading.Thread] = []
         self._failure: Optional[BaseException] = None
-        self._sending: queue.SimpleQueue = queue.SimpleQueue()  # posted answers: (works, snapshot to recycle)
+        self._sending: queue.SimpleQueue = queue.SimpleQueue()  # posted sends: (works, snapshot to recycle)
         self._sender = threading.Thread(target=self._complete_sends, name="hybrid-sgd-sends", daemon=True)
 
     def start(self) -> None:
@@ -225,8 +226,10 @@ class ServerEndpoint:
                             f"{header.code}), the model has {layout.numel} (signature {layout.signature}): every "
                             "rank must build the same model, with the same parameter dtypes"
                         )
-                    for chunk in chunks:
-                        dist.recv(chunk, src=rank, group=group, tag=REQUEST_TAG)
+                    # every chunk's receive at once: gloo moves a message's bytes only once its receive is posted,
+                    # so one chunk after another each waited a round trip (through the link's queue) to start
+                    for work in [dist.irecv(chunk, src=rank, group=group, tag=REQUEST_TAG) for chunk in chunks]:
+                        work.wait()
                     if header.flags & Flag.VERDICT:
                         dist.recv(verdict, src=rank, group=group, tag=REQUEST_TAG)
                         if verdict.item():
@@ -252,8 +255,8 @@ class ServerEndpoint:
         """Post shard 0's decision (or the end of them) to every follower; the sender thread completes it."""
         message = Decision(version, group).to_tensor(self.server.num_workers)
         works = [
-            (rank, message, dist.isend(message, dst=rank, group=self._channels[rank], tag=DECISION_TAG))
-            for rank in self._followers
+            (rank, message, dist.isend(message, dst=rank, group=channel, tag=DECISION_TAG))
+            for rank, channel in self._followers.items()
         ]
         self._sending.put((works, []))
 
