@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import subprocess
+import sys
 import time
 
 import pytest
@@ -95,3 +96,17 @@ def test_one_training_configuration_runs_through_the_harness(make_cluster, tmp_p
         assert 0 < node["cpu"] <= 2.5
     assert all(sent > 6 * 4 * 1_058_058 for sent in result["whole_run"]["tx_bytes"])
     assert cluster.pids(0) == [] and cluster.pids(1) == []  # the run's processes are gone
+
+
+def test_the_exchange_benchmark_measures_every_pattern_on_shaped_links(make_cluster) -> None:
+    """``benchmarks/exchange.py`` (gloo's traffic patterns, 2 nodes, a small model): every pattern's share of the
+    link's rate is a plausible fraction, in both sittings."""
+    make_cluster(1, 100)  # skips here if no cluster can be made
+    command = [sys.executable, str(BENCHMARKS / "exchange.py"), "--nodes", "2", "--rates", "200"]
+    finished = subprocess.run(
+        [*command, "--numel", "2000000", "--repeats", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    (row,) = [line for line in finished.stdout.splitlines() if "Mbit/s" in line and "share" not in line]
+    shares = [float(value) for value in row.split("Mbit/s")[1].replace("/", " ").split()]
+    assert len(shares) == 8 and all(0.2 < share <= 1.1 for share in shares), finished.stdout
