@@ -234,6 +234,7 @@ def resumed_with_nothing_lost(out, why: str, before: str, after: str, epochs: in
     # a point taken at an epoch's end holds all of it (seen once in the server-async case, where the other ranks
     # finished epoch 0 before rank 0's fatal step: it also serves)
     assert 0 < len(held) <= DIGITS_TRAIN and set(held) <= set(before[epoch]), "held: trained in round 0"
+    assert len(held) < DIGITS_TRAIN or not after[epoch], "a finished epoch is not trained again"
     # every sample of the resumed epoch trained once after the resume or held by the checkpoint (when fewer batches
     # than ranks were left, ranks without one retrain one held batch each); later epochs wholly in round 1
     assert set(held) | set(after[epoch]) == set(range(DIGITS_TRAIN)), "no sample lost"
