@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from subprocess import PIPE
 
 import pytest
@@ -158,13 +159,13 @@ def test_static_batches_split_an_epoch_and_skip_what_a_resume_holds() -> None:
 
 def trained(out, round_: str) -> dict[int, list[int]]:
     """Samples each epoch's batches held, as the ranks of ``round_`` (``"R-of-W"``: restart count R, W ranks) logged
-    them when they started each batch."""
-    seen: dict[int, list[int]] = {}
+    them when they started each batch (an epoch the round trained nothing of: none)."""
+    seen: defaultdict[int, list[int]] = defaultdict(list)
     for rank in range(int(round_.split("-of-")[1])):
         path = out / f"trained-round{round_}-rank{rank}.txt"
         for line in path.read_text().splitlines() if path.exists() else []:
             epoch, _, *samples = line.split()
-            seen.setdefault(int(epoch), []).extend(int(v) for v in samples)
+            seen[int(epoch)].extend(int(v) for v in samples)
     return seen
 
 
@@ -231,7 +232,7 @@ def resumed_with_nothing_lost(out, why: str, before: str, after: str, epochs: in
     ranks_before, ranks_after = (int(label.split("-of-")[1]) for label in (before, after))
     before, after = trained(out, before), trained(out, after)
     held = resumed["samples"]
-    # a point taken at an epoch's end holds all of it (seen once in the server-async case, where the other ranks
+    # a point taken at an epoch's end holds all of it (seen in the server-async case, where the other ranks
     # finished epoch 0 before rank 0's fatal step: it also serves)
     assert 0 < len(held) <= DIGITS_TRAIN and set(held) <= set(before[epoch]), "held: trained in round 0"
     assert len(held) < DIGITS_TRAIN or not after[epoch], "a finished epoch is not trained again"
