@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-CHUNK = 1 << 18  # float32 elements per message: 1 MiB, as the gradients' chunks (flat.CHUNK_BYTES)
+from lightning_hybrid.flat import CHUNK_BYTES
+
+CHUNK = CHUNK_BYTES // 4  # float32 elements per message: as the gradients' chunks
 
 
 def exchange(numel: int, repeats: int) -> dict[str, list[float]]:
