@@ -69,7 +69,9 @@ QUEUE_MS = 5.0  # tbf's latency: how long a packet may wait in a link end's queu
 COMPUTE_MS_PER_MPARAM = 6.5  # one step of batch 64 per million parameters on one core (throughput.py's one process)
 
 
-def strategies(nodes: int, overlap: bool = False, only: Optional[list[str]] = None) -> list[tuple[str, str]]:
+def strategies(
+    nodes: int, overlap: bool = False, only: Optional[list[str]] = None, pipelined: bool = False
+) -> list[tuple[str, str]]:
     """The table's rows at ``nodes`` nodes (flag for throughput.py, label); ``only``: the labels to keep."""
     rows = [
         ("ddp", "ddp"),
@@ -79,20 +81,30 @@ def strategies(nodes: int, overlap: bool = False, only: Optional[list[str]] = No
         ("K=1/sharded", "sharded, K=1, pulled"),
     ]
     rows += [(f"K={nodes}/sharded/overlap", "sharded, K=N, overlap_push")] * overlap
+    rows += [(f"K={nodes}/sharded/pipelined", "sharded, K=N, pipelined")] * pipelined
     return [row for row in rows if only is None or row[1] in only]
 
 
-def straggler_strategies(rates_mbit: list[float], only: Optional[list[str]] = None) -> list[tuple[str, str]]:
+def straggler_strategies(
+    rates_mbit: list[float], only: Optional[list[str]] = None, pipelined: bool = False, slow_share: float = 0.0
+) -> list[tuple[str, str]]:
     """The straggler table's rows on links of ``rates_mbit``: the sharded server also with each node's share of
-    the model in proportion to its link's rate (``shard_weights``), so that the slow link carries a smaller slice."""
+    the model in proportion to its link's rate (``shard_weights``), so that the slow link carries a smaller slice;
+    ``slow_share``: also with that share for the slow nodes (1 for the others); ``pipelined``: each hybrid and
+    async row also with ``pipeline_pushes``."""
     half = max(1, len(rates_mbit) // 2)
     shares = ":".join(f"{rate / max(rates_mbit):.4g}" for rate in rates_mbit)
     rows = [("ddp", "ddp")]
-    servers = (("", "one server"), ("/sharded", "sharded"), (f"/sharded={shares}", "sharded, shares by link"))
+    servers = [("", "one server"), ("/sharded", "sharded"), (f"/sharded={shares}", "sharded, shares by link")]
+    if slow_share:
+        given = ":".join("1" if rate == max(rates_mbit) else f"{slow_share:g}" for rate in rates_mbit)
+        servers.append((f"/sharded={given}", f"sharded, slow share {slow_share:g}"))
     for suffix, server in servers:
         if half > 1:
             rows.append((f"K={half}{suffix}", f"{server}, hybrid K=N/2, pulled"))
         rows.append((f"K=1{suffix}", f"{server}, async K=1, pulled"))
+    if pipelined:
+        rows += [(f"{flag}/pipelined", f"{label}, pipelined") for flag, label in rows[1:]]
     return [row for row in rows if only is None or row[1] in only]
 
 
@@ -105,6 +117,7 @@ def setup_seconds(nodes: int) -> float:
 def predicted_rate(flag: str, numel: int, nodes: int, rates_mbit: list[float], batch: int) -> float:
     """Batches per second of all nodes together by a rough model (no overlap of compute and communication;
     node i's link at ``rates_mbit[i]``). It only sizes the runs: each should last about ``--window`` s."""
+    flag = flag.removesuffix("/pipelined")  # sized as the same row unpipelined
     bits, links = numel * 32, [rate * 1e6 for rate in rates_mbit]
     alone = COMPUTE_MS_PER_MPARAM / 1000 * numel / 1e6 * batch / 64
     shared = alone * max(1.0, nodes / CORES)
@@ -318,6 +331,12 @@ def main() -> None:
     parser.add_argument("--queue-ms", type=float, default=QUEUE_MS, help="tbf's queue on each link end, in ms")
     parser.add_argument("--overlap", action="store_true", help="also the sharded server at K = N with overlap_push")
     parser.add_argument(
+        "--slow-share", type=float, default=0.0, help="also the sharded rows with this share for the slow node"
+    )
+    parser.add_argument(
+        "--pipelined", action="store_true", help="also the sharded K = N and every straggler row with pipeline_pushes"
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         default=None,
@@ -341,14 +360,14 @@ def main() -> None:
         for rate in args.rates
         for n in args.nodes
         for m in args.models
-        for flag, _ in strategies(n, args.overlap, args.only)
+        for flag, _ in strategies(n, args.overlap, args.only, args.pipelined)
     )
     n, f = args.straggler_nodes, args.slow_factor
     for slow in (n - 1, 0) if n else ():
         rates = [args.straggler_rate / (f if i == slow else 1) for i in range(n)]
         expected += sum(
             steps_for(flag, numels[args.straggler_model], rates, args)[1]
-            for flag, _ in straggler_strategies(rates, args.only)
+            for flag, _ in straggler_strategies(rates, args.only, args.pipelined, args.slow_share)
         )
     report = Report()
     report(
@@ -375,7 +394,7 @@ def main() -> None:
                                 f"each way per step of a node should be: DDP and sharded {2 * (n - 1) / n:.2f}, one "
                                 f"server's worker 1.00, the server's node {n - 1:.2f} (at K = N)"
                             )
-                            rows = strategies(n, args.overlap, args.only)
+                            rows = strategies(n, args.overlap, args.only, args.pipelined)
                             results["rows"] += measure(cluster, model, rows, args, report, logs)
             n, rate, model, f = args.straggler_nodes, args.straggler_rate, args.straggler_model, args.slow_factor
             if n:
@@ -388,7 +407,8 @@ def main() -> None:
                         report(f"\n  slow link on {place}")
                         check = saturation(cluster, slow, 1 if slow == 0 else 0, report)
                         results["link_checks"].append({"nodes": n, "slow": slow, **check})
-                        configurations = straggler_strategies([node.rate_mbit for node in cluster.nodes], args.only)
+                        rates = [node.rate_mbit for node in cluster.nodes]
+                        configurations = straggler_strategies(rates, args.only, args.pipelined, args.slow_share)
                         results["straggler_rows"] += measure(cluster, model, configurations, args, report, logs, slow)
     except ClusterUnavailable as err:
         report(f"cluster.py: skipped, no emulated cluster here: {err}")

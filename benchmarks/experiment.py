@@ -60,6 +60,7 @@ STALE = [method for method in METHODS if method not in ("ddp", SYNC)]
 # update rules; "{bound}" is --max-staleness
 RULES: dict[str, list[str]] = {
     "default": [],  # HybridSGDStrategy's defaults: group_scaling=step with staleness_scaling on
+    "default+pipelined": ["strategy.pipeline_pushes=true"],  # the defaults, a gradient one update staler
     "auto": ["strategy.group_scaling=auto", "strategy.staleness_scaling=false"],
     "auto+weighted": ["strategy.group_scaling=auto", "strategy.staleness_scaling=true"],
     "auto+bound": ["strategy.group_scaling=auto", "strategy.staleness_scaling=false", "strategy.max_staleness={bound}"],

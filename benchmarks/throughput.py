@@ -115,12 +115,13 @@ def run_one(args: argparse.Namespace) -> None:
     backend = args.process_group_backend
     if args.strategy in ("ddp", "single"):
         strategy: Any = DDPStrategy(process_group_backend=backend) if args.strategy == "ddp" else "auto"
-    else:  # "K=<k>", then "/sharded" (or "/sharded=<share>:<share>:..." with shard_weights) and/or "/overlap"
+    else:  # "K=<k>", then "/sharded" (or "/sharded=<share>:<share>:..." with shard_weights), "/overlap", "/pipelined"
         threshold, *variants = args.strategy.removeprefix("K=").split("/")
         shares = next((v.removeprefix("sharded=") for v in variants if v.startswith("sharded=")), None)
         strategy = lightning_hybrid.HybridSGDStrategy(
             threshold=int(threshold),
             overlap_push="overlap" in variants,
+            pipeline_pushes="pipelined" in variants,
             shard_server="sharded" in variants or shares is not None,
             shard_weights=None if shares is None else [float(share) for share in shares.split(":")],
             process_group_backend=backend,

@@ -65,6 +65,7 @@ def check_options(
     overlap_push: bool,
     nonfinite: str,
     peer_timeout: float,
+    pipeline_pushes: bool = False,
 ) -> None:
     """The strategy's own arguments, when it is built."""
     check_threshold_spec(threshold)
@@ -78,6 +79,16 @@ def check_options(
         raise ValueError(
             "max_staleness computes a dropped gradient's batch again, but overlap_push has sent it during "
             "backward already: remove one of them"
+        )
+    if max_staleness is not None and pipeline_pushes:
+        raise ValueError(
+            "max_staleness computes a dropped gradient's batch again, but with pipeline_pushes the answer that "
+            "drops it comes one step later, when that batch is gone: remove one of them"
+        )
+    if overlap_push and pipeline_pushes:
+        raise ValueError(
+            "pipeline_pushes and overlap_push cannot be combined (a pipelined worker sends its gradient while its "
+            "last answer comes in; overlap_push streams it during backward): choose one"
         )
     if nonfinite not in ("skip", "stop"):
         raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")

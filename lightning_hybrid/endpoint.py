@@ -45,25 +45,27 @@ log = logging.getLogger(__name__)
 
 
 class _Waiter:
-    """One worker's wait for its answer, in the server's process."""
+    """One worker's answers, in the server's process, in the order they come (a pipelined worker has two
+    pushes out at a time)."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
-        self._reply: Optional[Reply] = None
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()
         self._error: Optional[BaseException] = None
 
     def set(self, reply: Optional[Reply] = None, error: Optional[BaseException] = None) -> None:
-        self._reply, self._error = reply, error
-        self._event.set()
+        if error is not None:
+            self._error = error
+        self._answers.put(reply)
 
     def wait(self, timeout: float) -> Reply:
-        if not self._event.wait(timeout):
-            raise timeout_error(timeout)
-        self._event.clear()
+        try:
+            reply = self._answers.get(timeout=timeout)
+        except queue.Empty:
+            raise timeout_error(timeout) from None
         if self._error is not None:
             raise self._error
-        assert self._reply is not None
-        return self._reply
+        assert reply is not None
+        return reply
 
 
 class ServerEndpoint:
@@ -79,13 +81,17 @@ class ServerEndpoint:
         local_params: Optional[list[Tensor]] = None,
         rank: int = SERVER_RANK,
         decisions: Optional[dict[int, dist.ProcessGroup]] = None,
+        answers: Optional[dict[int, dist.ProcessGroup]] = None,
     ) -> None:
         """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain).
         ``local_params`` (flat buffers of the server's layout: the local worker's model, see ``FlatLayout.bind``)
         receive the local worker's answers, so that every release is delivered when ``_dispatch`` returns.
         ``rank``: this server's (and its local worker's) rank. Sharded: ``decisions`` are the channels of shard 0's
         decisions (``Channels.decisions``): on shard 0 one per follower, which it tells the group of every update;
-        on a :class:`FollowerServer` the one it hears them from, under shard 0's rank."""
+        on a :class:`FollowerServer` the one it hears them from, under shard 0's rank. ``answers``: the channels
+        the answers travel on, where they are not ``channels`` (pipelined workers, ``Channels.answers_out``).
+        A server that takes early pushes (``ParameterServer(early_pushes=True)``) gets two receive buffers per
+        remote worker, and its local worker's answers are snapshots: its model is busy with the next step."""
         decisions = decisions or {}
         follower = isinstance(server, FollowerServer)
         if follower and len(decisions) != 1:
@@ -98,8 +104,10 @@ class ServerEndpoint:
             answers_in_place=channels,  # each remote worker has a receive buffer of its own
             on_decision=self._tell_followers if self._followers else None,
         )
-        self._local_params = local_params
+        self._pipelined = server.early_pushes
+        self._local_params = None if self._pipelined else local_params
         self._channels = channels
+        self._answer_channels = answers or channels
         self._buffer_layout = buffer_layout
         self._read_buffers = read_buffers
         self._peer_timeout = peer_timeout
@@ -142,27 +150,40 @@ class ServerEndpoint:
     ) -> Reply:
         """The local worker's push of ``gradient`` (flat buffers of the server's layout, read in memory; the server
         may write into them until it answers) computed at ``version`` from ``work``; returns the server's answer."""
+        self.post_local(gradient, version, flags, threshold, work)
+        return self.await_local()
+
+    def post_local(
+        self,
+        gradient: list[Tensor],
+        version: int,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+    ) -> None:
+        """:meth:`push_local` without the wait: :meth:`await_local` takes the answer."""
+        if self._failure is not None:
+            raise self._failure
         self.apply_requests(flags, threshold)
         drain, nonfinite = bool(flags & Flag.DRAIN), bool(flags & Flag.NONFINITE)
-        return self._answer_local(
-            lambda: self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite, work=work)
-        )
+        self._dispatch(self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite, work=work))
+
+    def await_local(self) -> Reply:
+        """The local worker's next answer, in the order of its pushes and drains."""
+        return self._local.wait(self._peer_timeout)
 
     def drain_local(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> Reply:
         """The local worker drains; returns the answer once every active worker has drained."""
+        if self._failure is not None:
+            raise self._failure
         self.apply_requests(flags, threshold)
-        return self._answer_local(lambda: self.server.drain(self.rank))
+        self._dispatch(self.server.drain(self.rank))
+        return self.await_local()
 
     def leave_local(self, flags: Flag = Flag.NONE) -> None:
         """The local worker sends nothing more."""
         self.apply_requests(flags, 0)
         self._dispatch(self.server.leave(self.rank))
-
-    def _answer_local(self, event: Callable[[], list[Release]]) -> Reply:
-        if self._failure is not None:
-            raise self._failure
-        self._dispatch(event())
-        return self._local.wait(self._peer_timeout)
 
     def abort(self, code: AbortCode, rank: int, why: str = "") -> None:
         """Tell every remote worker and the local one that the run cannot go on.
@@ -182,7 +203,7 @@ class ServerEndpoint:
         for worker in workers:
             try:
                 with self._send_locks[worker]:
-                    dist.send(header, dst=worker, group=self._channels[worker], tag=ANSWER_TAG)
+                    dist.send(header, dst=worker, group=self._answer_channels[worker], tag=ANSWER_TAG)
             except RuntimeError:
                 log.debug("could not tell rank %d about the abort", worker, exc_info=True)
 
@@ -206,8 +227,13 @@ class ServerEndpoint:
 
     def _serve(self, rank: int) -> None:
         group = self._channels[rank]
-        gradient = self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
-        chunks = self.server.layout.chunk_views(gradient)
+        # a pipelined worker pushes again while its last gradient is pending: that one's buffer is not free
+        buffers = [
+            self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
+            for _ in range(2 if self._pipelined else 1)
+        ]
+        chunk_lists = [self.server.layout.chunk_views(buffer) for buffer in buffers]
+        pushes = 0
         header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
         verdict = torch.empty(1, dtype=torch.int64)
         with self._aborting_on_failure(rank):
@@ -216,8 +242,10 @@ class ServerEndpoint:
                 header = Header.from_tensor(header_buffer)
                 if header.rank != rank:
                     raise ProtocolError(f"a message on rank {rank}'s channel claims to come from rank {header.rank}")
+                gradient, chunks = buffers[pushes % len(buffers)], chunk_lists[pushes % len(buffers)]
                 if header.kind == Kind.PUSH:
-                    if rank in self.server.pending_workers:  # its buffer may hold the pending sum: read nothing
+                    pushes += 1
+                    if rank in self.server.pending_workers and not self._pipelined:  # its buffer may hold the sum
                         raise ProtocolError(f"worker {rank} sent a gradient while it still waits for its answer")
                     layout = self.server.layout
                     if header.numel != layout.numel or header.code != layout.signature:
@@ -356,7 +384,7 @@ class ServerEndpoint:
                     numel=self.server.layout.numel,
                     detail=release.staleness.get(worker, -1),
                 )
-                group = self._channels[worker]
+                group = self._answer_channels[worker]
                 for tensor in [header.to_tensor(), *params, *(buffers or [])]:
                     works.append((worker, tensor, dist.isend(tensor, dst=worker, group=group, tag=ANSWER_TAG)))
         return works  # the tensors stay referenced until their sends complete

@@ -39,6 +39,11 @@ class LocalServerLink:
 
     def __init__(self, endpoint: ServerEndpoint) -> None:
         self._endpoint = endpoint
+        # a pipelined worker's next gradient is packed while the server still holds its last one: each push is
+        # handed over in a buffer of its own, in turn
+        layout, device = endpoint.server.layout, endpoint.server.device
+        self._handover = [layout.allocate(device) for _ in range(2)] if endpoint.server.early_pushes else []
+        self._pushes = 0
 
     def push(
         self,
@@ -49,6 +54,27 @@ class LocalServerLink:
         work: Optional[int] = None,
     ) -> Reply:
         return self._endpoint.push_local(gradient, version, flags, threshold, work)
+
+    def post_push(
+        self,
+        gradient: list[Tensor],
+        version: int,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+    ) -> None:
+        """A pipelined worker's push: :meth:`collect` takes its answer, after the next push."""
+        handover = self._handover[self._pushes % 2]
+        self._pushes += 1
+        for mine, tensor in zip(handover, gradient):
+            mine.copy_(tensor)
+        self._endpoint.post_local(handover, version, flags, threshold, work)
+
+    def collect(self) -> Reply:
+        return self._endpoint.await_local()
+
+    def finish_sends(self) -> None:
+        """Nothing travels."""
 
     def drain(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> Reply:
         return self._endpoint.drain_local(flags, threshold)
@@ -70,12 +96,15 @@ class RemoteServerLink:
         receive_into: Optional[list[Tensor]] = None,
         pin_memory: bool = False,
         server_rank: int = SERVER_RANK,
+        answers: Optional[dist.ProcessGroup] = None,
     ) -> None:
         """Parameters are received into ``receive_into`` (host buffers of ``layout``; the CPU model's own flat
-        parameters make the reply the model without a copy), else into buffers of the link's own."""
+        parameters make the reply the model without a copy), else into buffers of the link's own. ``answers``:
+        the group the answers come on, where it is not ``group`` (a pipelined worker's, ``Channels.answers_in``)."""
         self._rank = rank
         self._server = server_rank
         self._group = group
+        self._answers = answers or group
         self._layout = layout
         self._timeout = timedelta(seconds=peer_timeout)
         self._params = receive_into if receive_into is not None else layout.allocate("cpu", pin_memory=pin_memory)
@@ -143,6 +172,14 @@ class RemoteServerLink:
         self._complete_sends()
         return self._receive()
 
+    def collect(self) -> Reply:
+        """A pipelined worker's answer to its push before the last, which arrives while the last is sent."""
+        return self._receive()
+
+    def finish_sends(self) -> None:
+        """Wait until the queued messages are out, so that their buffers may be written again."""
+        self._complete_sends()
+
     def abandon(self) -> None:
         """A message was cut off half-way (the worker failed mid-backward): send nothing more; the server
         learns of it when this process's connection closes."""
@@ -178,7 +215,7 @@ class RemoteServerLink:
             self._sending.clear()
 
     def _recv(self, tensor: Tensor) -> None:
-        self._wait(dist.irecv(tensor, src=self._server, group=self._group, tag=ANSWER_TAG))
+        self._wait(dist.irecv(tensor, src=self._server, group=self._answers, tag=ANSWER_TAG))
 
     def _wait(self, work: dist.Work) -> None:
         """Sends wait as long as receives: over a cut link a send never completes (found by the partition test)."""
@@ -271,12 +308,39 @@ class ShardedServerLink:
         work: Optional[int] = None,
     ) -> Reply:
         """Push ``gradient`` (the worker's flat gradient buffers); ``version`` is ignored: every shard gets shard 0's."""
+        flags = self._post_remote(gradient, flags, threshold, work)
+        return self.push_local(flags, threshold, work)
+
+    def post_push(
+        self,
+        gradient: list[Tensor],
+        version: int,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+    ) -> None:
+        """A pipelined worker's push to every shard: :meth:`collect` takes the answers, after the next push."""
+        flags = self._post_remote(gradient, flags, threshold, work)
+        local = self._links[self._rank]
+        assert isinstance(local, LocalServerLink)
+        local.post_push(self._gradient_slices[self._rank], self.versions[0], flags, threshold, work)
+
+    def _post_remote(self, gradient: list[Tensor], flags: Flag, threshold: Optional[int], work: Optional[int]) -> Flag:
+        """Queue every remote shard's slice; returns ``flags`` with the whole gradient's NaN/Inf verdict."""
         assert gradient is self._gradient, "a sharded push sends the gradient buffers the link was built with"
         if not all(all_finite(g) for g in gradient):
             flags |= Flag.NONFINITE
         for shard in self.remote_shards:
             self.post_to(shard, flags, threshold, work)
-        return self.push_local(flags, threshold, work)
+        return flags
+
+    def collect(self) -> Reply:
+        """Every shard's answer to the push before the last, merged (see :meth:`_merge`)."""
+        return self._merge(self._links[self._rank].collect(), pipelined=True)
+
+    def finish_sends(self) -> None:
+        for _, link in self._remote:
+            link.finish_sends()
 
     def post_to(self, shard: int, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None) -> None:
         """Queue the gradient's slice for remote shard ``shard``; :meth:`push_local` completes the push."""
@@ -311,10 +375,13 @@ class ShardedServerLink:
         for link in self._links:
             link.leave(flags)
 
-    def _merge(self, local: Reply) -> Reply:
+    def _merge(self, local: Reply, pipelined: bool = False) -> Reply:
         """One reply from every shard's: their versions, the union of their flags, shard 0's buffers (rank 0's
-        module buffers) and the largest staleness."""
-        replies = {self._rank: local, **{shard: link.await_reply() for shard, link in self._remote}}
+        module buffers) and the largest staleness. ``pipelined``: the sends are not waited for (see ``collect``)."""
+        replies = {
+            self._rank: local,
+            **{shard: link.collect() if pipelined else link.await_reply() for shard, link in self._remote},
+        }
         for shard, reply in replies.items():
             if reply.params is not self._param_slices[shard]:  # received into staging buffers (a GPU model)
                 for mine, received in zip(self._param_slices[shard], reply.params):

@@ -9,6 +9,8 @@ Pure torch and thread-safe, so it can be driven in one process (tests) or by the
 * a *drain* is a barrier: a draining worker pushes nothing until every active worker drains;
   then pending gradients are applied (even fewer than K) and all receive the latest parameters;
 * a worker that *leaves* no longer counts: K is capped at the number of active workers;
+* with ``early_pushes`` a worker may push its next gradient before its answer (a pipelined worker): that push is
+  held, and arrives the moment its worker's pending gradient has been applied;
 * gradients holding NaN or Inf are rejected and counted; the master weights are untouched;
 * an update of k gradients is sized to its group (:mod:`lightning_hybrid.group_scaling`), and a gradient staler
   than ``max_staleness`` is dropped: counted, and its worker answered at once with the latest parameters so that
@@ -76,6 +78,17 @@ class Release:
     dropped: tuple[int, ...] = ()  # their gradients were staler than max_staleness: compute the batch again
     staleness: dict[int, int] = field(default_factory=dict)
     in_place: bool = False  # params are the worker's own idle gradient buffer, not a snapshot to recycle
+
+
+@dataclass(frozen=True)
+class _HeldPush:
+    """A push as it arrived (see :meth:`ParameterServer.push`), until the server takes it."""
+
+    gradient: Sequence[Tensor]
+    version: int
+    drain: bool
+    finite: bool
+    work: Optional[int]
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,7 @@ class ParameterServer:
         staleness_scaling: bool = False,
         group_scaling: str = "none",
         max_staleness: Optional[int] = None,
+        early_pushes: bool = False,
     ) -> None:
         """``hyperparameters`` returns param groups whose values (e.g. a scheduled ``lr``) the server copies
         into its own optimizer before every step. ``staleness_scaling`` weighs each gradient by
@@ -157,7 +171,8 @@ class ParameterServer:
         :meth:`_weight`; exact at arrival, since no update happens while a gradient is pending).
         ``group_scaling`` names the rule that sizes an update to its group of gradients
         (:mod:`lightning_hybrid.group_scaling`). A gradient staler than ``max_staleness`` updates is dropped (its
-        staleness is known at arrival, for the same reason)."""
+        staleness is known at arrival, for the same reason). ``early_pushes``: a worker may push once more while
+        its gradient is pending (see :meth:`push`)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         check_max_staleness(max_staleness)
@@ -187,6 +202,10 @@ class ParameterServer:
         self._version = 0
         self._pending: dict[int, int] = {}
         self._pending_work: dict[int, int] = {}  # work ids of pending gradients that carry one
+        self._early_pushes = early_pushes
+        self._held: dict[int, _HeldPush] = {}  # a pipelined worker's next push, while its last one is pending
+        # early_pushes: each worker's answer before its last, which its next gradient may have been computed on
+        self._answered_before: dict[int, int] = {}
         self.absorbed: set[int] = set()  # work ids of applied (or rejected) gradients, until forgotten
         self._draining: set[int] = set()
         self._active: set[int] = set(range(num_workers))
@@ -239,6 +258,10 @@ class ParameterServer:
         return frozenset(self._active)
 
     @property
+    def early_pushes(self) -> bool:
+        return self._early_pushes
+
+    @property
     def pending_workers(self) -> frozenset[int]:
         return frozenset(self._pending)
 
@@ -259,36 +282,49 @@ class ParameterServer:
         applied (or rejected: its data was used) the id joins :attr:`absorbed`, so that a recovery knows which data
         the master holds. A dropped gradient's data is not absorbed: its worker pushes it again.
 
-        The server may write into ``gradient``'s buffers until the worker is answered (see ``_accumulate``)."""
+        The server may write into ``gradient``'s buffers until the worker is answered (see ``_accumulate``). With
+        ``early_pushes``, a push while the worker's last gradient is pending is held (its buffers too) and arrives
+        once that gradient is applied: as if pushed then, its staleness counted from ``version`` alike."""
         self._check_worker(worker)
         self._check_gradient(worker, gradient)
-        started = time.perf_counter()
         finite = not nonfinite and all(all_finite(g) for g in gradient)  # outside the lock: checks overlap
         with self._lock:
-            self._check_waitable(worker)
-            self._check_version(worker, version)
-            if worker in self._answers_in_place:
-                self._own_buffers[worker] = gradient
-            if finite and self._drops(worker, version):
-                # not even its drain counts: the worker pushes the batch again, with the drain, on the answer's
-                # parameters (while the others drain nothing moves, so that push is fresh)
-                self.dropped[worker] += 1
-                return [self._release((worker,), dropped=(worker,))]
-            if drain:
-                self._draining.add(worker)
-            if not finite:
-                self.rejected[worker] += 1
-                if work is not None:
-                    self.absorbed.add(work)
-                if drain:  # the worker hears of it when the drain completes
-                    self._unreported_rejections.add(worker)
-                    return self._settle()
-                return [self._release((worker,), rejected=(worker,))] + self._settle()
-            self._arrive(worker, gradient, version)
+            if self._early_pushes and worker in self._pending and worker in self._active:
+                if worker in self._held:
+                    raise ProtocolError(f"worker {worker} pushed a third gradient before its first was answered")
+                self._check_version(worker, version)
+                self._held[worker] = _HeldPush(gradient, version, drain, finite, work)
+                return []
+            return self._take(worker, _HeldPush(gradient, version, drain, finite, work))
+
+    def _take(self, worker: int, push: _HeldPush) -> list[Release]:
+        """A push arrives (see :meth:`push`); under the lock."""
+        started = time.perf_counter()
+        gradient, version, drain, finite, work = push.gradient, push.version, push.drain, push.finite, push.work
+        self._check_waitable(worker)
+        self._check_version(worker, version)
+        if worker in self._answers_in_place:
+            self._own_buffers[worker] = gradient
+        if finite and self._drops(worker, version):
+            # not even its drain counts: the worker pushes the batch again, with the drain, on the answer's
+            # parameters (while the others drain nothing moves, so that push is fresh)
+            self.dropped[worker] += 1
+            return [self._release((worker,), dropped=(worker,))]
+        if drain:
+            self._draining.add(worker)
+        if not finite:
+            self.rejected[worker] += 1
             if work is not None:
-                self._pending_work[worker] = work
-            self.update_seconds += time.perf_counter() - started
-            return self._settle()
+                self.absorbed.add(work)
+            if drain:  # the worker hears of it when the drain completes
+                self._unreported_rejections.add(worker)
+                return self._settle()
+            return [self._release((worker,), rejected=(worker,))] + self._settle()
+        self._arrive(worker, gradient, version)
+        if work is not None:
+            self._pending_work[worker] = work
+        self.update_seconds += time.perf_counter() - started
+        return self._settle()
 
     def drain(self, worker: int) -> list[Release]:
         """The worker pushes nothing more until every active worker has drained."""
@@ -304,6 +340,8 @@ class ParameterServer:
             self._active.discard(worker)
             self._draining.discard(worker)
             self._answered.pop(worker, None)
+            self._answered_before.pop(worker, None)
+            self._held.pop(worker, None)  # not absorbed: a recovery trains its batch again
             return self._settle()
 
     def set_threshold(self, threshold: int) -> list[Release]:
@@ -361,6 +399,7 @@ class ParameterServer:
             self._version = int(state["version"])
             self._moved_at = {self._version: 0.0}  # every worker starts from the loaded master
             self._answered = dict.fromkeys(self._answered, self._version)
+            self._answered_before = {}
             self._threshold = self._checked_threshold(int(state["threshold"]))
             self.stats = StalenessStats()
             self.stats.load_state_dict(state.get("staleness", {"counts": {}, "per_worker": {}}))
@@ -433,7 +472,9 @@ class ParameterServer:
         """The update to the next version moved the model ``step`` sync updates; forget the versions that neither
         an active worker holds nor a pending gradient (of a worker that left since) was computed on."""
         self._moved_at[self._version + 1] = self._moved_at[self._version] + step
-        oldest = min([*self._answered.values(), *self._pending.values()], default=self._version + 1)
+        versions = [*self._answered.values(), *self._answered_before.values(), *self._pending.values()]
+        versions += [held.version for held in self._held.values()]
+        oldest = min(versions, default=self._version + 1)
         for version in [v for v in self._moved_at if v < oldest]:
             del self._moved_at[version]
 
@@ -449,7 +490,11 @@ class ParameterServer:
         return self._with_drained(releases)
 
     def _with_drained(self, releases: list[Release]) -> list[Release]:
-        """Once every active worker drains and nothing is pending, all draining workers are answered."""
+        """Held pushes of workers just answered arrive; once every active worker drains and nothing is pending, all
+        draining workers are answered."""
+        # one at a time: taking one settles again, which takes the others
+        while (worker := next((w for w in self._held if w not in self._pending), None)) is not None:
+            releases = releases + self._take(worker, self._held.pop(worker))
         if self._draining and self._active <= self._draining and not self._pending:
             rejected = tuple(sorted(self._unreported_rejections & self._draining))
             releases.append(self._release(tuple(sorted(self._draining)), drained=True, rejected=rejected))
@@ -541,6 +586,8 @@ class ParameterServer:
             params = self._spare_snapshots.pop() if self._spare_snapshots else self.layout.allocate(self.device)
         for snapshot, master in zip(params, self._master):
             snapshot.copy_(master)
+        if self._early_pushes:
+            self._answered_before.update({w: self._answered.get(w, self._version) for w in workers})
         self._answered.update(dict.fromkeys(workers, self._version))
         return Release(workers=workers, version=self._version, params=params, in_place=in_place, **kwargs)
 

@@ -55,25 +55,38 @@ class Channels:
     per follower; on a follower: its one, under key 0). A group of their own: on the answer channel a decision
     (a few bytes) waited behind every answer byte posted before it, and every shard waits for the decision before
     it steps (measured on the emulated cluster, a 3x slower link into the follower: 0.32 s after shard 0 decided).
+
+    ``answers_out[worker]`` (where this rank serves) and ``answers_in[server]`` (where it pushes): pipelined workers
+    only, whose next gradient goes out while the last answer comes in; on the push's own group the two would take
+    turns, as above.
     """
 
     as_server: dict[int, dist.ProcessGroup]
     as_worker: dict[int, dist.ProcessGroup]
     decisions: dict[int, dist.ProcessGroup]
+    answers_out: dict[int, dist.ProcessGroup]
+    answers_in: dict[int, dist.ProcessGroup]
 
     @classmethod
-    def between(cls, rank: int, world_size: int, sharded: bool, timeout: Optional[timedelta]) -> Channels:
+    def between(
+        cls, rank: int, world_size: int, sharded: bool, timeout: Optional[timedelta], pipelined: bool = False
+    ) -> Channels:
         """Every rank's channels; ``new_group`` is collective, so every rank makes every group, in the same order.
         One server: one group per worker; sharded: one per ordered pair of ranks, and one per follower for the
-        decisions."""
-        channels = cls({}, {}, {})
+        decisions; ``pipelined``: one more per (server, worker) pair for the answers."""
+        channels = cls({}, {}, {}, {}, {})
         for server in range(world_size) if sharded else [SERVER_RANK]:
             for worker in (w for w in range(world_size) if w != server):
                 group = dist.new_group([server, worker], backend="gloo", timeout=timeout)
+                answers = dist.new_group([server, worker], backend="gloo", timeout=timeout) if pipelined else None
                 if rank == server:
                     channels.as_server[worker] = group
+                    if answers is not None:
+                        channels.answers_out[worker] = answers
                 elif rank == worker:
                     channels.as_worker[server] = group
+                    if answers is not None:
+                        channels.answers_in[server] = answers
         for follower in range(1, world_size) if sharded else ():
             group = dist.new_group([0, follower], backend="gloo", timeout=timeout)
             if rank in (0, follower):
@@ -94,6 +107,7 @@ class SessionOptions:
     shard_server: bool
     shard_weights: Optional[tuple[float, ...]]
     peer_timeout: float
+    pipeline_pushes: bool = False
 
 
 def _on_host(value: Any) -> Any:
@@ -139,6 +153,7 @@ class WorkerSession:
         self.local_stop = Flag.NONE  # stop signals raised on this rank, sent with every message
         self._server_stop = Flag.NONE  # stop signals the server relayed: every rank acts on them alike
         self.drained = True  # nothing pushed since the last drain: every rank holds the latest model
+        self._outstanding = False  # pipelined: the last push's answer is still to be collected
         self._staleness = StalenessStats()
         self._rejected: Counter = Counter()
         self._dropped: Counter = Counter()
@@ -198,6 +213,7 @@ class WorkerSession:
                 staleness_scaling=options.staleness_scaling,
                 group_scaling=options.group_scaling,
                 max_staleness=options.max_staleness,
+                early_pushes=options.pipeline_pushes,
             )
             if isinstance(server, FollowerServer):
                 server.on_recovery_point = on_recovery_point
@@ -210,6 +226,7 @@ class WorkerSession:
                 local_params=local_params,
                 rank=rank,
                 decisions=channels.decisions if shards > 1 else {},
+                answers=channels.answers_out or None,
             )
             endpoint.start()
             return endpoint
@@ -227,6 +244,7 @@ class WorkerSession:
                 receive_into=params if device.type == "cpu" else None,
                 pin_memory=device.type == "cuda",
                 server_rank=server_rank,
+                answers=channels.answers_in.get(server_rank),
             )
 
         if options.shard_server:  # every rank serves its shard of the model and talks to every shard
@@ -357,6 +375,7 @@ class WorkerSession:
         started = time.perf_counter()
         if loss is None:  # training_step returned None: Lightning skips the step, so no gradient
             if final:
+                self._collect_outstanding(self._link, global_step)
                 reply = self._link.drain(self.local_stop, threshold)
             else:
                 reply, self._threshold_request = None, self._threshold_request or threshold
@@ -367,7 +386,10 @@ class WorkerSession:
             self._layout.pack([p.grad for p in self._params], self._gradient)
             self.drained = False
             flags = self.local_stop | (Flag.DRAIN if final else Flag.NONE)
-            reply = self._link.push(self._gradient, self._version, flags, threshold, work)
+            if self._options is not None and self._options.pipeline_pushes:
+                reply = self._push_pipelined(flags, threshold, work, global_step)
+            else:
+                reply = self._link.push(self._gradient, self._version, flags, threshold, work)
         if reply is not None and reply.flags & Flag.DROPPED:
             self._absorb(reply, global_step)
             self.wait_seconds += time.perf_counter() - started
@@ -375,6 +397,7 @@ class WorkerSession:
         if reply is not None:
             self._absorb(reply, global_step)
             if self._server_stop and not final:
+                self._collect_outstanding(self._link, global_step)
                 self._absorb(self._link.drain(self.local_stop), global_step)
             if final or self._server_stop:
                 self.drained = True
@@ -382,9 +405,33 @@ class WorkerSession:
         self.steps += 1
         return True
 
+    def _push_pipelined(
+        self, flags: Flag, threshold: Optional[int], work: Optional[int], global_step: int
+    ) -> Optional[Reply]:
+        """Push the packed gradient and collect the answer to the push before, which comes in while this one goes
+        out: the next step runs on parameters without this worker's last update (``pipeline_pushes``).
+        A draining push is answered before the step ends. ``None``: nothing was outstanding."""
+        assert self._link is not None
+        self._link.post_push(self._gradient, self._version, flags, threshold, work)
+        previous, self._outstanding = (self._link.collect() if self._outstanding else None), True
+        self._link.finish_sends()  # the gradient's buffers are packed again at the next step
+        if not flags & Flag.DRAIN:
+            return previous
+        if previous is not None:
+            self._absorb(previous, global_step)
+        self._outstanding = False
+        return self._link.collect()
+
+    def _collect_outstanding(self, link: AnyServerLink, global_step: int) -> None:
+        """Pipelined: take the answer to the last push before a drain (which waits for every answer)."""
+        if self._outstanding:
+            self._outstanding = False
+            self._absorb(link.collect(), global_step)
+
     def drain(self, global_step: int) -> None:
         """Apply pending gradients and take the latest parameters and rank 0's buffers."""
         assert self._link is not None
+        self._collect_outstanding(self._link, global_step)
         self._absorb(self._link.drain(self.local_stop, self._take_threshold_request()), global_step)
         self.drained = True
 
@@ -519,6 +566,7 @@ class WorkerSession:
                 link.leave(Flag.FAILED)
             else:
                 if clean:
+                    self._collect_outstanding(link, global_step)
                     self._absorb(link.drain(self.local_stop), global_step)
                 link.leave(self.local_stop)
         except HybridSGDError:

@@ -143,6 +143,11 @@ class HybridSGDStrategy(DDPStrategy):
         shard_weights: with ``shard_server``, each rank's share of the model (one number per global rank, e.g.
             its link's bandwidth): every update needs every shard, and a shard's link carries its slice to and from
             every worker, so a rank on a slower link should serve less. ``None`` (default): equal slices.
+        pipeline_pushes: a worker sends its next gradient while the answer to its last one comes in, instead of
+            waiting for that answer first: each step runs on parameters without the worker's own last update (every
+            gradient staler by one step's updates: one at K = N, which is then no longer exactly DDP), and a
+            worker's link carries both directions at once. For links, not cores: see README, *Pipelined pushes*. Not with ``max_staleness`` or
+            ``overlap_push``. Off by default.
         nonfinite: what a gradient holding NaN or Inf does: ``"skip"`` (it is rejected, counted and logged,
             the master weights untouched, training goes on) or ``"stop"`` (rejected, then the run stops on
             every rank with :class:`NonFiniteGradientError` naming the rank and step).
@@ -182,6 +187,7 @@ class HybridSGDStrategy(DDPStrategy):
         overlap_push: bool = False,
         shard_server: bool = False,
         shard_weights: Optional[Sequence[float]] = None,
+        pipeline_pushes: bool = False,
         nonfinite: Literal["skip", "stop"] = "skip",
         recovery_dir: Optional[_PATH] = None,
         recovery_every: float = 60.0,
@@ -205,7 +211,9 @@ class HybridSGDStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        checks.check_options(threshold, pull_work, group_scaling, max_staleness, overlap_push, nonfinite, peer_timeout)
+        checks.check_options(
+            threshold, pull_work, group_scaling, max_staleness, overlap_push, nonfinite, peer_timeout, pipeline_pushes
+        )
         checks.check_recovery(recovery_every)
         checks.check_shard_weights(shard_weights, shard_server)
         self._threshold_spec = threshold
@@ -216,6 +224,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._overlap_push = bool(overlap_push)
         self._shard_server = bool(shard_server)
         self._shard_weights = None if shard_weights is None else tuple(float(w) for w in shard_weights)
+        self._pipeline_pushes = bool(pipeline_pushes)
         self._nonfinite = nonfinite
         self._peer_timeout = float(peer_timeout)
         self._recovery_dir = recovery_dir
@@ -367,7 +376,9 @@ class HybridSGDStrategy(DDPStrategy):
         if self._fit_recovery is not None:
             lockstep.resume_from(trainer, self._newer_recovery_checkpoint)
         if self._channels is None:
-            self._channels = Channels.between(self.global_rank, self.world_size, self._shard_server, self._timeout)
+            self._channels = Channels.between(
+                self.global_rank, self.world_size, self._shard_server, self._timeout, self._pipeline_pushes
+            )
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -434,6 +445,7 @@ class HybridSGDStrategy(DDPStrategy):
                 shard_server=self._shard_server,
                 shard_weights=self._shard_weights,
                 peer_timeout=self._peer_timeout,
+                pipeline_pushes=self._pipeline_pushes,
             ),
             on_recovery_point=self._write_part if self._recovery is not None and not self.is_global_zero else None,
         )

@@ -411,6 +411,7 @@ class Straggler(OneGpu, Slowed, Batches):
     nonfinite: Literal["skip", "stop"] = "skip"
     shard_server: bool = False
     overlap_push: bool = False
+    pipeline_pushes: bool = False
     nan_rank: int = option(-1, "the rank whose loss is NaN once")
     nan_step: int = option(-1, "the global step of that rank at which its loss is NaN")
     max_time: str | None = option(None, "Trainer(max_time), DD:HH:MM:SS")
@@ -431,6 +432,7 @@ def straggler(args: Straggler) -> None:
         peer_timeout=60,
         shard_server=args.shard_server,
         overlap_push=args.overlap_push,
+        pipeline_pushes=args.pipeline_pushes,
         process_group_backend=args.process_group_backend,
     )
     extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}
@@ -828,6 +830,7 @@ def namespace(args: Namespace) -> None:
 class Soak(Seeded):
     max_time: str = option(help="Trainer(max_time), DD:HH:MM:SS: how long it trains")
     shard_server: bool = False
+    pipeline_pushes: bool = False
 
 
 @scenario
@@ -836,7 +839,11 @@ def soak(args: Soak) -> None:
     every 3 steps, pulled work; every rank records its pushes and its memory at each epoch end."""
     pl.seed_everything(args.seed)
     strategy = lightning_hybrid.HybridSGDStrategy(
-        threshold="async", pull_work=True, peer_timeout=60, shard_server=args.shard_server
+        threshold="async",
+        pull_work=True,
+        peer_timeout=60,
+        shard_server=args.shard_server,
+        pipeline_pushes=args.pipeline_pushes,
     )
     delays = InjectDelays(
         ranks=[args.devices - 1], slowdown=2.0, extra=DelayDistribution("pareto", 0.002, 1.5), seed=args.seed

@@ -190,6 +190,8 @@ def test_threshold_scheduler_shows_k_and_staleness_in_the_progress_bar() -> None
         (dict(group_scaling="linear"), "unknown group_scaling 'linear'"),
         (dict(max_staleness=0), "max_staleness=0 must be a positive int"),
         (dict(max_staleness=4, overlap_push=True), "overlap_push has sent it during backward"),
+        (dict(max_staleness=4, pipeline_pushes=True), "with pipeline_pushes the answer that drops it"),
+        (dict(overlap_push=True, pipeline_pushes=True), "pipeline_pushes and overlap_push cannot be combined"),
     ],
 )
 def test_bad_update_rules_are_refused_at_construction(kwargs, message) -> None:

@@ -230,6 +230,64 @@ def test_protocol_errors_name_the_problem() -> None:
         server.set_threshold(3)
 
 
+def test_an_early_push_is_held_until_its_workers_pending_gradient_is_applied() -> None:
+    # early_pushes (a pipelined worker): worker 0 pushes its next gradient before its answer; it waits, held,
+    # and joins the pending set the moment the update that answers worker 0 is applied
+    server = make_server(workers=2, threshold=2, early_pushes=True)
+    first, second = grad(1), grad(5)
+    assert server.push(0, first, version=0) == []
+    assert server.push(0, second, version=0) == []  # held: the pending sum lives in `first`, not touched
+    assert server.pending_workers == {0} and torch.equal(second[0], torch.full((7,), 5.0))
+    (release,) = server.push(1, grad(3), version=0)
+    assert release.workers == (0, 1) and release.staleness == {0: 0, 1: 0}
+    assert torch.equal(master(server), torch.full((7,), -2.0))  # the mean of 1 and 3: the held one waits
+    assert server.pending_workers == {0}  # the held push arrived, computed on version 0
+    (later,) = server.push(1, grad(1), version=1)
+    assert later.staleness == {0: 1, 1: 0} and server.version == 2
+    assert torch.equal(master(server), torch.full((7,), -5.0))  # minus the mean of 5 and 1
+
+
+def test_held_pushes_of_a_whole_group_all_arrive() -> None:
+    # K = N = 3, every worker pipelined: the update that answers them lets all three held pushes arrive
+    server = make_server(workers=3, threshold=3, early_pushes=True)
+    for worker in (0, 1):
+        server.push(worker, grad(1), version=0)
+        server.push(worker, grad(2), version=0)
+    (release,) = server.push(2, grad(1), version=0)
+    assert release.workers == (0, 1, 2) and server.pending_workers == {0, 1}
+    (second,) = server.push(2, grad(2), version=1)
+    assert second.staleness == {0: 1, 1: 1, 2: 0} and torch.equal(master(server), torch.full((7,), -3.0))
+
+
+def test_a_third_push_before_the_first_answer_is_a_protocol_error() -> None:
+    server = make_server(workers=2, threshold=2, early_pushes=True)
+    server.push(0, grad(1), version=0)
+    server.push(0, grad(1), version=0)
+    with pytest.raises(ProtocolError, match="third gradient"):
+        server.push(0, grad(1), version=0)
+
+
+def test_a_pipelined_workers_answer_before_its_last_stays_weighable() -> None:
+    # a pipelined worker's push carries the version of the answer before its last: the server must still know
+    # how far the model moved since then (staleness_scaling), however far it forgot older versions
+    server = make_server(workers=1, threshold=1, staleness_scaling=True, early_pushes=True)
+    server.push(0, grad(1), version=0)  # answered with version 1
+    (second,) = server.push(0, grad(1), version=0)  # pushed before that answer came: version 0, staleness 1
+    assert second.staleness == {0: 1}
+    (third,) = server.push(0, grad(2), version=1)  # computed on the first answer, pushed before the second's
+    assert third.staleness == {0: 1} and server.version == 3
+    assert torch.allclose(master(server), torch.full((7,), -1.0 - 0.5 - 1.0))  # weights 1, 1/2, 1/2
+
+
+def test_a_leaving_workers_held_push_is_not_absorbed() -> None:
+    # its batch is not in the master: a recovery trains it again
+    server = make_server(workers=2, threshold=2, early_pushes=True)
+    server.push(0, grad(1), version=0, work=10)
+    server.push(0, grad(1), version=0, work=11)
+    assert server.leave(0) == []  # its pending gradient is applied (K is capped at 1 active worker), unanswered
+    assert server.absorbed == {10} and server.version == 1 and server.pending_workers == set()
+
+
 def test_clipping_applies_to_the_aggregated_gradient() -> None:
     server = make_server(workers=2, threshold=2, gradient_clipping=GradientClipping(1.0, "norm"))
     server.push(0, grad(4), version=0)

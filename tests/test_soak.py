@@ -1,5 +1,6 @@
 """Soak: minutes of training with heavy-tailed delays and K changed at random every 3 steps, with one server
-(2 minutes) and sharded (1 minute; this found the deadlock of shards that chose their own groups). Memory does
+(2 minutes), sharded (1 minute; this found the deadlock of shards that chose their own groups) and sharded with
+pipelined pushes (1 minute: held pushes while K moves). Memory does
 not grow, no update is lost, the run ends cleanly. Marked ``soak``: not in the default selection, run by
 ``make test`` (and CI) after the rest."""
 
@@ -12,9 +13,14 @@ from conftest import launch, results
 pytestmark = [pytest.mark.multiprocess, pytest.mark.soak]
 
 
-@pytest.mark.parametrize("sharded, minutes", [(False, 2), (True, 1)])
-def test_minutes_of_random_delays_and_threshold_changes(tmp_path, sharded: bool, minutes: int) -> None:
+@pytest.mark.parametrize(
+    "sharded, pipelined, minutes",
+    [(False, False, 2), (True, False, 1), (True, True, 1)],
+    ids=["one", "sharded", "piped"],
+)
+def test_minutes_of_random_delays_and_threshold_changes(tmp_path, sharded: bool, pipelined: bool, minutes: int) -> None:
     flags = f"--devices 3 --max-time 00:00:0{minutes}:00" + " --shard-server" * sharded
+    flags += " --pipeline-pushes" * pipelined
     launch("soak", tmp_path, flags, timeout=400)  # exit 0: it ended cleanly
     ranks = results(tmp_path, 3)
     pushes = sum(rank["pushes"] for rank in ranks)

@@ -53,6 +53,7 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
         overlap_push=strategy.overlap_push,
         shard_server=strategy.shard_server,
         shard_weights=strategy.shard_weights,
+        pipeline_pushes=strategy.pipeline_pushes,
         nonfinite=strategy.nonfinite,
         recovery_dir=strategy.recovery_dir,
         recovery_every=strategy.recovery_every,
