@@ -153,7 +153,7 @@ class WorkerSession:
         self.local_stop = Flag.NONE  # stop signals raised on this rank, sent with every message
         self._server_stop = Flag.NONE  # stop signals the server relayed: every rank acts on them alike
         self.drained = True  # nothing pushed since the last drain: every rank holds the latest model
-        self._outstanding = False  # pipelined: the last push's answer is still to be collected
+        self._outstanding: Optional[int] = None  # pipelined: the global step of the push still to be answered
         self._staleness = StalenessStats()
         self._rejected: Counter = Counter()
         self._dropped: Counter = Counter()
@@ -373,9 +373,10 @@ class WorkerSession:
         server dropped the gradient as too stale, and the batch must be computed again."""
         assert self._link is not None
         started = time.perf_counter()
+        answered_step = global_step  # the step whose push the reply answers (pipelined: an earlier one)
         if loss is None:  # training_step returned None: Lightning skips the step, so no gradient
             if final:
-                self._collect_outstanding(self._link, global_step)
+                self._collect_outstanding(self._link)
                 reply = self._link.drain(self.local_stop, threshold)
             else:
                 reply, self._threshold_request = None, self._threshold_request or threshold
@@ -387,7 +388,7 @@ class WorkerSession:
             self.drained = False
             flags = self.local_stop | (Flag.DRAIN if final else Flag.NONE)
             if self._options is not None and self._options.pipeline_pushes:
-                reply = self._push_pipelined(flags, threshold, work, global_step)
+                reply, answered_step = self._push_pipelined(flags, threshold, work, global_step)
             else:
                 reply = self._link.push(self._gradient, self._version, flags, threshold, work)
         if reply is not None and reply.flags & Flag.DROPPED:
@@ -395,9 +396,9 @@ class WorkerSession:
             self.wait_seconds += time.perf_counter() - started
             return False
         if reply is not None:
-            self._absorb(reply, global_step)
+            self._absorb(reply, answered_step)
             if self._server_stop and not final:
-                self._collect_outstanding(self._link, global_step)
+                self._collect_outstanding(self._link)
                 self._absorb(self._link.drain(self.local_stop), global_step)
             if final or self._server_stop:
                 self.drained = True
@@ -407,31 +408,33 @@ class WorkerSession:
 
     def _push_pipelined(
         self, flags: Flag, threshold: Optional[int], work: Optional[int], global_step: int
-    ) -> Optional[Reply]:
+    ) -> tuple[Optional[Reply], int]:
         """Push the packed gradient and collect the answer to the push before, which comes in while this one goes
-        out: the next step runs on parameters without this worker's last update (``pipeline_pushes``).
-        A draining push is answered before the step ends. ``None``: nothing was outstanding."""
+        out: the next step runs on parameters without this worker's last update (``pipeline_pushes``). A draining
+        push is answered before the step ends. Returns the answer (``None``: nothing was outstanding) and the
+        global step of the push it answers."""
         assert self._link is not None
         self._link.post_push(self._gradient, self._version, flags, threshold, work)
-        previous, self._outstanding = (self._link.collect() if self._outstanding else None), True
+        pushed_at, self._outstanding = self._outstanding, global_step
+        previous = self._link.collect() if pushed_at is not None else None
         self._link.finish_sends()  # the gradient's buffers are packed again at the next step
         if not flags & Flag.DRAIN:
-            return previous
+            return previous, global_step if pushed_at is None else pushed_at
         if previous is not None:
-            self._absorb(previous, global_step)
-        self._outstanding = False
-        return self._link.collect()
+            self._absorb(previous, pushed_at)
+        self._outstanding = None
+        return self._link.collect(), global_step
 
-    def _collect_outstanding(self, link: AnyServerLink, global_step: int) -> None:
+    def _collect_outstanding(self, link: AnyServerLink) -> None:
         """Pipelined: take the answer to the last push before a drain (which waits for every answer)."""
-        if self._outstanding:
-            self._outstanding = False
-            self._absorb(link.collect(), global_step)
+        if self._outstanding is not None:
+            pushed_at, self._outstanding = self._outstanding, None
+            self._absorb(link.collect(), pushed_at)
 
     def drain(self, global_step: int) -> None:
         """Apply pending gradients and take the latest parameters and rank 0's buffers."""
         assert self._link is not None
-        self._collect_outstanding(self._link, global_step)
+        self._collect_outstanding(self._link)
         self._absorb(self._link.drain(self.local_stop, self._take_threshold_request()), global_step)
         self.drained = True
 
@@ -566,7 +569,7 @@ class WorkerSession:
                 link.leave(Flag.FAILED)
             else:
                 if clean:
-                    self._collect_outstanding(link, global_step)
+                    self._collect_outstanding(link)
                     self._absorb(link.drain(self.local_stop), global_step)
                 link.leave(self.local_stop)
         except HybridSGDError:

@@ -89,10 +89,11 @@ def test_sigterm_on_one_rank_stops_every_rank_cleanly(tmp_path) -> None:
     assert "Error" not in output and "Timed out" not in output
 
 
-def test_nonfinite_stop_policy_ends_the_run_on_every_rank_naming_rank_and_step(tmp_path) -> None:
-    output = run_failing(
-        "straggler", tmp_path, "--devices 3 --threshold 1 --nan-rank 2 --nan-step 3 --nonfinite stop", bound=60
-    )
+@pytest.mark.parametrize("pipelined", [False, True], ids=["waiting", "pipelined"])
+def test_nonfinite_stop_policy_ends_the_run_on_every_rank_naming_rank_and_step(tmp_path, pipelined: bool) -> None:
+    # pipelined: the rejection comes with the answer rank 2 collects at its next step; the error still names step 3
+    args = "--devices 3 --threshold 1 --nan-rank 2 --nan-step 3 --nonfinite stop" + " --pipeline-pushes" * pipelined
+    output = run_failing("straggler", tmp_path, args, bound=60)
     assert "NonFiniteGradientError: hybrid_sgd: rank 2's gradient at step 3 held NaN or Inf" in output
     # the others stop too, told by the server that rank 2 failed (their log lines: see the killed-worker test)
     for survivor in (0, 1):
