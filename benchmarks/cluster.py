@@ -162,6 +162,7 @@ def summarise(ranks: list[dict[str, Any]], nodes: list[Any], numel: int, batch: 
                 sent_link_use=sent * 8 / seconds / (node.rate_mbit * 1e6),
                 received_link_use=received * 8 / seconds / (node.rate_mbit * 1e6),
                 cpu=(rank["cpu_seconds"][-1] - rank["cpu_seconds"][first]) / seconds,
+                waiting=(rank["wait_seconds"][-1] - rank["wait_seconds"][first]) / seconds,
             )
         per_node.append(entry)
     return {
@@ -230,7 +231,8 @@ def mean(values: list[float]) -> float | None:
 
 def columns(result: dict[str, Any], slow: int | None) -> dict[str, str]:
     """A row's columns: model sizes sent/received per step of node 0 and of the other nodes (mean), CPU per node,
-    the busiest link's use (or the slow link's) and the batches each node trained."""
+    the busiest link's use (or the slow link's), the batches each node trained and the share of its time each
+    node's worker waited for the server's answers (hybrid_sgd only)."""
     nodes = result["per_node"]
     timed = [entry if "cpu" in entry else None for entry in nodes]
 
@@ -253,13 +255,17 @@ def columns(result: dict[str, Any], slow: int | None) -> dict[str, str]:
         "cpu_all": f"{sum(entry['cpu'] for entry in timed if entry):.2f}",
         "link": fmt(link and 100 * link, ".0f") + "%",
         "batches": "/".join(str(entry["batches"]) for entry in nodes),
+        "waiting": "/".join(fmt(entry and 100 * entry["waiting"], ".0f") for entry in timed)
+        if any(entry and entry["waiting"] for entry in timed)
+        else "-",
     }
 
 
 def header(link: str) -> str:
     return (
         f"  {'strategy':<31} {'samples/s':>9} {'vs DDP':>7} {link:>12} {'batches per node':>16} "
-        f"{'node 0 sent/recv':>16} {'others sent/recv':>16} {'CPU node 0':>10} {'CPU others':>10} {'CPU all':>7}"
+        f"{'node 0 sent/recv':>16} {'others sent/recv':>16} {'CPU node 0':>10} {'CPU others':>10} {'CPU all':>7} "
+        f"{'waiting %':>12}"
     )
 
 
@@ -299,7 +305,7 @@ def measure(
             report(
                 f"  {label:<31} {fmt(samples, '9.0f')} {fmt(row['vs_ddp'], '6.2f')}x {c['link']:>12} "
                 f"{c['batches']:>16} {c['node0']:>16} {c['others']:>16} {c['cpu0']:>10} {c['cpus']:>10} "
-                f"{c['cpu_all']:>7}"
+                f"{c['cpu_all']:>7} {c['waiting']:>12}"
             )
         rows.append(row)
     return rows

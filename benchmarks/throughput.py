@@ -74,9 +74,10 @@ class StepTimer(pl.Callback):
     def __init__(self, warmup: int, net_device: str | None = None) -> None:
         self.warmup = warmup
         self.times: list[Any] = []  # perf_counter() per step end; on a GPU a CUDA event
-        # with net_device (cluster.py): per step end, that interface's byte counters and this process's CPU seconds
+        # with net_device (cluster.py): per step end, that interface's byte counters, this process's CPU seconds
+        # and the seconds hybrid_sgd's worker has waited for the server's answers so far (0 under DDP)
         self.net_device = net_device
-        self.trace: dict[str, list[float]] = {"tx_bytes": [], "rx_bytes": [], "cpu_seconds": []}
+        self.trace: dict[str, list[float]] = {"tx_bytes": [], "rx_bytes": [], "cpu_seconds": [], "wait_seconds": []}
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -89,6 +90,7 @@ class StepTimer(pl.Callback):
                 path = Path("/sys/class/net", self.net_device, "statistics", counter)
                 self.trace[counter].append(int(path.read_text()))
             self.trace["cpu_seconds"].append(time.process_time())
+            self.trace["wait_seconds"].append(getattr(trainer.strategy, "wait_seconds", 0.0))
 
     @property
     def steps(self) -> int:
