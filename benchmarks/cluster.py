@@ -232,7 +232,7 @@ def mean(values: list[float]) -> float | None:
 def columns(result: dict[str, Any], slow: int | None) -> dict[str, str]:
     """A row's columns: model sizes sent/received per step of node 0 and of the other nodes (mean), CPU per node,
     the busiest link's use (or the slow link's), the batches each node trained and the share of its time each
-    node's worker waited for the server's answers (hybrid_sgd only)."""
+    node's worker spent in its exchange with the server: sending, waiting, receiving (hybrid_sgd only)."""
     nodes = result["per_node"]
     timed = [entry if "cpu" in entry else None for entry in nodes]
 

@@ -75,7 +75,7 @@ class StepTimer(pl.Callback):
         self.warmup = warmup
         self.times: list[Any] = []  # perf_counter() per step end; on a GPU a CUDA event
         # with net_device (cluster.py): per step end, that interface's byte counters, this process's CPU seconds
-        # and the seconds hybrid_sgd's worker has waited for the server's answers so far (0 under DDP)
+        # and the seconds hybrid_sgd's worker has spent in its exchanges with the server so far (0 under DDP)
         self.net_device = net_device
         self.trace: dict[str, list[float]] = {"tx_bytes": [], "rx_bytes": [], "cpu_seconds": [], "wait_seconds": []}
 
