@@ -106,6 +106,12 @@ class ServerEndpoint:
         )
         self._pipelined = server.early_pushes
         self._local_params = None if self._pipelined else local_params
+        # Two answers can be due to a pipelined worker at once, made by two threads: each server event and the
+        # delivery of its releases happen under this lock, so that a worker's answers leave in the order the
+        # server made them (found by the pipelined soak: a worker that read them swapped pushed a forgotten version)
+        self._in_order: contextlib.AbstractContextManager = (
+            threading.RLock() if self._pipelined else contextlib.nullcontext()
+        )
         self._channels = channels
         self._answer_channels = answers or channels
         self._buffer_layout = buffer_layout
@@ -164,9 +170,10 @@ class ServerEndpoint:
         """:meth:`push_local` without the wait: :meth:`await_local` takes the answer."""
         if self._failure is not None:
             raise self._failure
-        self.apply_requests(flags, threshold)
         drain, nonfinite = bool(flags & Flag.DRAIN), bool(flags & Flag.NONFINITE)
-        self._dispatch(self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite, work=work))
+        with self._in_order:
+            self.apply_requests(flags, threshold)
+            self._dispatch(self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite, work=work))
 
     def await_local(self) -> Reply:
         """The local worker's next answer, in the order of its pushes and drains."""
@@ -176,14 +183,16 @@ class ServerEndpoint:
         """The local worker drains; returns the answer once every active worker has drained."""
         if self._failure is not None:
             raise self._failure
-        self.apply_requests(flags, threshold)
-        self._dispatch(self.server.drain(self.rank))
+        with self._in_order:
+            self.apply_requests(flags, threshold)
+            self._dispatch(self.server.drain(self.rank))
         return self.await_local()
 
     def leave_local(self, flags: Flag = Flag.NONE) -> None:
         """The local worker sends nothing more."""
-        self.apply_requests(flags, 0)
-        self._dispatch(self.server.leave(self.rank))
+        with self._in_order:
+            self.apply_requests(flags, 0)
+            self._dispatch(self.server.leave(self.rank))
 
     def abort(self, code: AbortCode, rank: int, why: str = "") -> None:
         """Tell every remote worker and the local one that the run cannot go on.
@@ -277,7 +286,8 @@ class ServerEndpoint:
                 if decision.version == END_OF_DECISIONS:
                     return
                 if self._failure is None:
-                    self._dispatch(self.server.decide(decision.version, decision.workers))
+                    with self._in_order:
+                        self._dispatch(self.server.decide(decision.version, decision.workers))
 
     def _tell_followers(self, version: int, group: Sequence[int]) -> None:
         """Post shard 0's decision (or the end of them) to every follower; the sender thread completes it."""
@@ -293,31 +303,33 @@ class ServerEndpoint:
             raise ProtocolError(f"rank {rank} sent a message of unknown kind {header.kind}")
         if self._failure is not None:
             return
-        self.apply_requests(header.flags, header.threshold)
-        if header.kind == Kind.PUSH:
-            drain, nonfinite = bool(header.flags & Flag.DRAIN), bool(header.flags & Flag.NONFINITE)
-            releases = self.server.push(
-                rank, gradient, header.version, drain=drain, nonfinite=nonfinite, work=work_of(header)
-            )
-        elif header.kind == Kind.DRAIN:
-            releases = self.server.drain(rank)
-        else:
-            releases = self.server.leave(rank)
-            if header.flags & Flag.FAILED:
-                self.abort(AbortCode.WORKER_LOST, rank, ": it raised an exception (see its log)")
-                return
-        self._dispatch(releases)
+        with self._in_order:
+            self.apply_requests(header.flags, header.threshold)
+            if header.kind == Kind.PUSH:
+                drain, nonfinite = bool(header.flags & Flag.DRAIN), bool(header.flags & Flag.NONFINITE)
+                releases = self.server.push(
+                    rank, gradient, header.version, drain=drain, nonfinite=nonfinite, work=work_of(header)
+                )
+            elif header.kind == Kind.DRAIN:
+                releases = self.server.drain(rank)
+            else:
+                releases = self.server.leave(rank)
+                if header.flags & Flag.FAILED:
+                    self.abort(AbortCode.WORKER_LOST, rank, ": it raised an exception (see its log)")
+                    return
+            self._dispatch(releases)
 
     def apply_requests(self, flags: int, threshold: Optional[int]) -> None:
         """Stop signals and a threshold change that a worker's message carries."""
         if flags & STOP_FLAGS:
             self.server.request_stop(int(flags & STOP_FLAGS))
         if threshold:
-            try:
-                releases = self.server.set_threshold(threshold)
-            except ValueError as err:
-                raise ProtocolError(f"a worker requested an impossible threshold: {err}") from err
-            self._dispatch(releases)
+            with self._in_order:
+                try:
+                    releases = self.server.set_threshold(threshold)
+                except ValueError as err:
+                    raise ProtocolError(f"a worker requested an impossible threshold: {err}") from err
+                self._dispatch(releases)
 
     def _dispatch(self, releases: list[Release]) -> None:
         if self._failure is not None:
