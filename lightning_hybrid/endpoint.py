@@ -171,9 +171,11 @@ class ServerEndpoint:
         if self._failure is not None:
             raise self._failure
         drain, nonfinite = bool(flags & Flag.DRAIN), bool(flags & Flag.NONFINITE)
-        with self._in_order:
-            self.apply_requests(flags, threshold)
-            self._dispatch(self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite, work=work))
+        self._local_event(
+            flags,
+            threshold,
+            lambda: self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite, work=work),
+        )
 
     def await_local(self) -> Reply:
         """The local worker's next answer, in the order of its pushes and drains."""
@@ -183,16 +185,18 @@ class ServerEndpoint:
         """The local worker drains; returns the answer once every active worker has drained."""
         if self._failure is not None:
             raise self._failure
-        with self._in_order:
-            self.apply_requests(flags, threshold)
-            self._dispatch(self.server.drain(self.rank))
+        self._local_event(flags, threshold, lambda: self.server.drain(self.rank))
         return self.await_local()
 
     def leave_local(self, flags: Flag = Flag.NONE) -> None:
         """The local worker sends nothing more."""
+        self._local_event(flags, 0, lambda: self.server.leave(self.rank))
+
+    def _local_event(self, flags: Flag, threshold: Optional[int], event: Callable[[], list[Release]]) -> None:
+        """The requests a local message carries, then the message itself, its answers delivered in order."""
         with self._in_order:
-            self.apply_requests(flags, 0)
-            self._dispatch(self.server.leave(self.rank))
+            self.apply_requests(flags, threshold)
+            self._dispatch(event())
 
     def abort(self, code: AbortCode, rank: int, why: str = "") -> None:
         """Tell every remote worker and the local one that the run cannot go on.
