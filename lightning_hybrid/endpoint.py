@@ -25,6 +25,7 @@ from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.server import FollowerServer, ParameterServer, Release
 from lightning_hybrid.wire import (
     ANSWER_TAG,
+    BUFFERS_TAG,
     DECISION_TAG,
     END_OF_DECISIONS,
     REQUEST_TAG,
@@ -401,8 +402,10 @@ class ServerEndpoint:
                     detail=release.staleness.get(worker, -1),
                 )
                 group = self._answer_channels[worker]
-                for tensor in [header.to_tensor(), *params, *(buffers or [])]:
-                    works.append((worker, tensor, dist.isend(tensor, dst=worker, group=group, tag=ANSWER_TAG)))
+                tagged = [(t, ANSWER_TAG) for t in [header.to_tensor(), *params]]
+                tagged += [(t, BUFFERS_TAG) for t in buffers or []]
+                for tensor, tag in tagged:
+                    works.append((worker, tensor, dist.isend(tensor, dst=worker, group=group, tag=tag)))
         return works  # the tensors stay referenced until their sends complete
 
     def _complete_sends(self) -> None:

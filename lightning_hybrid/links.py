@@ -7,6 +7,8 @@ worker session drives any of them the same way.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 from datetime import timedelta
 from typing import Optional
 
@@ -21,6 +23,7 @@ from lightning_hybrid.server import all_finite
 from lightning_hybrid.shards import ShardPlan
 from lightning_hybrid.wire import (
     ANSWER_TAG,
+    BUFFERS_TAG,
     NO_WORK,
     REQUEST_TAG,
     SERVER_RANK,
@@ -83,6 +86,15 @@ class LocalServerLink:
         self._endpoint.leave_local(flags)
 
 
+@dataclasses.dataclass
+class _PostedAnswer:
+    """The receives of one answer's header and parameters, posted before it comes."""
+
+    header: Tensor
+    params: list[Tensor]
+    works: list[dist.Work]
+
+
 class RemoteServerLink:
     """A worker's connection to the server rank over its own process group."""
 
@@ -107,10 +119,15 @@ class RemoteServerLink:
         self._answers = answers or group
         self._layout = layout
         self._timeout = timedelta(seconds=peer_timeout)
+        self._receive_into = receive_into
         self._params = receive_into if receive_into is not None else layout.allocate("cpu", pin_memory=pin_memory)
         self._buffers = buffer_layout.allocate("cpu", pin_memory=pin_memory)
         self._staging = layout.allocate("cpu", pin_memory=pin_memory) if pin_memory else []
         self._header = torch.empty(Header.SIZE, dtype=torch.int64)
+        self._pin_memory = pin_memory
+        # a pipelined worker's answers, received as soon as the server sends them, into two buffers in turn
+        self._answer_buffers: list[tuple[Tensor, list[Tensor]]] = []
+        self._expected: collections.deque[_PostedAnswer] = collections.deque()
         self._sending: list[tuple[Tensor, dist.Work]] = []
         self._broken = False  # after an abort, a timeout or a lost connection: send nothing more
 
@@ -123,10 +140,31 @@ class RemoteServerLink:
         work: Optional[int] = None,
     ) -> Reply:
         """Send a whole gradient (flat buffers of the layout) and wait for the answer."""
-        self.post_push(gradient, version, flags, threshold, work)
+        self.send_push(gradient, version, flags, threshold, work)
         return self.await_reply()
 
     def post_push(
+        self,
+        gradient: list[Tensor],
+        version: int,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+    ) -> None:
+        """A pipelined worker's push: queue the gradient and post the receive of its answer, which then comes in
+        as soon as the server sends it (into a buffer of the link's, the model being busy with the next step);
+        :meth:`collect` takes it, after the next push."""
+        self.send_push(gradient, version, flags, threshold, work)
+        if not self._answer_buffers:
+            self._answer_buffers = [
+                (torch.empty(Header.SIZE, dtype=torch.int64), self._layout.allocate("cpu", pin_memory=self._pin_memory))
+                for _ in range(2)
+            ]
+        header, params = self._answer_buffers[0]
+        self._answer_buffers.reverse()
+        self._expected.append(self._post_answer(header, params))
+
+    def send_push(
         self,
         gradient: list[Tensor],
         version: int,
@@ -173,8 +211,14 @@ class RemoteServerLink:
         return self._receive()
 
     def collect(self) -> Reply:
-        """A pipelined worker's answer to its push before the last, which arrives while the last is sent."""
-        return self._receive()
+        """A pipelined worker's answer to its push before the last (see :meth:`post_push`), copied into
+        ``receive_into``."""
+        reply = self._receive(self._expected.popleft())
+        if self._receive_into is None:  # the caller copies them out (to a GPU), before the buffers' next use
+            return reply
+        for mine, received in zip(self._receive_into, reply.params):
+            mine.copy_(received)
+        return dataclasses.replace(reply, params=self._receive_into)
 
     def finish_sends(self) -> None:
         """Wait until the queued messages are out, so that their buffers may be written again."""
@@ -214,8 +258,11 @@ class RemoteServerLink:
         finally:
             self._sending.clear()
 
-    def _recv(self, tensor: Tensor) -> None:
-        self._wait(dist.irecv(tensor, src=self._server, group=self._answers, tag=ANSWER_TAG))
+    def _post_answer(self, header: Tensor, params: list[Tensor]) -> _PostedAnswer:
+        """Post the receives of the next answer's header and parameters at once: gloo moves a message only once
+        its receive is posted, so one after the other would wait a round trip more."""
+        works = [dist.irecv(t, src=self._server, group=self._answers, tag=ANSWER_TAG) for t in [header, *params]]
+        return _PostedAnswer(header, params, works)
 
     def _wait(self, work: dist.Work) -> None:
         """Sends wait as long as receives: over a cut link a send never completes (found by the partition test)."""
@@ -233,9 +280,11 @@ class RemoteServerLink:
             f"its connection closed ({err}). Check rank {self._server}'s log, then resume from the last checkpoint."
         )
 
-    def _receive(self) -> Reply:
-        self._recv(self._header)
-        header = Header.from_tensor(self._header)
+    def _receive(self, posted: Optional[_PostedAnswer] = None) -> Reply:
+        """The server's next answer: ``posted`` (see :meth:`post_push`), else received into the link's buffers."""
+        posted = posted or self._post_answer(self._header, self._params)
+        self._wait(posted.works[0])
+        header = Header.from_tensor(posted.header)
         if header.kind == Kind.ABORT:
             self._broken = True
             raise abort_error(header.code, header.detail)
@@ -245,19 +294,19 @@ class RemoteServerLink:
                 f"hybrid_sgd: rank {self._rank} got a message of kind {header.kind} with {header.numel} elements "
                 f"from the server, expected a reply of {self._layout.numel}"
             )
-        for tensor in self._params:
-            self._recv(tensor)
+        for work in posted.works[1:]:
+            self._wait(work)
         flags = Flag(header.flags)
         buffers = None
         if flags & Flag.BUFFERS:
             for tensor in self._buffers:
-                self._recv(tensor)
+                self._wait(dist.irecv(tensor, src=self._server, group=self._answers, tag=BUFFERS_TAG))
             buffers = self._buffers
         return Reply(
             version=header.version,
             threshold=header.threshold,
             flags=flags,
-            params=self._params,
+            params=posted.params,
             buffers=buffers,
             staleness=header.detail if header.detail >= 0 else None,
         )
@@ -320,18 +369,28 @@ class ShardedServerLink:
         work: Optional[int] = None,
     ) -> None:
         """A pipelined worker's push to every shard: :meth:`collect` takes the answers, after the next push."""
-        flags = self._post_remote(gradient, flags, threshold, work)
+        flags = self._post_remote(gradient, flags, threshold, work, pipelined=True)
         local = self._links[self._rank]
         assert isinstance(local, LocalServerLink)
         local.post_push(self._gradient_slices[self._rank], self.versions[0], flags, threshold, work)
 
-    def _post_remote(self, gradient: list[Tensor], flags: Flag, threshold: Optional[int], work: Optional[int]) -> Flag:
-        """Queue every remote shard's slice; returns ``flags`` with the whole gradient's NaN/Inf verdict."""
+    def _post_remote(
+        self,
+        gradient: list[Tensor],
+        flags: Flag,
+        threshold: Optional[int],
+        work: Optional[int],
+        pipelined: bool = False,
+    ) -> Flag:
+        """Queue every remote shard's slice (``pipelined``: and post the receive of its answer); returns ``flags``
+        with the whole gradient's NaN/Inf verdict."""
         assert gradient is self._gradient, "a sharded push sends the gradient buffers the link was built with"
         if not all(all_finite(g) for g in gradient):
             flags |= Flag.NONFINITE
         for shard in self.remote_shards:
-            self.post_to(shard, flags, threshold, work)
+            link = self._remote_link(shard)
+            send = link.post_push if pipelined else link.send_push
+            send(self._gradient_slices[shard], self.versions[0], flags, threshold, work)
         return flags
 
     def collect(self) -> Reply:
@@ -344,7 +403,7 @@ class ShardedServerLink:
 
     def post_to(self, shard: int, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None) -> None:
         """Queue the gradient's slice for remote shard ``shard``; :meth:`push_local` completes the push."""
-        self._remote_link(shard).post_push(self._gradient_slices[shard], self.versions[0], flags, threshold, work)
+        self._remote_link(shard).send_push(self._gradient_slices[shard], self.versions[0], flags, threshold, work)
 
     def send_verdict(self, shard: int, nonfinite: bool) -> None:
         self._remote_link(shard).send_verdict(nonfinite)

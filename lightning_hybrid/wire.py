@@ -24,6 +24,9 @@ SERVER_RANK = 0  # the server's rank when it is not sharded
 # requests (worker -> server) and answers (server -> worker) carry different tags, so that a rank's receiver
 # thread and its own worker never take each other's messages.
 REQUEST_TAG, ANSWER_TAG = 1, 2
+# An answer's module buffers (Flag.BUFFERS) come on a tag of their own: a pipelined worker posts the receives of
+# its next answer's header and parameters before the last answer's buffers are in.
+BUFFERS_TAG = 4
 # Shard 0 of a sharded server tells the other shards which gradients each of its updates applied (a Decision);
 # version END_OF_DECISIONS ends.
 DECISION_TAG = 3
