@@ -130,6 +130,7 @@ class RemoteServerLink:
         self._expected: collections.deque[_PostedAnswer] = collections.deque()
         self._sending: list[tuple[Tensor, dist.Work]] = []
         self._broken = False  # after an abort, a timeout or a lost connection: send nothing more
+        self._last_version = -1  # of the server's answers, which never go back
 
     def push(
         self,
@@ -294,6 +295,14 @@ class RemoteServerLink:
                 f"hybrid_sgd: rank {self._rank} got a message of kind {header.kind} with {header.numel} elements "
                 f"from the server, expected a reply of {self._layout.numel}"
             )
+        if header.version < self._last_version:
+            self._broken = True
+            raise ProtocolError(
+                f"hybrid_sgd: rank {self._rank} got an answer of version {header.version} from rank {self._server} "
+                f"after one of version {self._last_version}: the server's answers came out of order (a bug in "
+                "hybrid_sgd: please report it with every rank's log)"
+            )
+        self._last_version = header.version
         for work in posted.works[1:]:
             self._wait(work)
         flags = Flag(header.flags)

@@ -14,9 +14,11 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from lightning_hybrid.endpoint import ServerEndpoint
+from lightning_hybrid.errors import ProtocolError
 from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.links import RemoteServerLink
 from lightning_hybrid.server import ParameterServer
-from lightning_hybrid.wire import ANSWER_TAG, REQUEST_TAG, AbortCode, Header, Kind
+from lightning_hybrid.wire import ANSWER_TAG, REQUEST_TAG, AbortCode, Flag, Header, Kind
 
 pytestmark = pytest.mark.multiprocess
 NUMEL = 10
@@ -108,3 +110,56 @@ def test_bad_message_is_refused_by_name_and_its_sender_is_told(case: str, messag
     assert version == 0, "nothing of the bad message reached the master weights"
     (notice,) = reports["sender"]
     assert notice.kind == Kind.ABORT and notice.code == AbortCode.PROTOCOL and notice.detail == 1
+
+
+def answers_main(rank: int, port: int, results: mp.Queue) -> None:
+    """Rank 0 answers rank 1's two pipelined pushes out of order (version 5, then 3); rank 1 collects them."""
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        group = dist.new_group([0, 1], backend="gloo")
+        layout = FlatLayout.of([torch.zeros(NUMEL)])
+        if rank == 0:
+            gradient = layout.allocate("cpu")
+            for _ in range(2):
+                dist.recv(torch.empty(Header.SIZE, dtype=torch.int64), src=1, group=group, tag=REQUEST_TAG)
+                for chunk in layout.chunk_views(gradient):
+                    dist.recv(chunk, src=1, group=group, tag=REQUEST_TAG)
+            for version in (5, 3):
+                header = Header(Kind.REPLY, 0, version, numel=NUMEL)
+                for tensor in [header.to_tensor(), torch.full((NUMEL,), float(version))]:
+                    dist.send(tensor, dst=1, group=group, tag=ANSWER_TAG)
+            results.put(("server", None))
+        else:
+            link = RemoteServerLink(1, group, layout, FlatLayout.of([]), peer_timeout=30, server_rank=0)
+            for _ in range(2):
+                link.post_push(layout.allocate("cpu"), 0, Flag.NONE)
+            link.finish_sends()
+            first = link.collect()
+            try:
+                link.collect()
+                second = "accepted"
+            except ProtocolError as err:
+                second = str(err)
+            results.put(("worker", first.version, first.params[0].tolist(), second))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+
+
+def test_an_answer_whose_version_goes_back_is_refused_by_the_worker() -> None:
+    """Answers to one worker leave in the order the server made them; were two swapped (the pipelined soak once
+    saw it), the worker would push a version the server forgot: it stops at once with the reason instead."""
+    context = mp.get_context("spawn")
+    results, port = context.Queue(), free_port()
+    processes = [context.Process(target=answers_main, args=(r, port, results)) for r in (0, 1)]
+    for process in processes:
+        process.start()
+    reports = {}
+    for _ in processes:
+        report = results.get(timeout=60)
+        assert report[0] != "error", report[1]
+        reports[report[0]] = report[1:]
+    for process in processes:
+        process.join(30)
+    version, params, second = reports["worker"]
+    assert version == 5 and params == [5.0] * NUMEL
+    assert "got an answer of version 3 from rank 0 after one of version 5" in second
