@@ -5,7 +5,9 @@ told why); nothing is unpickled, every message is tensors of known sizes."""
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from multiprocessing.synchronize import Event
+from typing import Any
 
 import pytest
 import torch
@@ -54,7 +56,7 @@ def send_bad_message(case: str, group: dist.ProcessGroup) -> list[dist.Work]:
     return works
 
 
-def rank_main(rank: int, port: int, case: str, results: mp.Queue, sender_done: Event) -> None:
+def rank_main(rank: int, port: int, case: str, sender_done: Event, results: mp.Queue) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
         group = dist.new_group([0, 1], backend="gloo")
@@ -79,6 +81,24 @@ def rank_main(rank: int, port: int, case: str, results: mp.Queue, sender_done: E
             sender_done.set()
 
 
+def run_two_ranks(target: Callable[..., None], *args: Any) -> dict[str, tuple]:
+    """``target(rank, port, *args, results)`` on ranks 0 and 1, each a process; their reports by name (each
+    puts one ``(name, *values)``; a child's traceback fails the test instead of leaving it hanging)."""
+    context = mp.get_context("spawn")
+    results, port = context.Queue(), free_port()
+    processes = [context.Process(target=target, args=(r, port, *args, results)) for r in (0, 1)]
+    for process in processes:
+        process.start()
+    reports = {}
+    for _ in processes:
+        report = results.get(timeout=60)
+        assert report[0] != "error", report[1]
+        reports[report[0]] = report[1:]
+    for process in processes:
+        process.join(30)
+    return reports
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -92,19 +112,7 @@ def rank_main(rank: int, port: int, case: str, results: mp.Queue, sender_done: E
     ],
 )
 def test_bad_message_is_refused_by_name_and_its_sender_is_told(case: str, message: str) -> None:
-    context = mp.get_context("spawn")
-    results, sender_done = context.Queue(), context.Event()
-    port = free_port()
-    processes = [context.Process(target=rank_main, args=(r, port, case, results, sender_done)) for r in (0, 1)]
-    for process in processes:
-        process.start()
-    reports = {}
-    for _ in processes:
-        report = results.get(timeout=60)
-        assert report[0] != "error", report[1]
-        reports[report[0]] = report[1:]
-    for process in processes:
-        process.join(30)
+    reports = run_two_ranks(rank_main, case, mp.get_context("spawn").Event())
     failure, version = reports["server"]
     assert "broke the parameter-server protocol" in failure and message in failure
     assert version == 0, "nothing of the bad message reached the master weights"
@@ -148,18 +156,6 @@ def answers_main(rank: int, port: int, results: mp.Queue) -> None:
 def test_an_answer_whose_version_goes_back_is_refused_by_the_worker() -> None:
     """Answers to one worker leave in the order the server made them; were two swapped (the pipelined soak once
     saw it), the worker would push a version the server forgot: it stops at once with the reason instead."""
-    context = mp.get_context("spawn")
-    results, port = context.Queue(), free_port()
-    processes = [context.Process(target=answers_main, args=(r, port, results)) for r in (0, 1)]
-    for process in processes:
-        process.start()
-    reports = {}
-    for _ in processes:
-        report = results.get(timeout=60)
-        assert report[0] != "error", report[1]
-        reports[report[0]] = report[1:]
-    for process in processes:
-        process.join(30)
-    version, params, second = reports["worker"]
+    version, params, second = run_two_ranks(answers_main)["worker"]
     assert version == 5 and params == [5.0] * NUMEL
     assert "got an answer of version 3 from rank 0 after one of version 5" in second
