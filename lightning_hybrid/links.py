@@ -111,7 +111,8 @@ class RemoteServerLink:
         answers: Optional[dist.ProcessGroup] = None,
     ) -> None:
         """Parameters are received into ``receive_into`` (host buffers of ``layout``; the CPU model's own flat
-        parameters make the reply the model without a copy), else into buffers of the link's own. ``answers``:
+        parameters make the reply the model without a copy), else into buffers of the link's own; a pipelined
+        worker's answers come into buffers of the link's and are copied there (see :meth:`post_push`). ``answers``:
         the group the answers come on, where it is not ``group`` (a pipelined worker's, ``Channels.answers_in``)."""
         self._rank = rank
         self._server = server_rank
