@@ -94,6 +94,19 @@ def check_options(
         raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
 
 
+def answer_dtype_of(answer_dtype: str | torch.dtype | None) -> Optional[torch.dtype]:
+    """The strategy's ``answer_dtype`` as a torch dtype: a floating one, by name (``"bfloat16"``) or itself."""
+    if answer_dtype is None:
+        return None
+    dtype = getattr(torch, answer_dtype, None) if isinstance(answer_dtype, str) else answer_dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"answer_dtype must be a floating-point dtype, e.g. 'bfloat16' or torch.bfloat16 (None: the parameters' "
+            f"own), got {answer_dtype!r}"
+        )
+    return dtype
+
+
 def check_trainer(trainer: pl.Trainer, sync_batchnorm: bool, gradient_scaler: Any) -> None:
     """What the LightningModule and the Trainer ask for, at the start of fit."""
     module = trainer.lightning_module

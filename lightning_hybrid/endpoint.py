@@ -32,6 +32,7 @@ from lightning_hybrid.wire import (
     SERVER_RANK,
     STOP_FLAGS,
     AbortCode,
+    AnswerFormat,
     Decision,
     Flag,
     Header,
@@ -83,6 +84,7 @@ class ServerEndpoint:
         rank: int = SERVER_RANK,
         decisions: Optional[dict[int, dist.ProcessGroup]] = None,
         answers: Optional[dict[int, dist.ProcessGroup]] = None,
+        answer_dtype: Optional[torch.dtype] = None,
     ) -> None:
         """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain).
         ``local_params`` (flat buffers of the server's layout: the local worker's model, see ``FlatLayout.bind``)
@@ -91,6 +93,7 @@ class ServerEndpoint:
         decisions (``Channels.decisions``): on shard 0 one per follower, which it tells the group of every update;
         on a :class:`FollowerServer` the one it hears them from, under shard 0's rank. ``answers``: the channels
         the answers travel on, where they are not ``channels`` (pipelined workers, ``Channels.answers_out``).
+        ``answer_dtype``: remote workers get the parameters in it, but answers to drains (see :class:`AnswerFormat`).
         A server that takes early pushes (``ParameterServer(early_pushes=True)``) gets two receive buffers per
         remote worker, and its local worker's answers are snapshots: its model is busy with the next step."""
         decisions = decisions or {}
@@ -116,6 +119,8 @@ class ServerEndpoint:
         self._channels = channels
         self._answer_channels = answers or channels
         self._buffer_layout = buffer_layout
+        self._answer_format = AnswerFormat.of(server.layout, answer_dtype)
+        self._exact_format = AnswerFormat.of(server.layout)
         self._read_buffers = read_buffers
         self._peer_timeout = peer_timeout
         self._local = _Waiter()
@@ -356,7 +361,8 @@ class ServerEndpoint:
             # the snapshot is free once every send completed, unless the local reply is the snapshot itself
             recycle = release.params if (self._local_params is not None or not local) and not release.in_place else []
             if remote:
-                works = self._send_replies(remote, release, [p.cpu() for p in release.params], buffers)
+                answer = self._exact_format if release.answers_drain else self._answer_format
+                works = self._send_replies(remote, release, answer, buffers)
                 self._sending.put((works, recycle))
             else:
                 self.server.recycle(recycle)
@@ -382,12 +388,13 @@ class ServerEndpoint:
         return flags
 
     def _send_replies(
-        self, workers: list[int], release: Release, params: list[Tensor], buffers: Optional[list[Tensor]]
+        self, workers: list[int], release: Release, answer: AnswerFormat, buffers: Optional[list[Tensor]]
     ) -> list[tuple[int, Tensor, dist.Work]]:
         """Post the answers to several workers at once, each over its own gloo pair; :meth:`_complete_sends`
         waits for them. Each worker's send lock is held while its reply is posted, so messages to one worker
         never interleave; the locks are taken in rank order, so two dispatching threads cannot deadlock."""
         works = []
+        params = answer.encode(release.params)
         with contextlib.ExitStack() as held:
             for worker in sorted(workers):
                 held.enter_context(self._send_locks[worker])
@@ -400,6 +407,7 @@ class ServerEndpoint:
                     threshold=self.server.threshold,
                     numel=self.server.layout.numel,
                     detail=release.staleness.get(worker, -1),
+                    code=answer.signature,
                 )
                 group = self._answer_channels[worker]
                 tagged = [(t, ANSWER_TAG) for t in [header.to_tensor(), *params]]

@@ -32,6 +32,11 @@ class _Chunk:
     end: int
 
 
+def buffers_signature(dtypes: Sequence[torch.dtype], sizes: Sequence[int]) -> int:
+    """A checksum of flat buffers' dtypes and sizes, which a message announces before its payload."""
+    return zlib.crc32(repr([(str(d), n) for d, n in zip(dtypes, sizes)]).encode())
+
+
 CHUNK_BYTES = 1 << 20  # gradients travel in chunks of about this size, so that sending overlaps backward
 
 
@@ -52,9 +57,9 @@ class FlatLayout:
         self.slots: tuple[_Slot, ...] = tuple(slots)
         self.sizes: tuple[int, ...] = tuple(sizes)
         self.chunks, self.chunk_of = self._plan_chunks()
-        # a checksum of the dtypes and sizes: a gradient message announces it, so that a payload of another
-        # layout (e.g. float64 instead of float32) is refused before its bytes are read
-        self.signature = zlib.crc32(repr([(str(d), n) for d, n in zip(self.dtypes, self.sizes)]).encode())
+        # a gradient message announces it, so that a payload of another layout (e.g. float64 instead of float32) is
+        # refused before its bytes are read
+        self.signature = buffers_signature(self.dtypes, self.sizes)
 
     def _plan_chunks(self) -> tuple[tuple[_Chunk, ...], tuple[int, ...]]:
         """Cut the buffers into wire chunks of whole tensors, last tensors first (the order in which backward

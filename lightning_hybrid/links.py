@@ -27,6 +27,7 @@ from lightning_hybrid.wire import (
     NO_WORK,
     REQUEST_TAG,
     SERVER_RANK,
+    AnswerFormat,
     Flag,
     Header,
     Kind,
@@ -88,11 +89,12 @@ class LocalServerLink:
 
 @dataclasses.dataclass
 class _PostedAnswer:
-    """The receives of one answer's header and parameters, posted before it comes."""
+    """The receives of one answer's header and parameters, posted before it comes, in ``format``."""
 
     header: Tensor
     params: list[Tensor]
     works: list[dist.Work]
+    format: AnswerFormat
 
 
 class RemoteServerLink:
@@ -109,11 +111,13 @@ class RemoteServerLink:
         pin_memory: bool = False,
         server_rank: int = SERVER_RANK,
         answers: Optional[dist.ProcessGroup] = None,
+        answer_dtype: Optional[torch.dtype] = None,
     ) -> None:
         """Parameters are received into ``receive_into`` (host buffers of ``layout``; the CPU model's own flat
         parameters make the reply the model without a copy), else into buffers of the link's own; a pipelined
-        worker's answers come into buffers of the link's and are copied there (see :meth:`post_push`). ``answers``:
-        the group the answers come on, where it is not ``group`` (a pipelined worker's, ``Channels.answers_in``)."""
+        worker's answers, and answers in ``answer_dtype`` (see :class:`AnswerFormat`), come into buffers of the
+        link's and are copied there (see :meth:`post_push`). ``answers``: the group the answers come on, where it
+        is not ``group`` (a pipelined worker's, ``Channels.answers_in``)."""
         self._rank = rank
         self._server = server_rank
         self._group = group
@@ -121,7 +125,12 @@ class RemoteServerLink:
         self._layout = layout
         self._timeout = timedelta(seconds=peer_timeout)
         self._receive_into = receive_into
-        self._params = receive_into if receive_into is not None else layout.allocate("cpu", pin_memory=pin_memory)
+        self._answer_format = AnswerFormat.of(layout, answer_dtype)
+        self._exact_format = AnswerFormat.of(layout)
+        in_place = receive_into is not None and self._answer_format == self._exact_format
+        self._params = receive_into if in_place else self._answer_format.allocate(pin_memory)
+        self._drain_params: Optional[list[Tensor]] = None  # see _drain_target
+        self._drains = False  # whether the request last sent drains
         self._buffers = buffer_layout.allocate("cpu", pin_memory=pin_memory)
         self._staging = layout.allocate("cpu", pin_memory=pin_memory) if pin_memory else []
         self._header = torch.empty(Header.SIZE, dtype=torch.int64)
@@ -159,12 +168,13 @@ class RemoteServerLink:
         self.send_push(gradient, version, flags, threshold, work)
         if not self._answer_buffers:
             self._answer_buffers = [
-                (torch.empty(Header.SIZE, dtype=torch.int64), self._layout.allocate("cpu", pin_memory=self._pin_memory))
+                (torch.empty(Header.SIZE, dtype=torch.int64), self._answer_format.allocate(self._pin_memory))
                 for _ in range(2)
             ]
         header, params = self._answer_buffers[0]
         self._answer_buffers.reverse()
-        self._expected.append(self._post_answer(header, params))
+        drains = bool(flags & Flag.DRAIN)
+        self._expected.append(self._post_answer(header, self._drain_target(params) if drains else params, drains))
 
     def send_push(
         self,
@@ -187,6 +197,7 @@ class RemoteServerLink:
         self, version: int, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None
     ) -> None:
         """Begin a gradient message; its chunks follow with :meth:`send_chunk`, in the layout's wire order."""
+        self._drains = bool(flags & Flag.DRAIN)
         header = Header(
             Kind.PUSH,
             self._rank,
@@ -210,7 +221,8 @@ class RemoteServerLink:
     def await_reply(self) -> Reply:
         """Wait until the queued message is out, then for the server's answer."""
         self._complete_sends()
-        return self._receive()
+        params = self._drain_target(self._params) if self._drains else self._params
+        return self._receive(self._post_answer(self._header, params, self._drains))
 
     def collect(self) -> Reply:
         """A pipelined worker's answer to its push before the last (see :meth:`post_push`), copied into
@@ -236,6 +248,7 @@ class RemoteServerLink:
         return self.await_reply()
 
     def post_drain(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> None:
+        self._drains = True
         self._post(Header(Kind.DRAIN, self._rank, flags=int(flags), threshold=threshold or 0).to_tensor())
 
     def leave(self, flags: Flag = Flag.NONE) -> None:
@@ -260,11 +273,21 @@ class RemoteServerLink:
         finally:
             self._sending.clear()
 
-    def _post_answer(self, header: Tensor, params: list[Tensor]) -> _PostedAnswer:
+    def _post_answer(self, header: Tensor, params: list[Tensor], drains: bool) -> _PostedAnswer:
         """Post the receives of the next answer's header and parameters at once: gloo moves a message only once
-        its receive is posted, so one after the other would wait a round trip more."""
+        its receive is posted, so one after the other would wait a round trip more. ``drains``: it answers a
+        drain, at the parameters' own precision."""
         works = [dist.irecv(t, src=self._server, group=self._answers, tag=ANSWER_TAG) for t in [header, *params]]
-        return _PostedAnswer(header, params, works)
+        return _PostedAnswer(header, params, works, self._exact_format if drains else self._answer_format)
+
+    def _drain_target(self, params: list[Tensor]) -> list[Tensor]:
+        """Where an answer to a drain lands: ``params``, but buffers at full precision where answers come in
+        ``answer_dtype`` (allocated at the first drain)."""
+        if self._answer_format == self._exact_format:
+            return params
+        if self._drain_params is None:
+            self._drain_params = self._exact_format.allocate(self._pin_memory)
+        return self._drain_params
 
     def _wait(self, work: dist.Work) -> None:
         """Sends wait as long as receives: over a cut link a send never completes (found by the partition test)."""
@@ -282,9 +305,8 @@ class RemoteServerLink:
             f"its connection closed ({err}). Check rank {self._server}'s log, then resume from the last checkpoint."
         )
 
-    def _receive(self, posted: Optional[_PostedAnswer] = None) -> Reply:
-        """The server's next answer: ``posted`` (see :meth:`post_push`), else received into the link's buffers."""
-        posted = posted or self._post_answer(self._header, self._params)
+    def _receive(self, posted: _PostedAnswer) -> Reply:
+        """The server's next answer, whose receives are ``posted``."""
         self._wait(posted.works[0])
         header = Header.from_tensor(posted.header)
         if header.kind == Kind.ABORT:
@@ -295,6 +317,13 @@ class RemoteServerLink:
             raise ProtocolError(
                 f"hybrid_sgd: rank {self._rank} got a message of kind {header.kind} with {header.numel} elements "
                 f"from the server, expected a reply of {self._layout.numel}"
+            )
+        if header.code != posted.format.signature:
+            self._broken = True
+            raise ProtocolError(
+                f"hybrid_sgd: rank {self._rank} expected the parameters from rank {self._server} as "
+                f"{_dtype_names(posted.format)} (signature {posted.format.signature}), the server sent another format "
+                f"(signature {header.code}): give every rank the same `answer_dtype`"
             )
         if header.version < self._last_version:
             self._broken = True
@@ -320,6 +349,10 @@ class RemoteServerLink:
             buffers=buffers,
             staleness=header.detail if header.detail >= 0 else None,
         )
+
+
+def _dtype_names(answer: AnswerFormat) -> str:
+    return "/".join(str(dtype).removeprefix("torch.") for dtype in answer.dtypes)
 
 
 class ShardedServerLink:

@@ -74,6 +74,7 @@ class Release:
     version: int
     params: list[Tensor]
     drained: bool = False
+    answers_drain: bool = False  # every worker it answers asked to drain: see wire.AnswerFormat
     rejected: tuple[int, ...] = ()
     dropped: tuple[int, ...] = ()  # their gradients were staler than max_staleness: compute the batch again
     staleness: dict[int, int] = field(default_factory=dict)
@@ -309,7 +310,7 @@ class ParameterServer:
             # not even its drain counts: the worker pushes the batch again, with the drain, on the answer's
             # parameters (while the others drain nothing moves, so that push is fresh)
             self.dropped[worker] += 1
-            return [self._release((worker,), dropped=(worker,))]
+            return [self._release((worker,), dropped=(worker,), answers_drain=drain)]
         if drain:
             self._draining.add(worker)
         if not finite:
@@ -497,7 +498,9 @@ class ParameterServer:
             releases = releases + self._take(worker, self._held.pop(worker))
         if self._draining and self._active <= self._draining and not self._pending:
             rejected = tuple(sorted(self._unreported_rejections & self._draining))
-            releases.append(self._release(tuple(sorted(self._draining)), drained=True, rejected=rejected))
+            releases.append(
+                self._release(tuple(sorted(self._draining)), drained=True, answers_drain=True, rejected=rejected)
+            )
             self._unreported_rejections.clear()
             self._draining.clear()
         return [r for r in releases if r.workers]
@@ -672,9 +675,10 @@ class FollowerServer(ParameterServer):
             return []
         del self._arrived[worker], self._pending[worker]
         self._pending_work.pop(worker, None)
+        drain = worker in self._draining
         self._draining.discard(worker)  # a drain comes again with the batch
         self.dropped[worker] += 1
-        return [self._release((worker,), dropped=(worker,))] + self._settle()
+        return [self._release((worker,), dropped=(worker,), answers_drain=drain)] + self._settle()
 
     def _settle(self) -> list[Release]:
         releases = []

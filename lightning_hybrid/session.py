@@ -108,6 +108,7 @@ class SessionOptions:
     shard_weights: Optional[tuple[float, ...]]
     peer_timeout: float
     pipeline_pushes: bool = False
+    answer_dtype: Optional[torch.dtype] = None
 
 
 def _on_host(value: Any) -> Any:
@@ -227,6 +228,7 @@ class WorkerSession:
                 rank=rank,
                 decisions=channels.decisions if shards > 1 else {},
                 answers=channels.answers_out or None,
+                answer_dtype=options.answer_dtype,
             )
             endpoint.start()
             return endpoint
@@ -245,6 +247,7 @@ class WorkerSession:
                 pin_memory=device.type == "cuda",
                 server_rank=server_rank,
                 answers=channels.answers_in.get(server_rank),
+                answer_dtype=options.answer_dtype,
             )
 
         if options.shard_server:  # every rank serves its shard of the model and talks to every shard

@@ -148,6 +148,12 @@ class HybridSGDStrategy(DDPStrategy):
             gradient staler by one step's updates: one at K = N, which is then no longer exactly DDP), and a
             worker's link carries both directions at once. For links, not cores: see README, *Pipelined pushes*. Not with ``max_staleness`` or
             ``overlap_push``. Off by default.
+        answer_dtype: the dtype in which the server sends parameters to remote workers, e.g. ``"bfloat16"``:
+            each answer takes half the bytes, a worker's traffic a quarter less (README, *Answers in bfloat16*), and
+            each worker then computes its gradients on weights rounded to it, as bf16 autocast rounds them, while
+            the master weights, the optimizer state and the gradients keep their precision. Answers to drains
+            (validation, checkpoints, the end of fit) and the server's own rank's worker get the exact weights.
+            ``None`` (default): the parameters' own dtype.
         nonfinite: what a gradient holding NaN or Inf does: ``"skip"`` (it is rejected, counted and logged,
             the master weights untouched, training goes on) or ``"stop"`` (rejected, then the run stops on
             every rank with :class:`NonFiniteGradientError` naming the rank and step).
@@ -188,6 +194,7 @@ class HybridSGDStrategy(DDPStrategy):
         shard_server: bool = False,
         shard_weights: Optional[Sequence[float]] = None,
         pipeline_pushes: bool = False,
+        answer_dtype: Union[str, torch.dtype, None] = None,
         nonfinite: Literal["skip", "stop"] = "skip",
         recovery_dir: Optional[_PATH] = None,
         recovery_every: float = 60.0,
@@ -225,6 +232,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._shard_server = bool(shard_server)
         self._shard_weights = None if shard_weights is None else tuple(float(w) for w in shard_weights)
         self._pipeline_pushes = bool(pipeline_pushes)
+        self._answer_dtype = checks.answer_dtype_of(answer_dtype)
         self._nonfinite = nonfinite
         self._peer_timeout = float(peer_timeout)
         self._recovery_dir = recovery_dir
@@ -446,6 +454,7 @@ class HybridSGDStrategy(DDPStrategy):
                 shard_weights=self._shard_weights,
                 peer_timeout=self._peer_timeout,
                 pipeline_pushes=self._pipeline_pushes,
+                answer_dtype=self._answer_dtype,
             ),
             on_recovery_point=self._write_part if self._recovery is not None and not self.is_global_zero else None,
         )

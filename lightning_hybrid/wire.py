@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_hybrid.errors import HybridSGDError, PeerLostError, ProtocolError
+from lightning_hybrid.flat import FlatLayout, buffers_signature
 
 SERVER_RANK = 0  # the server's rank when it is not sharded
 # A pair of ranks shares one channel in both directions when the server is sharded (each serves the other):
@@ -75,7 +76,8 @@ class Header:
     threshold: int = 0  # PUSH: requested K (0: none); REPLY: the server's K
     numel: int = 0  # payload elements, a check against the layout
     detail: int = 0  # PUSH: the gradient's work id (-1: none); REPLY: its staleness (-1: none); ABORT: the lost rank
-    code: int = 0  # ABORT: AbortCode; PUSH: the gradient layout's signature (FlatLayout.signature)
+    code: int = 0  # ABORT: AbortCode; PUSH: the gradient layout's signature (FlatLayout.signature); REPLY: its
+    # AnswerFormat's
 
     SIZE = 8
 
@@ -122,6 +124,38 @@ class Decision:
     def from_tensor(cls, tensor: Tensor) -> Decision:
         version, count, *workers = tensor.tolist()
         return cls(version, workers[:count])
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How parameters travel in the server's answers to remote workers: the layout's flat buffers, those of a
+    floating dtype wider than ``answer_dtype`` cast to it (the strategy's ``answer_dtype``: in bfloat16 an answer
+    is half the bytes, and a worker computes its next gradient on weights rounded as bf16 autocast rounds them; the
+    master weights and the gradients keep their precision). Answers to a drain always come at the parameters' own
+    precision (``AnswerFormat.of(layout)``), so that validation, checkpoints and the end of fit see the master weights. A reply
+    announces its format's signature (``Header.code``); the worker checks it against the format it expects."""
+
+    sizes: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    signature: int
+
+    @classmethod
+    def of(cls, layout: FlatLayout, answer_dtype: Optional[torch.dtype] = None) -> AnswerFormat:
+        dtypes = tuple(
+            answer_dtype
+            if answer_dtype is not None and dtype.is_floating_point and dtype.itemsize > answer_dtype.itemsize
+            else dtype
+            for dtype in layout.dtypes
+        )
+        return cls(layout.sizes, dtypes, buffers_signature(dtypes, layout.sizes))
+
+    def allocate(self, pin_memory: bool = False) -> list[Tensor]:
+        return [torch.empty(n, dtype=d, pin_memory=pin_memory) for n, d in zip(self.sizes, self.dtypes)]
+
+    def encode(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """``params`` (flat buffers of the layout, on any device) as host buffers of this format: the buffers
+        themselves where nothing changes."""
+        return [p.to(device="cpu", dtype=dtype) for p, dtype in zip(params, self.dtypes)]
 
 
 @dataclass(frozen=True)

@@ -412,6 +412,7 @@ class Straggler(OneGpu, Slowed, Batches):
     shard_server: bool = False
     overlap_push: bool = False
     pipeline_pushes: bool = False
+    answer_dtype: str | None = option(None, "HybridSGDStrategy(answer_dtype=...), e.g. bfloat16")
     nan_rank: int = option(-1, "the rank whose loss is NaN once")
     nan_step: int = option(-1, "the global step of that rank at which its loss is NaN")
     max_time: str | None = option(None, "Trainer(max_time), DD:HH:MM:SS")
@@ -433,6 +434,7 @@ def straggler(args: Straggler) -> None:
         shard_server=args.shard_server,
         overlap_push=args.overlap_push,
         pipeline_pushes=args.pipeline_pushes,
+        answer_dtype=args.answer_dtype,
         process_group_backend=args.process_group_backend,
     )
     extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}

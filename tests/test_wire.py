@@ -133,7 +133,7 @@ def answers_main(rank: int, port: int, results: mp.Queue) -> None:
                 for chunk in layout.chunk_views(gradient):
                     dist.recv(chunk, src=1, group=group, tag=REQUEST_TAG)
             for version in (5, 3):
-                header = Header(Kind.REPLY, 0, version, numel=NUMEL)
+                header = Header(Kind.REPLY, 0, version, numel=NUMEL, code=layout.signature)
                 for tensor in [header.to_tensor(), torch.full((NUMEL,), float(version))]:
                     dist.send(tensor, dst=1, group=group, tag=ANSWER_TAG)
             results.put(("server", None))
