@@ -70,7 +70,7 @@ COMPUTE_MS_PER_MPARAM = 6.5  # one step of batch 64 per million parameters on on
 
 
 def strategies(
-    nodes: int, overlap: bool = False, only: Optional[list[str]] = None, pipelined: bool = False
+    nodes: int, overlap: bool = False, only: Optional[list[str]] = None, pipelined: bool = False, bf16: bool = False
 ) -> list[tuple[str, str]]:
     """The table's rows at ``nodes`` nodes (flag for throughput.py, label); ``only``: the labels to keep."""
     rows = [
@@ -82,16 +82,20 @@ def strategies(
     ]
     rows += [(f"K={nodes}/sharded/overlap", "sharded, K=N, overlap_push")] * overlap
     rows += [(f"K={nodes}/sharded/pipelined", "sharded, K=N, pipelined")] * pipelined
-    return [row for row in rows if only is None or row[1] in only]
+    return with_bf16([row for row in rows if only is None or row[1] in only], bf16)
 
 
 def straggler_strategies(
-    rates_mbit: list[float], only: Optional[list[str]] = None, pipelined: bool = False, slow_share: float = 0.0
+    rates_mbit: list[float],
+    only: Optional[list[str]] = None,
+    pipelined: bool = False,
+    slow_share: float = 0.0,
+    bf16: bool = False,
 ) -> list[tuple[str, str]]:
     """The straggler table's rows on links of ``rates_mbit``: the sharded server also with each node's share of
     the model in proportion to its link's rate (``shard_weights``), so that the slow link carries a smaller slice;
     ``slow_share``: also with that share for the slow nodes (1 for the others); ``pipelined``: each hybrid and
-    async row also with ``pipeline_pushes``."""
+    async row also with ``pipeline_pushes``; ``bf16``: see :func:`with_bf16`."""
     half = max(1, len(rates_mbit) // 2)
     shares = ":".join(f"{rate / max(rates_mbit):.4g}" for rate in rates_mbit)
     rows = [("ddp", "ddp")]
@@ -105,7 +109,18 @@ def straggler_strategies(
         rows.append((f"K=1{suffix}", f"{server}, async K=1, pulled"))
     if pipelined:
         rows += [(f"{flag}/pipelined", f"{label}, pipelined") for flag, label in rows[1:]]
-    return [row for row in rows if only is None or row[1] in only]
+    return with_bf16([row for row in rows if only is None or row[1] in only], bf16)
+
+
+def with_bf16(rows: list[tuple[str, str]], bf16: bool) -> list[tuple[str, str]]:
+    """``rows`` and, with ``bf16``, each again in bfloat16: a hybrid row with ``answer_dtype="bfloat16"``, DDP with
+    its gradients all-reduced in bfloat16 (``bf16_compress_hook``), which is what DDP can narrow on its wire."""
+    if not bf16:
+        return rows
+    return rows + [
+        ("ddp/bf16", "ddp, bf16 gradients") if flag == "ddp" else (f"{flag}/bf16", f"{label}, bf16 answers")
+        for flag, label in rows
+    ]
 
 
 def setup_seconds(nodes: int) -> float:
@@ -117,7 +132,7 @@ def setup_seconds(nodes: int) -> float:
 def predicted_rate(flag: str, numel: int, nodes: int, rates_mbit: list[float], batch: int) -> float:
     """Batches per second of all nodes together by a rough model (no overlap of compute and communication;
     node i's link at ``rates_mbit[i]``). It only sizes the runs: each should last about ``--window`` s."""
-    flag = flag.removesuffix("/pipelined")  # sized as the same row unpipelined
+    flag = flag.removesuffix("/bf16").removesuffix("/pipelined")  # sized as the same row unpipelined, in float32
     bits, links = numel * 32, [rate * 1e6 for rate in rates_mbit]
     alone = COMPUTE_MS_PER_MPARAM / 1000 * numel / 1e6 * batch / 64
     shared = alone * max(1.0, nodes / CORES)
@@ -343,6 +358,11 @@ def main() -> None:
         "--pipelined", action="store_true", help="also the sharded K = N and every straggler row with pipeline_pushes"
     )
     parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also every row in bfloat16: hybrid rows with answer_dtype, DDP with bf16_compress_hook",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         default=None,
@@ -366,14 +386,14 @@ def main() -> None:
         for rate in args.rates
         for n in args.nodes
         for m in args.models
-        for flag, _ in strategies(n, args.overlap, args.only, args.pipelined)
+        for flag, _ in strategies(n, args.overlap, args.only, args.pipelined, args.bf16)
     )
     n, f = args.straggler_nodes, args.slow_factor
     for slow in (n - 1, 0) if n else ():
         rates = [args.straggler_rate / (f if i == slow else 1) for i in range(n)]
         expected += sum(
             steps_for(flag, numels[args.straggler_model], rates, args)[1]
-            for flag, _ in straggler_strategies(rates, args.only, args.pipelined, args.slow_share)
+            for flag, _ in straggler_strategies(rates, args.only, args.pipelined, args.slow_share, args.bf16)
         )
     report = Report()
     report(
@@ -400,7 +420,7 @@ def main() -> None:
                                 f"each way per step of a node should be: DDP and sharded {2 * (n - 1) / n:.2f}, one "
                                 f"server's worker 1.00, the server's node {n - 1:.2f} (at K = N)"
                             )
-                            rows = strategies(n, args.overlap, args.only, args.pipelined)
+                            rows = strategies(n, args.overlap, args.only, args.pipelined, args.bf16)
                             results["rows"] += measure(cluster, model, rows, args, report, logs)
             n, rate, model, f = args.straggler_nodes, args.straggler_rate, args.straggler_model, args.slow_factor
             if n:
@@ -414,7 +434,9 @@ def main() -> None:
                         check = saturation(cluster, slow, 1 if slow == 0 else 0, report)
                         results["link_checks"].append({"nodes": n, "slow": slow, **check})
                         rates = [node.rate_mbit for node in cluster.nodes]
-                        configurations = straggler_strategies(rates, args.only, args.pipelined, args.slow_share)
+                        configurations = straggler_strategies(
+                            rates, args.only, args.pipelined, args.slow_share, args.bf16
+                        )
                         results["straggler_rows"] += measure(cluster, model, configurations, args, report, logs, slow)
     except ClusterUnavailable as err:
         report(f"cluster.py: skipped, no emulated cluster here: {err}")

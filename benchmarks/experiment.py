@@ -61,6 +61,8 @@ STALE = [method for method in METHODS if method not in ("ddp", SYNC)]
 RULES: dict[str, list[str]] = {
     "default": [],  # HybridSGDStrategy's defaults: group_scaling=step with staleness_scaling on
     "default+pipelined": ["strategy.pipeline_pushes=true"],  # the defaults, a gradient one update staler
+    "default+bf16": ["strategy.answer_dtype=bfloat16"],  # the defaults, workers compute on bfloat16 weights
+    "default+pipelined+bf16": ["strategy.pipeline_pushes=true", "strategy.answer_dtype=bfloat16"],
     "auto": ["strategy.group_scaling=auto", "strategy.staleness_scaling=false"],
     "auto+weighted": ["strategy.group_scaling=auto", "strategy.staleness_scaling=true"],
     "auto+bound": ["strategy.group_scaling=auto", "strategy.staleness_scaling=false", "strategy.max_staleness={bound}"],

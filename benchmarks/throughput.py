@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 from launch import run_configuration, write_result
 from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_hybrid
@@ -115,15 +116,20 @@ def run_one(args: argparse.Namespace) -> None:
     samples = args.batch * args.steps * args.workers
     data = TensorDataset(torch.randn(samples, widths[0]), torch.randint(0, CLASSES, (samples,)))
     backend = args.process_group_backend
-    if args.strategy in ("ddp", "single"):
-        strategy: Any = DDPStrategy(process_group_backend=backend) if args.strategy == "ddp" else "auto"
-    else:  # "K=<k>", then "/sharded" (or "/sharded=<share>:<share>:..." with shard_weights), "/overlap", "/pipelined"
+    if args.strategy == "single":
+        strategy: Any = "auto"
+    elif args.strategy in ("ddp", "ddp/bf16"):  # "/bf16": gradients all-reduced in bfloat16 (DDP's comm hook)
+        hook = default_hooks.bf16_compress_hook if args.strategy == "ddp/bf16" else None
+        strategy = DDPStrategy(process_group_backend=backend, ddp_comm_hook=hook)
+    else:  # "K=<k>", then "/sharded" (or "/sharded=<share>:<share>:..." with shard_weights), "/overlap", "/pipelined",
+        # "/bf16" (answer_dtype="bfloat16")
         threshold, *variants = args.strategy.removeprefix("K=").split("/")
         shares = next((v.removeprefix("sharded=") for v in variants if v.startswith("sharded=")), None)
         strategy = lightning_hybrid.HybridSGDStrategy(
             threshold=int(threshold),
             overlap_push="overlap" in variants,
             pipeline_pushes="pipelined" in variants,
+            answer_dtype="bfloat16" if "bf16" in variants else None,
             shard_server="sharded" in variants or shares is not None,
             shard_weights=None if shares is None else [float(share) for share in shares.split(":")],
             process_group_backend=backend,
