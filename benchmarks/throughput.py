@@ -108,6 +108,14 @@ class StepTimer(pl.Callback):
         return (len(timed) - 1) / (timed[0].elapsed_time(timed[-1]) / 1000)
 
 
+class BF16GradientsDDP(DDPStrategy):
+    """Lightning's DDP with its gradients all-reduced in bfloat16 (``bf16_compress_hook``). Lightning registers a
+    ``ddp_comm_hook`` on CUDA only; here it is registered on any device."""
+
+    def _register_ddp_hooks(self) -> None:
+        self.model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+
+
 def run_one(args: argparse.Namespace) -> None:
     """One configuration; Lightning's launcher starts the other ranks by re-running this command."""
     torch.set_num_threads(1)
@@ -119,8 +127,7 @@ def run_one(args: argparse.Namespace) -> None:
     if args.strategy == "single":
         strategy: Any = "auto"
     elif args.strategy in ("ddp", "ddp/bf16"):  # "/bf16": gradients all-reduced in bfloat16 (DDP's comm hook)
-        hook = default_hooks.bf16_compress_hook if args.strategy == "ddp/bf16" else None
-        strategy = DDPStrategy(process_group_backend=backend, ddp_comm_hook=hook)
+        strategy = (DDPStrategy if args.strategy == "ddp" else BF16GradientsDDP)(process_group_backend=backend)
     else:  # "K=<k>", then "/sharded" (or "/sharded=<share>:<share>:..." with shard_weights), "/overlap", "/pipelined",
         # "/bf16" (answer_dtype="bfloat16")
         threshold, *variants = args.strategy.removeprefix("K=").split("/")

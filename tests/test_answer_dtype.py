@@ -28,11 +28,9 @@ MASTER = torch.linspace(0.1, 1.0, 12) / 3
 
 
 def test_answer_dtype_is_a_floating_dtype_by_name_or_itself() -> None:
+    # bad ones: tests/test_config_errors.py
     assert answer_dtype_of("bfloat16") is torch.bfloat16 and answer_dtype_of(torch.float16) is torch.float16
     assert answer_dtype_of(None) is None
-    for bad in ("int8", "bf16x", torch.int32):
-        with pytest.raises(ValueError, match="answer_dtype must be a floating-point dtype, e.g. 'bfloat16'"):
-            answer_dtype_of(bad)
 
 
 def test_only_buffers_wider_than_the_answer_dtype_are_narrowed() -> None:

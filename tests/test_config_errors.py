@@ -192,6 +192,8 @@ def test_threshold_scheduler_shows_k_and_staleness_in_the_progress_bar() -> None
         (dict(max_staleness=4, overlap_push=True), "overlap_push has sent it during backward"),
         (dict(max_staleness=4, pipeline_pushes=True), "with pipeline_pushes the answer that drops it"),
         (dict(overlap_push=True, pipeline_pushes=True), "pipeline_pushes and overlap_push cannot be combined"),
+        (dict(answer_dtype="int8"), "answer_dtype must be a floating-point dtype, e.g. 'bfloat16'"),
+        (dict(answer_dtype="bf16x"), "answer_dtype must be a floating-point dtype, e.g. 'bfloat16'"),
     ],
 )
 def test_bad_update_rules_are_refused_at_construction(kwargs, message) -> None:
