@@ -76,8 +76,7 @@ class Header:
     threshold: int = 0  # PUSH: requested K (0: none); REPLY: the server's K
     numel: int = 0  # payload elements, a check against the layout
     detail: int = 0  # PUSH: the gradient's work id (-1: none); REPLY: its staleness (-1: none); ABORT: the lost rank
-    code: int = 0  # ABORT: AbortCode; PUSH: the gradient layout's signature (FlatLayout.signature); REPLY: its
-    # AnswerFormat's
+    code: int = 0  # ABORT: AbortCode; PUSH: FlatLayout.signature of the gradient; REPLY: AnswerFormat.signature
 
     SIZE = 8
 
@@ -132,8 +131,9 @@ class AnswerFormat:
     floating dtype wider than ``answer_dtype`` cast to it (the strategy's ``answer_dtype``: in bfloat16 an answer
     is half the bytes, and a worker computes its next gradient on weights rounded as bf16 autocast rounds them; the
     master weights and the gradients keep their precision). Answers to a drain always come at the parameters' own
-    precision (``AnswerFormat.of(layout)``), so that validation, checkpoints and the end of fit see the master weights. A reply
-    announces its format's signature (``Header.code``); the worker checks it against the format it expects."""
+    precision (``AnswerFormat.of(layout)``), so that validation, checkpoints and the end of fit see the master
+    weights. A reply announces its format's signature (``Header.code``); the worker checks it against the format
+    it expects."""
 
     sizes: tuple[int, ...]
     dtypes: tuple[torch.dtype, ...]
