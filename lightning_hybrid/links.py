@@ -173,8 +173,7 @@ class RemoteServerLink:
             ]
         header, params = self._answer_buffers[0]
         self._answer_buffers.reverse()
-        drains = bool(flags & Flag.DRAIN)
-        self._expected.append(self._post_answer(header, self._drain_target(params) if drains else params, drains))
+        self._expected.append(self._post_answer(header, params, bool(flags & Flag.DRAIN)))
 
     def send_push(
         self,
@@ -221,8 +220,7 @@ class RemoteServerLink:
     def await_reply(self) -> Reply:
         """Wait until the queued message is out, then for the server's answer."""
         self._complete_sends()
-        params = self._drain_target(self._params) if self._drains else self._params
-        return self._receive(self._post_answer(self._header, params, self._drains))
+        return self._receive(self._post_answer(self._header, self._params, self._drains))
 
     def collect(self) -> Reply:
         """A pipelined worker's answer to its push before the last (see :meth:`post_push`), copied into
@@ -276,7 +274,9 @@ class RemoteServerLink:
     def _post_answer(self, header: Tensor, params: list[Tensor], drains: bool) -> _PostedAnswer:
         """Post the receives of the next answer's header and parameters at once: gloo moves a message only once
         its receive is posted, so one after the other would wait a round trip more. ``drains``: it answers a
-        drain, at the parameters' own precision."""
+        drain, at the parameters' own precision (see :meth:`_drain_target`)."""
+        if drains:
+            params = self._drain_target(params)
         works = [dist.irecv(t, src=self._server, group=self._answers, tag=ANSWER_TAG) for t in [header, *params]]
         return _PostedAnswer(header, params, works, self._exact_format if drains else self._answer_format)
 

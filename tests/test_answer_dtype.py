@@ -41,7 +41,7 @@ def test_only_buffers_wider_than_the_answer_dtype_are_narrowed() -> None:
 
 
 def exchange_main(rank: int, port: int, server_dtype: str, worker_dtype: str, results: mp.Queue) -> None:
-    """Rank 0 serves MASTER (K = 2: its own worker and rank 1), answering in ``server_dtype``; rank 1 expects
+    """Rank 0 serves MASTER (K = 1; its own worker leaves at once), answering in ``server_dtype``; rank 1 expects
     ``worker_dtype``, pushes a zero gradient, then drains."""
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
