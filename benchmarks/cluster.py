@@ -113,14 +113,19 @@ def straggler_strategies(
 
 
 def with_bf16(rows: list[tuple[str, str]], bf16: bool) -> list[tuple[str, str]]:
-    """``rows`` and, with ``bf16``, each again in bfloat16: a hybrid row with ``answer_dtype="bfloat16"``, DDP with
-    its gradients all-reduced in bfloat16 (``bf16_compress_hook``), which is what DDP can narrow on its wire."""
+    """``rows`` and, with ``bf16``, each again in bfloat16: a hybrid row with ``answer_dtype="bfloat16"`` and
+    with ``push_dtype`` too, DDP with its gradients all-reduced in bfloat16 (``bf16_compress_hook``), which is what
+    DDP can narrow on its wire: DDP's and the hybrid's "bf16 gradients" rows move the same bytes per sample."""
     if not bf16:
         return rows
-    return rows + [
-        ("ddp/bf16", "ddp, bf16 gradients") if flag == "ddp" else (f"{flag}/bf16", f"{label}, bf16 answers")
-        for flag, label in rows
-    ]
+    narrowed = []
+    for flag, label in rows:
+        if flag == "ddp":
+            narrowed.append(("ddp/bf16", "ddp, bf16 gradients"))
+        else:
+            narrowed.append((f"{flag}/bf16", f"{label}, bf16 answers"))
+            narrowed.append((f"{flag}/bf16/bf16push", f"{label}, bf16 answers and gradients"))
+    return rows + narrowed
 
 
 def setup_seconds(nodes: int) -> float:
@@ -132,7 +137,9 @@ def setup_seconds(nodes: int) -> float:
 def predicted_rate(flag: str, numel: int, nodes: int, rates_mbit: list[float], batch: int) -> float:
     """Batches per second of all nodes together by a rough model (no overlap of compute and communication;
     node i's link at ``rates_mbit[i]``). It only sizes the runs: each should last about ``--window`` s."""
-    flag = flag.removesuffix("/bf16").removesuffix("/pipelined")  # sized as the same row unpipelined, in float32
+    flag = (
+        flag.removesuffix("/bf16push").removesuffix("/bf16").removesuffix("/pipelined")
+    )  # sized as the same row unpipelined, in float32
     bits, links = numel * 32, [rate * 1e6 for rate in rates_mbit]
     alone = COMPUTE_MS_PER_MPARAM / 1000 * numel / 1e6 * batch / 64
     shared = alone * max(1.0, nodes / CORES)

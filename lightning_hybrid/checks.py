@@ -7,7 +7,7 @@ waits for another that already stopped), instead of training differently from wh
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -94,17 +94,24 @@ def check_options(
         raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
 
 
-def answer_dtype_of(answer_dtype: str | torch.dtype | None) -> Optional[torch.dtype]:
-    """The strategy's ``answer_dtype`` as a torch dtype: a floating one, by name (``"bfloat16"``) or itself."""
-    if answer_dtype is None:
+def wire_dtype_of(option: str, dtype: str | torch.dtype | None) -> Optional[torch.dtype]:
+    """The strategy's ``answer_dtype`` or ``push_dtype`` (named by ``option``) as a torch dtype: a floating one,
+    by name (``"bfloat16"``) or itself. Gradients must keep float32's range: a float16 gradient above 65504 turns
+    Inf, and a shard that finds Inf in its slice would reject what the other shards apply."""
+    if dtype is None:
         return None
-    dtype = getattr(torch, answer_dtype, None) if isinstance(answer_dtype, str) else answer_dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(
-            f"answer_dtype must be a floating-point dtype, e.g. 'bfloat16' or torch.bfloat16 (None: the parameters' "
-            f"own), got {answer_dtype!r}"
+            f"{option} must be a floating-point dtype, e.g. 'bfloat16' or torch.bfloat16 (None: the parameters' "
+            f"own), got {dtype!r}"
         )
-    return dtype
+    if option == "push_dtype" and torch.finfo(resolved).max < 2.0**127:
+        raise ValueError(
+            f"push_dtype={dtype!r} cannot hold gradients of float32's range (its largest value is "
+            f"{torch.finfo(resolved).max:g}; larger ones would arrive as Inf and be rejected): use 'bfloat16'"
+        )
+    return resolved
 
 
 def check_trainer(trainer: pl.Trainer, sync_batchnorm: bool, gradient_scaler: Any) -> None:
@@ -148,6 +155,24 @@ def check_same_model_everywhere(signatures: Tensor) -> None:
                 f"rank {rank} built a model with {theirs[0]} parameter tensors ({theirs[1]} elements) but rank 0 "
                 f"built {int(everyone[0, 0])} ({int(everyone[0, 1])} elements), or their shapes or dtypes differ: "
                 "build the same model on every rank (no rank-dependent layers; call seed_everything first)."
+            )
+
+
+def options_signature(options: Mapping[str, Any], device: torch.device) -> Tensor:
+    """A checksum of each of the strategy's ``options`` that every rank must share, to compare across ranks."""
+    return torch.tensor([zlib.crc32(repr(value).encode()) for value in options.values()], device=device)
+
+
+def check_same_options_everywhere(names: Sequence[str], signatures: Tensor) -> None:
+    """``signatures``: every rank's :func:`options_signature` of the options ``names``, one row per rank. Ranks
+    that disagree on the protocol (a sharded server, answers' dtype) would otherwise hang or fail mid-run."""
+    everyone = signatures.reshape(-1, len(names)).cpu().tolist()
+    for rank, theirs in enumerate(everyone):
+        differ = [name for name, value, rank0s in zip(names, theirs, everyone[0]) if value != rank0s]
+        if differ:
+            raise MisconfigurationException(
+                f"rank {rank} runs hybrid_sgd with another {', '.join(differ)} than rank 0: give every rank the same "
+                "HybridSGDStrategy(...) arguments (the same config on every node)."
             )
 
 

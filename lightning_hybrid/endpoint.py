@@ -32,12 +32,12 @@ from lightning_hybrid.wire import (
     SERVER_RANK,
     STOP_FLAGS,
     AbortCode,
-    AnswerFormat,
     Decision,
     Flag,
     Header,
     Kind,
     Reply,
+    WireFormat,
     abort_error,
     timeout_error,
     work_of,
@@ -85,6 +85,7 @@ class ServerEndpoint:
         decisions: Optional[dict[int, dist.ProcessGroup]] = None,
         answers: Optional[dict[int, dist.ProcessGroup]] = None,
         answer_dtype: Optional[torch.dtype] = None,
+        push_dtype: Optional[torch.dtype] = None,
     ) -> None:
         """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain).
         ``local_params`` (flat buffers of the server's layout: the local worker's model, see ``FlatLayout.bind``)
@@ -93,7 +94,8 @@ class ServerEndpoint:
         decisions (``Channels.decisions``): on shard 0 one per follower, which it tells the group of every update;
         on a :class:`FollowerServer` the one it hears them from, under shard 0's rank. ``answers``: the channels
         the answers travel on, where they are not ``channels`` (pipelined workers, ``Channels.answers_out``).
-        ``answer_dtype``: remote workers get the parameters in it, but answers to drains (see :class:`AnswerFormat`).
+        ``answer_dtype``: remote workers get the parameters in it, but answers to drains (see :class:`WireFormat`);
+        ``push_dtype``: the one their gradients come in, received into buffers of it and widened into the server's.
         A server that takes early pushes (``ParameterServer(early_pushes=True)``) gets two receive buffers per
         remote worker, and its local worker's answers are snapshots: its model is busy with the next step."""
         decisions = decisions or {}
@@ -119,8 +121,9 @@ class ServerEndpoint:
         self._channels = channels
         self._answer_channels = answers or channels
         self._buffer_layout = buffer_layout
-        self._answer_format = AnswerFormat.of(server.layout, answer_dtype)
-        self._exact_format = AnswerFormat.of(server.layout)
+        self._answer_format = WireFormat.of(server.layout, answer_dtype)
+        self._exact_format = WireFormat.of(server.layout)
+        self._push_format = WireFormat.of(server.layout, push_dtype)
         self._read_buffers = read_buffers
         self._peer_timeout = peer_timeout
         self._local = _Waiter()
@@ -251,7 +254,13 @@ class ServerEndpoint:
             self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
             for _ in range(2 if self._pipelined else 1)
         ]
-        chunk_lists = [self.server.layout.chunk_views(buffer) for buffer in buffers]
+        layout = self.server.layout
+        chunk_lists = [layout.chunk_views(buffer) for buffer in buffers]
+        # a narrowed gradient (push_dtype) comes into chunks of its own format, then is widened into the buffer's
+        narrowed = self._push_format != self._exact_format
+        wire_chunk_lists = (
+            [layout.chunk_views(self._push_format.allocate()) for _ in buffers] if narrowed else chunk_lists
+        )
         pushes = 0
         header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
         verdict = torch.empty(1, dtype=torch.int64)
@@ -261,22 +270,27 @@ class ServerEndpoint:
                 header = Header.from_tensor(header_buffer)
                 if header.rank != rank:
                     raise ProtocolError(f"a message on rank {rank}'s channel claims to come from rank {header.rank}")
-                gradient, chunks = buffers[pushes % len(buffers)], chunk_lists[pushes % len(buffers)]
+                slot = pushes % len(buffers)
+                gradient, chunks, wire_chunks = buffers[slot], chunk_lists[slot], wire_chunk_lists[slot]
                 if header.kind == Kind.PUSH:
                     pushes += 1
                     if rank in self.server.pending_workers and not self._pipelined:  # its buffer may hold the sum
                         raise ProtocolError(f"worker {rank} sent a gradient while it still waits for its answer")
-                    layout = self.server.layout
-                    if header.numel != layout.numel or header.code != layout.signature:
+                    expected = self._push_format.signature
+                    if header.numel != layout.numel or header.code != expected:
                         raise ProtocolError(
-                            f"rank {rank} announced a gradient of {header.numel} elements (layout signature "
-                            f"{header.code}), the model has {layout.numel} (signature {layout.signature}): every "
-                            "rank must build the same model, with the same parameter dtypes"
+                            f"rank {rank} announced a gradient of {header.numel} elements (format signature "
+                            f"{header.code}), the server expects {layout.numel} (signature {expected}): every "
+                            "rank must build the same model, with the same parameter dtypes, and get the same "
+                            "`push_dtype`"
                         )
                     # every chunk's receive at once: gloo moves a message's bytes only once its receive is posted,
                     # so one chunk after another each waited a round trip (through the link's queue) to start
-                    for work in [dist.irecv(chunk, src=rank, group=group, tag=REQUEST_TAG) for chunk in chunks]:
+                    for work in [dist.irecv(chunk, src=rank, group=group, tag=REQUEST_TAG) for chunk in wire_chunks]:
                         work.wait()
+                    if narrowed:
+                        for chunk, received in zip(chunks, wire_chunks):
+                            chunk.copy_(received)
                     if header.flags & Flag.VERDICT:
                         dist.recv(verdict, src=rank, group=group, tag=REQUEST_TAG)
                         if verdict.item():
@@ -388,7 +402,7 @@ class ServerEndpoint:
         return flags
 
     def _send_replies(
-        self, workers: list[int], release: Release, answer: AnswerFormat, buffers: Optional[list[Tensor]]
+        self, workers: list[int], release: Release, answer: WireFormat, buffers: Optional[list[Tensor]]
     ) -> list[tuple[int, Tensor, dist.Work]]:
         """Post the answers to several workers at once, each over its own gloo pair; :meth:`_complete_sends`
         waits for them. Each worker's send lock is held while its reply is posted, so messages to one worker

@@ -27,11 +27,11 @@ from lightning_hybrid.wire import (
     NO_WORK,
     REQUEST_TAG,
     SERVER_RANK,
-    AnswerFormat,
     Flag,
     Header,
     Kind,
     Reply,
+    WireFormat,
     abort_error,
     timeout_error,
 )
@@ -94,7 +94,7 @@ class _PostedAnswer:
     header: Tensor
     params: list[Tensor]
     works: list[dist.Work]
-    format: AnswerFormat
+    format: WireFormat
 
 
 class RemoteServerLink:
@@ -112,12 +112,14 @@ class RemoteServerLink:
         server_rank: int = SERVER_RANK,
         answers: Optional[dist.ProcessGroup] = None,
         answer_dtype: Optional[torch.dtype] = None,
+        push_dtype: Optional[torch.dtype] = None,
     ) -> None:
         """Parameters are received into ``receive_into`` (host buffers of ``layout``; the CPU model's own flat
         parameters make the reply the model without a copy), else into buffers of the link's own; a pipelined
-        worker's answers, and answers in ``answer_dtype`` (see :class:`AnswerFormat`), come into buffers of the
-        link's and are copied there (see :meth:`post_push`). ``answers``: the group the answers come on, where it
-        is not ``group`` (a pipelined worker's, ``Channels.answers_in``)."""
+        worker's answers, and answers in ``answer_dtype`` (see :class:`WireFormat`), come into buffers of the
+        link's and are copied there (see :meth:`post_push`). Gradients leave in ``push_dtype``, through chunks of
+        the link's. ``answers``: the group the answers come on, where it is not ``group`` (a pipelined worker's,
+        ``Channels.answers_in``)."""
         self._rank = rank
         self._server = server_rank
         self._group = group
@@ -125,11 +127,16 @@ class RemoteServerLink:
         self._layout = layout
         self._timeout = timedelta(seconds=peer_timeout)
         self._receive_into = receive_into
-        self._answer_format = AnswerFormat.of(layout, answer_dtype)
-        self._exact_format = AnswerFormat.of(layout)
+        self._answer_format = WireFormat.of(layout, answer_dtype)
+        self._exact_format = WireFormat.of(layout)
         in_place = receive_into is not None and self._answer_format == self._exact_format
         self._params = receive_into if in_place else self._answer_format.allocate(pin_memory)
         self._drain_params: Optional[list[Tensor]] = None  # see _drain_target
+        self._push_format = WireFormat.of(layout, push_dtype)
+        # a narrowed gradient is copied chunk by chunk into these as it leaves (its sends complete before the next)
+        narrowed = self._push_format != self._exact_format
+        self._push_chunks = layout.chunk_views(self._push_format.allocate(pin_memory)) if narrowed else None
+        self._chunks_sent = 0
         self._drains = False  # whether the request last sent drains
         self._buffers = buffer_layout.allocate("cpu", pin_memory=pin_memory)
         self._staging = layout.allocate("cpu", pin_memory=pin_memory) if pin_memory else []
@@ -184,7 +191,7 @@ class RemoteServerLink:
         work: Optional[int] = None,
     ) -> None:
         """Queue a whole gradient; :meth:`await_reply` waits for the answer."""
-        if gradient and gradient[0].device.type != "cpu":
+        if gradient and gradient[0].device.type != "cpu" and self._push_chunks is None:
             for staged, tensor in zip(self._staging, gradient):
                 staged.copy_(tensor)
             gradient = self._staging
@@ -205,12 +212,18 @@ class RemoteServerLink:
             threshold or 0,
             self._layout.numel,
             detail=NO_WORK if work is None else work,
-            code=self._layout.signature,
+            code=self._push_format.signature,
         )
+        self._chunks_sent = 0
         self._post(header.to_tensor())
 
     def send_chunk(self, chunk: Tensor) -> None:
-        """Queue one chunk; it travels while the caller goes on (e.g. while backward still runs)."""
+        """Queue the gradient's next chunk; it travels while the caller goes on (e.g. while backward still runs)."""
+        if self._push_chunks is not None:
+            narrowed = self._push_chunks[self._chunks_sent]
+            narrowed.copy_(chunk)
+            chunk = narrowed
+        self._chunks_sent += 1
         self._post(chunk)
 
     def send_verdict(self, nonfinite: bool) -> None:
@@ -351,7 +364,7 @@ class RemoteServerLink:
         )
 
 
-def _dtype_names(answer: AnswerFormat) -> str:
+def _dtype_names(answer: WireFormat) -> str:
     return "/".join(str(dtype).removeprefix("torch.") for dtype in answer.dtypes)
 
 

@@ -74,7 +74,7 @@ class Release:
     version: int
     params: list[Tensor]
     drained: bool = False
-    answers_drain: bool = False  # every worker it answers asked to drain: see wire.AnswerFormat
+    answers_drain: bool = False  # every worker it answers asked to drain: see wire.WireFormat
     rejected: tuple[int, ...] = ()
     dropped: tuple[int, ...] = ()  # their gradients were staler than max_staleness: compute the batch again
     staleness: dict[int, int] = field(default_factory=dict)

@@ -109,6 +109,7 @@ class SessionOptions:
     peer_timeout: float
     pipeline_pushes: bool = False
     answer_dtype: Optional[torch.dtype] = None
+    push_dtype: Optional[torch.dtype] = None
 
 
 def _on_host(value: Any) -> Any:
@@ -229,6 +230,7 @@ class WorkerSession:
                 decisions=channels.decisions if shards > 1 else {},
                 answers=channels.answers_out or None,
                 answer_dtype=options.answer_dtype,
+                push_dtype=options.push_dtype,
             )
             endpoint.start()
             return endpoint
@@ -248,6 +250,7 @@ class WorkerSession:
                 server_rank=server_rank,
                 answers=channels.answers_in.get(server_rank),
                 answer_dtype=options.answer_dtype,
+                push_dtype=options.push_dtype,
             )
 
         if options.shard_server:  # every rank serves its shard of the model and talks to every shard

@@ -154,6 +154,10 @@ class HybridSGDStrategy(DDPStrategy):
             the master weights, the optimizer state and the gradients keep their precision. Answers to drains
             (validation, checkpoints, the end of fit) and the server's own rank's worker get the exact weights.
             ``None`` (default): the parameters' own dtype.
+        push_dtype: the dtype in which remote workers send their gradients, e.g. ``"bfloat16"``: half a push's
+            bytes, as DDP's ``bf16_compress_hook`` narrows its all-reduce; the server sums them at the parameters'
+            precision (DDP's hook sums in bf16). The server's own rank's worker pushes in memory, exactly. Dtypes
+            of a narrower range than float32's (float16) are refused. ``None`` (default): the gradients' own dtype.
         nonfinite: what a gradient holding NaN or Inf does: ``"skip"`` (it is rejected, counted and logged,
             the master weights untouched, training goes on) or ``"stop"`` (rejected, then the run stops on
             every rank with :class:`NonFiniteGradientError` naming the rank and step).
@@ -195,6 +199,7 @@ class HybridSGDStrategy(DDPStrategy):
         shard_weights: Optional[Sequence[float]] = None,
         pipeline_pushes: bool = False,
         answer_dtype: Union[str, torch.dtype, None] = None,
+        push_dtype: Union[str, torch.dtype, None] = None,
         nonfinite: Literal["skip", "stop"] = "skip",
         recovery_dir: Optional[_PATH] = None,
         recovery_every: float = 60.0,
@@ -232,7 +237,8 @@ class HybridSGDStrategy(DDPStrategy):
         self._shard_server = bool(shard_server)
         self._shard_weights = None if shard_weights is None else tuple(float(w) for w in shard_weights)
         self._pipeline_pushes = bool(pipeline_pushes)
-        self._answer_dtype = checks.answer_dtype_of(answer_dtype)
+        self._answer_dtype = checks.wire_dtype_of("answer_dtype", answer_dtype)
+        self._push_dtype = checks.wire_dtype_of("push_dtype", push_dtype)
         self._nonfinite = nonfinite
         self._peer_timeout = float(peer_timeout)
         self._recovery_dir = recovery_dir
@@ -402,7 +408,23 @@ class HybridSGDStrategy(DDPStrategy):
         """No DDP wrapper: check that every rank built the same model, then start from rank 0's weights."""
         mine = checks.model_signature(list(self.model.parameters()), self.root_device)
         checks.check_same_model_everywhere(self.all_gather(mine))
+        shared = self._options_every_rank_shares()
+        signature = checks.options_signature(shared, self.root_device)
+        checks.check_same_options_everywhere(list(shared), self.all_gather(signature))
         lockstep.sync_module_states(self.model)
+
+    def _options_every_rank_shares(self) -> dict[str, Any]:
+        """The options that shape the protocol between ranks (and the work they pull): each rank builds its side
+        from its own, so ranks that disagree would hang or fail mid-run instead of at setup."""
+        return {
+            "threshold": self._threshold_spec,
+            "pull_work": self._pull_work,
+            "shard_server": self._shard_server,
+            "shard_weights": self._shard_weights,
+            "pipeline_pushes": self._pipeline_pushes,
+            "answer_dtype": self._answer_dtype,
+            "push_dtype": self._push_dtype,
+        }
 
     def _start_session(self, trainer: "pl.Trainer") -> None:
         """Each fit starts a new server at version 0 (a checkpoint restores it), as Lightning builds new
@@ -455,6 +477,7 @@ class HybridSGDStrategy(DDPStrategy):
                 peer_timeout=self._peer_timeout,
                 pipeline_pushes=self._pipeline_pushes,
                 answer_dtype=self._answer_dtype,
+                push_dtype=self._push_dtype,
             ),
             on_recovery_point=self._write_part if self._recovery is not None and not self.is_global_zero else None,
         )

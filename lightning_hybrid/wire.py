@@ -76,7 +76,7 @@ class Header:
     threshold: int = 0  # PUSH: requested K (0: none); REPLY: the server's K
     numel: int = 0  # payload elements, a check against the layout
     detail: int = 0  # PUSH: the gradient's work id (-1: none); REPLY: its staleness (-1: none); ABORT: the lost rank
-    code: int = 0  # ABORT: AbortCode; PUSH: FlatLayout.signature of the gradient; REPLY: AnswerFormat.signature
+    code: int = 0  # ABORT: AbortCode; PUSH and REPLY: the payload's WireFormat.signature
 
     SIZE = 8
 
@@ -126,24 +126,25 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class AnswerFormat:
-    """How parameters travel in the server's answers to remote workers: the layout's flat buffers, those of a
-    floating dtype wider than ``answer_dtype`` cast to it (the strategy's ``answer_dtype``: in bfloat16 an answer
-    is half the bytes, and a worker computes its next gradient on weights rounded as bf16 autocast rounds them; the
-    master weights and the gradients keep their precision). Answers to a drain always come at the parameters' own
-    precision (``AnswerFormat.of(layout)``), so that validation, checkpoints and the end of fit see the master
-    weights. A reply announces its format's signature (``Header.code``); the worker checks it against the format
-    it expects."""
+class WireFormat:
+    """How a layout's flat buffers travel: those of a floating dtype wider than ``narrow_to`` cast to it, the others
+    as they are. Answers use the strategy's ``answer_dtype`` (in bfloat16 an answer is half the bytes, and a worker
+    computes its next gradient on weights rounded as bf16 autocast rounds them), gradients its ``push_dtype``
+    (rounded as DDP's ``bf16_compress_hook`` rounds them, but summed at full precision on the server); the master
+    weights and the optimizer state keep theirs. Answers to drains always come at the parameters' own precision
+    (``WireFormat.of(layout)``), so that validation, checkpoints and the end of fit see the master weights. A
+    message announces its format's signature (``Header.code``); the receiver checks it against the format it
+    expects."""
 
     sizes: tuple[int, ...]
     dtypes: tuple[torch.dtype, ...]
     signature: int
 
     @classmethod
-    def of(cls, layout: FlatLayout, answer_dtype: Optional[torch.dtype] = None) -> AnswerFormat:
+    def of(cls, layout: FlatLayout, narrow_to: Optional[torch.dtype] = None) -> WireFormat:
         dtypes = tuple(
-            answer_dtype
-            if answer_dtype is not None and dtype.is_floating_point and dtype.itemsize > answer_dtype.itemsize
+            narrow_to
+            if narrow_to is not None and dtype.is_floating_point and dtype.itemsize > narrow_to.itemsize
             else dtype
             for dtype in layout.dtypes
         )

@@ -413,6 +413,7 @@ class Straggler(OneGpu, Slowed, Batches):
     overlap_push: bool = False
     pipeline_pushes: bool = False
     answer_dtype: str | None = option(None, "HybridSGDStrategy(answer_dtype=...), e.g. bfloat16")
+    push_dtype: str | None = option(None, "HybridSGDStrategy(push_dtype=...), e.g. bfloat16")
     nan_rank: int = option(-1, "the rank whose loss is NaN once")
     nan_step: int = option(-1, "the global step of that rank at which its loss is NaN")
     max_time: str | None = option(None, "Trainer(max_time), DD:HH:MM:SS")
@@ -435,6 +436,7 @@ def straggler(args: Straggler) -> None:
         overlap_push=args.overlap_push,
         pipeline_pushes=args.pipeline_pushes,
         answer_dtype=args.answer_dtype,
+        push_dtype=args.push_dtype,
         process_group_backend=args.process_group_backend,
     )
     extra: dict[str, Any] = {"max_time": args.max_time} if args.max_time else {}
@@ -577,6 +579,14 @@ def mismatched_model(args: Launch) -> None:
     """Every rank builds a different model: setup must refuse it."""
     run = trainer(lightning_hybrid.HybridSGDStrategy(), args, max_epochs=1)
     run.fit(MLPClassifier(hidden=16 + run.global_rank), datamodule=DigitsDataModule())
+
+
+@scenario
+def mismatched_options(args: Launch) -> None:
+    """Rank 1 (its own config, as on another node) sends gradients in bfloat16: setup must refuse it."""
+    rank = int(os.environ.get("LOCAL_RANK", "0"))  # Lightning's launcher sets it in the processes it starts
+    strategy = lightning_hybrid.HybridSGDStrategy(push_dtype="bfloat16" if rank == 1 else None)
+    trainer(strategy, args, max_epochs=1).fit(MLPClassifier(), datamodule=DigitsDataModule())
 
 
 @dataclass(kw_only=True)

@@ -194,6 +194,8 @@ def test_threshold_scheduler_shows_k_and_staleness_in_the_progress_bar() -> None
         (dict(overlap_push=True, pipeline_pushes=True), "pipeline_pushes and overlap_push cannot be combined"),
         (dict(answer_dtype="int8"), "answer_dtype must be a floating-point dtype, e.g. 'bfloat16'"),
         (dict(answer_dtype="bf16x"), "answer_dtype must be a floating-point dtype, e.g. 'bfloat16'"),
+        (dict(push_dtype="int8"), "push_dtype must be a floating-point dtype, e.g. 'bfloat16'"),
+        (dict(push_dtype="float16"), "push_dtype='float16' cannot hold gradients of float32's range"),
     ],
 )
 def test_bad_update_rules_are_refused_at_construction(kwargs, message) -> None:

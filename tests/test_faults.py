@@ -49,6 +49,11 @@ def test_model_that_differs_across_ranks_is_refused_at_setup(tmp_path) -> None:
     assert "rank 1 built a model with 4 parameter tensors" in output
 
 
+def test_options_that_differ_across_ranks_are_refused_at_setup(tmp_path) -> None:
+    output = run_failing("mismatched_options", tmp_path, "--devices 2", bound=60)
+    assert "rank 1 runs hybrid_sgd with another push_dtype than rank 0" in output
+
+
 def test_sigterm_on_one_rank_stops_every_rank_cleanly(tmp_path) -> None:
     # K = 1 with a slow rank 1; SIGTERM reaches rank 1 only. Lightning would broadcast the flag from rank 0
     # on every step; here it travels through the server, and every rank stops with SIGTERMException.

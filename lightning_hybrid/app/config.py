@@ -30,6 +30,7 @@ class StrategyConfig:
     shard_weights: Optional[list[float]] = None  # each rank's share of a sharded model (e.g. its link's rate)
     pipeline_pushes: bool = False  # send the next gradient while the last answer comes in (staler)
     answer_dtype: Optional[str] = None  # e.g. bfloat16: the server's answers in it (half their bytes)
+    push_dtype: Optional[str] = None  # e.g. bfloat16: the workers' gradients in it (half their bytes)
     nonfinite: str = "skip"  # skip | stop
     recovery_dir: Optional[str] = None  # recovery checkpoints (default under torchrun --max-restarts: see README)
     recovery_every: float = 60.0  # seconds between periodic recovery checkpoints

@@ -55,6 +55,7 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
         shard_weights=strategy.shard_weights,
         pipeline_pushes=strategy.pipeline_pushes,
         answer_dtype=strategy.answer_dtype,
+        push_dtype=strategy.push_dtype,
         nonfinite=strategy.nonfinite,
         recovery_dir=strategy.recovery_dir,
         recovery_every=strategy.recovery_every,
