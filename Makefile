@@ -17,7 +17,7 @@ demo: $(BIN)/.installed
 	WANDB_MODE=offline $(BIN)/python examples/demo.py
 
 test: $(BIN)/.installed
-	WANDB_MODE=offline $(BIN)/python -m pytest
+	WANDB_MODE=offline $(BIN)/python -m pytest --durations=25
 	WANDB_MODE=offline $(BIN)/python -m pytest -m soak
 
 bench: $(BIN)/.installed

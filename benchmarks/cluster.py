@@ -367,7 +367,8 @@ def main() -> None:
     parser.add_argument(
         "--bf16",
         action="store_true",
-        help="also every row in bfloat16: hybrid rows with answer_dtype, DDP with bf16_compress_hook",
+        help="also every row in bfloat16: hybrid rows with answer_dtype (and again with push_dtype too), DDP with "
+        "bf16_compress_hook",
     )
     parser.add_argument(
         "--only",
