@@ -113,15 +113,15 @@ def test_a_worker_that_expects_another_answer_dtype_stops_with_the_reason() -> N
 @pytest.mark.parametrize(
     "options, narrowing",
     [
-        ("", "--answer-dtype bfloat16"),
+        ("--overlap-push", "--push-dtype bfloat16"),
         ("--shard-server --pipeline-pushes", "--answer-dtype bfloat16 --push-dtype bfloat16"),
     ],
-    ids=["one-server-answers", "sharded-pipelined-both-ways"],
+    ids=["one-server-overlapped-gradients", "sharded-pipelined-both-ways"],
 )
 def test_a_fit_in_bfloat16_trains_and_ends_on_the_exact_master(tmp_path, options: str, narrowing: str) -> None:
-    # K = N = 3: at full precision every step is DDP's (pipelined: one step staler); in bfloat16 each worker computes
-    # on rounded weights (and the server steps on rounded gradients), so the fit ends elsewhere, but near, and every
-    # rank ends on the same exact master weights (the last drain's)
+    # K = N = 3: at full precision every step is DDP's (pipelined: one step staler); in bfloat16 the server steps on
+    # rounded gradients (streamed during backward with overlap_push) and workers compute on rounded weights, so the
+    # fit ends elsewhere, but near, and every rank ends on the same exact master weights (the last drain's)
     common = f"--devices 3 --threshold sync --epochs 2 --batches 6 {options}"
     launch("straggler", tmp_path / "exact", common)
     launch("straggler", tmp_path / "bf16", f"{common} {narrowing}")
