@@ -256,10 +256,9 @@ class ServerEndpoint:
         ]
         layout = self.server.layout
         chunk_lists = [layout.chunk_views(buffer) for buffer in buffers]
-        # a narrowed gradient (push_dtype) comes into chunks of its own format, then is widened into the buffer's
-        narrowed = self._push_format != self._exact_format
-        wire_chunk_lists = (
-            [layout.chunk_views(self._push_format.allocate()) for _ in buffers] if narrowed else chunk_lists
+        # a narrowed gradient (push_dtype) comes into chunks of its own format, widened into the buffer's at once
+        wire_chunks = (
+            layout.chunk_views(self._push_format.allocate()) if self._push_format != self._exact_format else None
         )
         pushes = 0
         header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
@@ -270,8 +269,7 @@ class ServerEndpoint:
                 header = Header.from_tensor(header_buffer)
                 if header.rank != rank:
                     raise ProtocolError(f"a message on rank {rank}'s channel claims to come from rank {header.rank}")
-                slot = pushes % len(buffers)
-                gradient, chunks, wire_chunks = buffers[slot], chunk_lists[slot], wire_chunk_lists[slot]
+                gradient, chunks = buffers[pushes % len(buffers)], chunk_lists[pushes % len(buffers)]
                 if header.kind == Kind.PUSH:
                     pushes += 1
                     if rank in self.server.pending_workers and not self._pipelined:  # its buffer may hold the sum
@@ -286,11 +284,12 @@ class ServerEndpoint:
                         )
                     # every chunk's receive at once: gloo moves a message's bytes only once its receive is posted,
                     # so one chunk after another each waited a round trip (through the link's queue) to start
-                    for work in [dist.irecv(chunk, src=rank, group=group, tag=REQUEST_TAG) for chunk in wire_chunks]:
+                    received = wire_chunks or chunks
+                    for work in [dist.irecv(chunk, src=rank, group=group, tag=REQUEST_TAG) for chunk in received]:
                         work.wait()
-                    if narrowed:
-                        for chunk, received in zip(chunks, wire_chunks):
-                            chunk.copy_(received)
+                    if wire_chunks:
+                        for chunk, narrow in zip(chunks, wire_chunks):
+                            chunk.copy_(narrow)
                     if header.flags & Flag.VERDICT:
                         dist.recv(verdict, src=rank, group=group, tag=REQUEST_TAG)
                         if verdict.item():
