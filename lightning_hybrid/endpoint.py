@@ -226,7 +226,7 @@ class ServerEndpoint:
             try:
                 with self._send_locks[worker]:
                     dist.send(header, dst=worker, group=self._answer_channels[worker], tag=ANSWER_TAG)
-            except RuntimeError:
+            except (RuntimeError, ValueError):  # its connection is gone, or (torn down) its group
                 log.debug("could not tell rank %d about the abort", worker, exc_info=True)
 
     # ------------------------------------------------------------------ remote workers
@@ -338,7 +338,7 @@ class ServerEndpoint:
             else:
                 releases = self.server.leave(rank)
                 if header.flags & Flag.FAILED:
-                    self.abort(AbortCode.WORKER_LOST, rank, ": it raised an exception (see its log)")
+                    self.abort(AbortCode.NONFINITE if header.flags & Flag.NONFINITE else AbortCode.WORKER_FAILED, rank)
                     return
             self._dispatch(releases)
 

@@ -42,6 +42,7 @@ class _Stream(abc.ABC):
         self._handles = [
             param.register_post_accumulate_grad_hook(functools.partial(self._ready, index))
             for index, param in enumerate(self._params)
+            if param.requires_grad  # a frozen one gets no gradient: see arm
         ]
 
     @property
@@ -54,6 +55,9 @@ class _Stream(abc.ABC):
         self._message = (version, flags, threshold, work)
         self._packed = [False] * len(self._params)
         self._start()
+        for index, param in enumerate(self._params):
+            if not param.requires_grad:  # frozen: no hook fires, its zeros are ready now
+                self._pack(index)
 
     def disarm(self) -> None:
         self._message = None

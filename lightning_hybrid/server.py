@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import threading
 import time
 from collections import Counter
@@ -60,10 +61,13 @@ class GradientClipping:
             raise ValueError(f"gradient clipping value must be positive, got {self.value}")
 
     def apply(self, params: Sequence[Tensor]) -> None:
+        with_grads = [p for p in params if p.grad is not None]  # torch's clip_grad_value_ fails on none (frozen)
+        if not with_grads:
+            return
         if self.algorithm == "norm":
-            torch.nn.utils.clip_grad_norm_(params, self.value)
+            torch.nn.utils.clip_grad_norm_(with_grads, self.value)
         else:
-            torch.nn.utils.clip_grad_value_(params, self.value)
+            torch.nn.utils.clip_grad_value_(with_grads, self.value)
 
 
 @dataclass(frozen=True)
@@ -121,13 +125,22 @@ def clone_optimizer(
     if start != len(params):
         raise ValueError(f"the optimizer holds {start} parameters but {len(params)} were given")
     try:
-        return type(optimizer)(groups, **optimizer.defaults)
+        return type(optimizer)(groups, **_constructor_arguments(type(optimizer), optimizer.defaults))
     except TypeError as err:
         raise TypeError(
             f"cannot build a server-side copy of {type(optimizer).__name__} from its `defaults` ({err}); "
             "hybrid_sgd needs an optimizer whose constructor takes its own `defaults` as keyword arguments, "
             "as every torch.optim optimizer does"
         ) from err
+
+
+def _constructor_arguments(kind: type[Optimizer], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The ``defaults`` that ``kind``'s constructor takes: a subclass may fix one of its base's (AdamW's defaults
+    hold Adam's ``decoupled_weight_decay``, which AdamW's constructor does not take); the groups carry every value."""
+    accepted = inspect.signature(kind.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return dict(defaults)
+    return {name: value for name, value in defaults.items() if name in accepted}
 
 
 def check_max_staleness(max_staleness: Optional[int]) -> None:
@@ -164,6 +177,7 @@ class ParameterServer:
         group_scaling: str = "none",
         max_staleness: Optional[int] = None,
         early_pushes: bool = False,
+        trainable: Optional[Sequence[bool]] = None,
     ) -> None:
         """``hyperparameters`` returns param groups whose values (e.g. a scheduled ``lr``) the server copies
         into its own optimizer before every step. ``staleness_scaling`` weighs each gradient by
@@ -173,7 +187,9 @@ class ParameterServer:
         ``group_scaling`` names the rule that sizes an update to its group of gradients
         (:mod:`lightning_hybrid.group_scaling`). A gradient staler than ``max_staleness`` updates is dropped (its
         staleness is known at arrival, for the same reason). ``early_pushes``: a worker may push once more while
-        its gradient is pending (see :meth:`push`)."""
+        its gradient is pending (see :meth:`push`). ``trainable``: whether each of ``params`` requires grad (default:
+        all); the others (frozen) get no gradient, so that the optimizer leaves them alone (weight decay included), as
+        under DDP."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         check_max_staleness(max_staleness)
@@ -183,7 +199,11 @@ class ParameterServer:
         self._master = self.layout.allocate(device)
         with torch.no_grad():
             self.layout.pack([p.detach() for p in params], self._master)
-        self.parameters = [torch.nn.Parameter(v) for v in self.layout.views(self._master)]
+        trainable = [True] * len(params) if trainable is None else list(trainable)
+        self.parameters = [
+            torch.nn.Parameter(v, requires_grad=t)
+            for v, t in zip(self.layout.views(self._master), trainable, strict=True)
+        ]
         self.optimizer = make_optimizer(self.parameters)
         self._scaling = GroupScaling(group_scaling, self.optimizer, num_workers)
         self._max_staleness = max_staleness
@@ -552,7 +572,7 @@ class ParameterServer:
             for total in self._sum:
                 total.div_(count)
         for param, grad in zip(self.parameters, self.layout.views(self._sum)):
-            param.grad = grad
+            param.grad = grad if param.requires_grad else None
         if self._gradient_clipping is not None:
             self._gradient_clipping.apply(self.parameters)
         restore = apply_scales(self.optimizer.param_groups, scales)

@@ -196,13 +196,15 @@ class WorkerSession:
 
         def start_server(
             params: list[Tensor],
+            trainable: list[bool],
             buffer_layout: FlatLayout,
             local_params: list[Tensor],
             group_sizes: Optional[list[int]] = None,
             shards: int = 1,
         ) -> ServerEndpoint:
-            """This rank's server over ``params`` (the whole model, or this rank's shard of it); of a sharded
-            server, shard 0 decides every update's group, the others follow."""
+            """This rank's server over ``params`` (the whole model, or this rank's shard of it; ``trainable``: of
+            each, whether its parameter requires grad); of a sharded server, shard 0 decides every update's group,
+            the others follow."""
             follower = shards > 1 and rank != 0
             server = (FollowerServer if follower else ParameterServer)(
                 params,
@@ -216,6 +218,7 @@ class WorkerSession:
                 group_scaling=options.group_scaling,
                 max_staleness=options.max_staleness,
                 early_pushes=options.pipeline_pushes,
+                trainable=trainable,
             )
             if isinstance(server, FollowerServer):
                 server.on_recovery_point = on_recovery_point
@@ -259,6 +262,7 @@ class WorkerSession:
             param_slices = [plan.views(shard, self._flat_params) for shard in range(plan.shards)]
             self._endpoint = start_server(
                 plan.piece_tensors(rank, self._params),
+                [self._params[index].requires_grad for index, _, _ in plan.pieces[rank]],
                 self._buffer_layout if rank == 0 else no_buffers,
                 param_slices[rank],
                 plan.group_sizes(rank, optimizer),
@@ -277,7 +281,9 @@ class WorkerSession:
             if options.overlap_push and device.type == "cpu":
                 self._stream = ShardedGradientStream(self._params, self._layout, self._gradient, self._link, plan)
         elif rank == SERVER_RANK:
-            self._endpoint = start_server(self._params, self._buffer_layout, self._flat_params)
+            self._endpoint = start_server(
+                self._params, [p.requires_grad for p in self._params], self._buffer_layout, self._flat_params
+            )
             self._link = LocalServerLink(self._endpoint)
         else:
             link = self._link = remote_link(SERVER_RANK, self._layout, self._buffer_layout, self._flat_params)
@@ -568,11 +574,12 @@ class WorkerSession:
             return
         assert self._options is not None and self._optimizer is not None
         try:
+            nonfinite = isinstance(error, NonFiniteGradientError)
             if error is not None and self._endpoint is not None:
                 why = f": rank {self._rank} raised {type(error).__name__}"
-                self._endpoint.abort(AbortCode.SERVER_FAILED, self._rank, why)
+                self._endpoint.abort(AbortCode.NONFINITE if nonfinite else AbortCode.SERVER_FAILED, self._rank, why)
             elif error is not None:
-                link.leave(Flag.FAILED)
+                link.leave(Flag.FAILED | (Flag.NONFINITE if nonfinite else Flag.NONE))
             else:
                 if clean:
                     self._collect_outstanding(link)

@@ -445,7 +445,10 @@ class HybridSGDStrategy(DDPStrategy):
         if recovery is not None:
             checks.check_recovery_fit(trainer.accumulate_grad_batches)
         if self._batches is not None:
-            checks.check_pulled_work(trainer, pulling)
+            checks.check_pulled_work(trainer, pulling, self._shard_server)
+            # a loader Lightning loaded before the session (e.g. for estimated_stepping_batches in
+            # configure_optimizers) has no pulled batches: the fit loads it again
+            trainer.fit_loop._combined_loader = None
         if self._shard_server:
             checks.check_shardable(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         checks.check_shard_weights(self._shard_weights, self._shard_server, self.world_size)

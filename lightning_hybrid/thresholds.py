@@ -21,42 +21,50 @@ ThresholdSpec = Union[int, str]
 
 def check_threshold_spec(spec: ThresholdSpec) -> None:
     """Refuse a malformed threshold before the number of workers is known."""
-    if isinstance(spec, int) and not isinstance(spec, bool) and spec < 1:
-        raise ValueError(f"threshold={spec} must be at least 1 (K=1 is asynchronous SGD)")
-    resolve_threshold(spec, num_workers=spec if isinstance(spec, int) and not isinstance(spec, bool) else 1)
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1:
+            raise ValueError(f"threshold={spec} must be at least 1 (K=1 is asynchronous SGD)")
+        return
+    _resolve_name(spec, num_workers=None)
 
 
 def resolve_threshold(spec: ThresholdSpec, num_workers: int) -> int:
     """Turn a threshold spec into a count K in ``[1, num_workers]``, or raise ``ValueError`` naming the fix."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
-    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
-        raise ValueError(
-            f"threshold={spec!r} is not understood: give an int count in [1, {num_workers}], "
-            "'sync', 'async' or a percentage of the workers such as '50%'"
-        )
-    if isinstance(spec, int):
+    if isinstance(spec, int) and not isinstance(spec, bool):
         if not 1 <= spec <= num_workers:
             raise ValueError(
                 f"threshold={spec} is outside [1, {num_workers}] for {num_workers} workers: "
                 f"give a count between 1 and {num_workers}, or 'sync', 'async', or a percentage such as '50%'"
             )
         return spec
-    text = spec.strip().lower()
+    resolved = _resolve_name(spec, num_workers)
+    assert resolved is not None
+    return resolved
+
+
+def _resolve_name(spec: Any, num_workers: Optional[int]) -> Optional[int]:
+    """K for ``"sync"``, ``"async"`` or ``"p%"`` of ``num_workers`` (``None``: only check the spec)."""
+    text = spec.strip().lower() if isinstance(spec, str) else None
     if text == "sync":
         return num_workers
     if text == "async":
         return 1
-    if text.endswith("%"):
+    if text is not None and text.endswith("%"):
         try:
             percent = float(text[:-1])
         except ValueError:
             percent = math.nan
         if 0 < percent <= 100:
-            return max(1, min(num_workers, math.ceil(percent / 100 * num_workers - 1e-9)))
+            return (
+                None if num_workers is None else max(1, min(num_workers, math.ceil(percent / 100 * num_workers - 1e-9)))
+            )
+    count = "an int count of workers" if num_workers is None else f"an int count in [1, {num_workers}]"
+    why = " (floats are refused: 1.0 could mean one worker or all of them)" if isinstance(spec, float) else ""
     raise ValueError(
-        f"threshold={spec!r} is not understood: give an int count in [1, {num_workers}], "
-        "'sync', 'async' or a percentage in (0%, 100%] such as '50%'"
+        f"threshold={spec!r} is not understood{why}: give {count}, 'sync', 'async' or a percentage of the workers "
+        "in (0%, 100%] such as '50%'"
     )
 
 

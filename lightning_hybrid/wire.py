@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_hybrid.errors import HybridSGDError, PeerLostError, ProtocolError
+from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError, PeerLostError, ProtocolError
 from lightning_hybrid.flat import FlatLayout, buffers_signature
 
 SERVER_RANK = 0  # the server's rank when it is not sharded
@@ -50,7 +50,8 @@ class Flag(enum.IntFlag):
     BUFFERS = 8  # on REPLY: module buffers (rank 0's) follow the parameters
     REJECTED = 16  # on REPLY: the pushed gradient held NaN/Inf and was not applied
     FAILED = 32  # on LEAVE: the worker raised an exception; the run stops everywhere
-    NONFINITE = 64  # on PUSH: the worker's whole gradient holds NaN/Inf (a shard sees part of it): reject it
+    NONFINITE = 64  # on PUSH: the worker's whole gradient holds NaN/Inf (a shard sees part of it): reject it;
+    # on LEAVE with FAILED: the worker stopped because of one (nonfinite="stop")
     DROPPED = 128  # on REPLY: the pushed gradient was staler than max_staleness: compute the batch again
     VERDICT = 256  # on PUSH: one int64 follows the payload, 1 if the worker's whole gradient holds NaN/Inf (a slice
     # streamed to a shard during backward leaves before the rest of the gradient exists)
@@ -63,6 +64,8 @@ class AbortCode(enum.IntEnum):
     WORKER_LOST = 1
     PROTOCOL = 2
     SERVER_FAILED = 3
+    WORKER_FAILED = 4  # a worker raised an exception (LEAVE with Flag.FAILED)
+    NONFINITE = 5  # a worker stopped on a NaN/Inf gradient under nonfinite="stop" (LEAVE with FAILED | NONFINITE)
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,17 @@ def abort_error(code: int, rank: int, why: str = "") -> HybridSGDError:
             f"hybrid_sgd: worker rank {rank} was lost (its process died or its connection closed){why}; "
             f"the run stops on every rank. Check rank {rank}'s log, then resume from the last checkpoint "
             "with `trainer.fit(model, ckpt_path=...)`."
+        )
+    if code == AbortCode.WORKER_FAILED:
+        return PeerLostError(
+            f"hybrid_sgd: worker rank {rank} stopped with an exception{why}; the run stops on every rank. Check rank "
+            f"{rank}'s log for it."
+        )
+    if code == AbortCode.NONFINITE:
+        return NonFiniteGradientError(
+            f"hybrid_sgd: rank {rank}'s gradient held NaN or Inf and nonfinite='stop' ends the run on every rank (rank "
+            f"{rank}'s log names the step). Lower the learning rate or check the data, then resume from the last "
+            "checkpoint; nonfinite='skip' would skip such gradients and go on."
         )
     if code == AbortCode.PROTOCOL:
         return ProtocolError(

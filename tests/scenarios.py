@@ -167,10 +167,16 @@ class RecordIndices(MLPClassifier):
     writes them when fit ends or fails. A batch computed again (its gradient was dropped as too stale) is
     recorded once: its indices are kept by batch."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, read_estimated_steps: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.batches: dict[int, dict[int, list[int]]] = {}
         self.computed = 0
+        self.read_estimated_steps = read_estimated_steps
+
+    def configure_optimizers(self) -> Any:
+        if self.read_estimated_steps:  # as a OneCycleLR is sized
+            assert self.trainer.estimated_stepping_batches > 0
+        return super().configure_optimizers()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, index = batch
@@ -364,6 +370,7 @@ class DdpEquivalence(OneGpu, Batches):
     overlap_push: bool = False
     shard_server: bool = False
     shard_weights: Annotated[tuple[float, ...], floats] | None = option(None, "each rank's share, e.g. 1,2,0.5")
+    frozen_first_layer: bool = option(False, "its requires_grad off, still in the optimizer (weight decay skips it)")
 
 
 @scenario
@@ -393,6 +400,8 @@ def ddp_equivalence(args: DdpEquivalence) -> None:
         )
         run = trainer(strategy, args, **fit_kwargs)
         model = MLPClassifier(**model_kwargs)
+        if args.frozen_first_layer:
+            next(m for m in model.net if isinstance(m, torch.nn.Linear)).requires_grad_(False)
         run.fit(model, datamodule=digits(args, args.seed))
         results[name] = weights(model)
         results[f"{name}_lr"] = run.optimizers[0].param_groups[0]["lr"]
@@ -512,6 +521,9 @@ class Pulled(Slowed, Epochs):
     shard_server: bool = False
     sigterm_step: int = option(-1, "phase preempt: rank 1 sends itself SIGTERM at this global step")
     max_steps: int = option(-1, "phase loops: Trainer(max_steps)")
+    estimated_steps: bool = option(
+        False, "configure_optimizers reads trainer.estimated_stepping_batches (it loads the train loader early)"
+    )
 
 
 @scenario
@@ -535,7 +547,7 @@ def pulled(args: Pulled) -> None:
         callbacks.append(ModelCheckpoint(args.out / "ckpts", save_top_k=-1))
         extra.update(max_steps=args.max_steps, enable_progress_bar=True)
     run = trainer(strategy, args, max_epochs=args.epochs, callbacks=callbacks, **extra)
-    model = RecordIndices(lr=args.lr)
+    model = RecordIndices(lr=args.lr, read_estimated_steps=args.estimated_steps)
     run.fit(model, datamodule=IndexedDigits(), ckpt_path=ckpt if args.phase == "resume" else None)
     save(
         args.out / args.phase,

@@ -9,11 +9,12 @@ pytestmark = pytest.mark.multiprocess
 def test_sgd_momentum_weight_decay_steplr_clipping_accumulation_batchnorm_match_ddp(tmp_path) -> None:
     # 3 epochs of 8 batches, accumulate 2 -> 12 updates; StepLR halves lr every epoch. Gradients stream out
     # during backward (overlap_push): only the backward before each optimizer step sends. The default update
-    # rule (group_scaling="step") leaves a full group untouched.
+    # rule (group_scaling="step") leaves a full group untouched. The first layer is frozen but in the optimizer:
+    # DDP's weight decay leaves it alone, and so must the server's.
     launch(
         "ddp_equivalence",
         tmp_path,
-        "--devices 2 --epochs 3 --batches 8 --batch-norm --overlap-push --weight-decay 0.01",
+        "--devices 2 --epochs 3 --batches 8 --batch-norm --overlap-push --weight-decay 0.01 --frozen-first-layer",
     )
     for rank in results(tmp_path, 2):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-4

@@ -13,8 +13,9 @@ def indices(out, phase: str, ranks: int) -> list[dict[int, list[int]]]:
 
 def test_every_sample_once_per_epoch_and_fast_workers_take_more(tmp_path) -> None:
     # 3 workers, hybrid K = 2, rank 2 slowed by 30 ms per step; the user's DataLoader has a worker process
-    # and a custom collate function
-    launch("pulled", tmp_path, "--devices 3 --threshold 2 --epochs 2 --slow-rank 2 --delay 0.03")
+    # and a custom collate function; configure_optimizers reads estimated_stepping_batches, which loads the train
+    # loader before the strategy pulls work (the fit must load it again, pulled)
+    launch("pulled", tmp_path, "--devices 3 --threshold 2 --epochs 2 --slow-rank 2 --delay 0.03 --estimated-steps")
     seen = indices(tmp_path, "full", 3)
     for epoch in (0, 1):
         taken = [s[epoch] for s in seen]

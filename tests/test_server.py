@@ -324,6 +324,65 @@ def test_clone_optimizer_keeps_groups_and_hyperparameters() -> None:
         clone_optimizer(optimizer, [torch.nn.Parameter(torch.ones(2))])
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+        lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True),
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),  # its defaults hold a base's argument
+        lambda p: torch.optim.NAdam(p, lr=0.01, decoupled_weight_decay=True, weight_decay=0.1),
+        lambda p: torch.optim.RAdam(p, lr=0.01),
+        lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True),
+        lambda p: torch.optim.Adagrad(p, lr=0.1),
+        lambda p: torch.optim.Adadelta(p),
+        lambda p: torch.optim.Adamax(p, lr=0.01),
+        lambda p: torch.optim.Adafactor(p, lr=0.01),
+    ],
+    ids=[
+        "sgd-nesterov",
+        "adam-amsgrad",
+        "adamw",
+        "nadam-decoupled",
+        "radam",
+        "rmsprop",
+        "adagrad",
+        "adadelta",
+        "adamax",
+        "adafactor",
+    ],
+)
+def test_a_cloned_optimizer_steps_as_the_original(make) -> None:
+    original = [torch.nn.Parameter(torch.linspace(-1, 1, 6).reshape(2, 3))]
+    optimizer = make(original)
+    clone = clone_optimizer(optimizer, [torch.nn.Parameter(original[0].detach().clone())])
+    assert type(clone) is type(optimizer)
+    for step in range(3):
+        for ours in (optimizer, clone):
+            (param,) = ours.param_groups[0]["params"]
+            param.grad = torch.full_like(param, 0.5 - step)
+            ours.step()
+    assert torch.equal(clone.param_groups[0]["params"][0], original[0])
+
+
+@pytest.mark.parametrize("clipping", ["norm", "value"])
+def test_a_frozen_parameter_gets_no_update_not_even_weight_decay(clipping: str) -> None:
+    # as under DDP, where a frozen parameter has no grad and the optimizer skips it; clipping sees only the others
+    params = [torch.ones(2, 2), torch.ones(3)]
+    server = ParameterServer(
+        params,
+        lambda master: torch.optim.SGD(master, lr=0.1, momentum=0.9, weight_decay=0.1),
+        num_workers=1,
+        threshold=1,
+        trainable=[False, True],
+        gradient_clipping=GradientClipping(0.05, clipping),
+    )
+    server.push(0, grad(1.0), version=0)
+    server.push(0, grad(1.0), version=1)
+    frozen, trained = server.parameters
+    assert torch.equal(frozen.detach(), torch.ones(2, 2)) and frozen.grad is None
+    assert (trained.detach() < 1).all()
+
+
 def test_server_is_thread_safe_under_concurrent_pushes() -> None:
     import threading
 

@@ -240,13 +240,13 @@ def test_a_follower_refuses_a_decision_it_already_took() -> None:
 @pytest.mark.multiprocess
 def test_sharded_sync_matches_ddp_with_three_uneven_shards(tmp_path) -> None:
     # shares 1 : 2 : 0.5 of the model (shard_weights); SGD momentum, StepLR, clipping by value, accumulation of 2,
-    # BatchNorm: 3 epochs x 8 batches -> 12 updates.
+    # BatchNorm: 3 epochs x 8 batches -> 12 updates; the first layer frozen (but in the optimizer: no weight decay).
     # Slices stream to their shards during backward (overlap_push): only the backward before each step sends.
     launch(
         "ddp_equivalence",
         tmp_path,
         "--devices 3 --epochs 3 --batches 8 --batch-norm --shard-server --weight-decay 0.01 --overlap-push"
-        " --shard-weights 1,2,0.5",
+        " --shard-weights 1,2,0.5 --frozen-first-layer",
     )
     ranks = results(tmp_path, 3)
     for rank in ranks:
