@@ -63,6 +63,8 @@ RULES: dict[str, list[str]] = {
     "default+pipelined": ["strategy.pipeline_pushes=true"],  # the defaults, a gradient one update staler
     "default+bf16": ["strategy.answer_dtype=bfloat16"],  # the defaults, workers compute on bfloat16 weights
     "default+pipelined+bf16": ["strategy.pipeline_pushes=true", "strategy.answer_dtype=bfloat16"],
+    # and the server steps on bfloat16 gradients
+    "default+bf16both": ["strategy.answer_dtype=bfloat16", "strategy.push_dtype=bfloat16"],
     "auto": ["strategy.group_scaling=auto", "strategy.staleness_scaling=false"],
     "auto+weighted": ["strategy.group_scaling=auto", "strategy.staleness_scaling=true"],
     "auto+bound": ["strategy.group_scaling=auto", "strategy.staleness_scaling=false", "strategy.max_staleness={bound}"],
