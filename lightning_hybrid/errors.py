@@ -15,3 +15,10 @@ class ProtocolError(HybridSGDError):
 
 class NonFiniteGradientError(HybridSGDError):
     """A worker's gradient held NaN or Inf and the strategy's ``nonfinite`` policy is ``"stop"``."""
+
+
+# what to do, on the rank whose gradient it was and on every other (told by the server)
+NONFINITE_FIX = (
+    "Lower the learning rate or check the data, then resume from the last checkpoint; nonfinite='skip' would skip "
+    "such gradients and go on."
+)

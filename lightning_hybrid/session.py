@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_hybrid.endpoint import ServerEndpoint
-from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError
+from lightning_hybrid.errors import NONFINITE_FIX, HybridSGDError, NonFiniteGradientError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.links import AnyServerLink, LocalServerLink, RemoteServerLink, ServerLink, ShardedServerLink
 from lightning_hybrid.overlap import GradientStream, ShardedGradientStream
@@ -476,9 +476,7 @@ class WorkerSession:
         if self._options.nonfinite == "stop":
             raise NonFiniteGradientError(
                 f"hybrid_sgd: rank {self._rank}'s gradient at step {global_step} held NaN or Inf; the server "
-                "rejected it (the master weights are untouched) and nonfinite='stop' ends the run. Lower the "
-                "learning rate or check the data, then resume from the last checkpoint; nonfinite='skip' would skip "
-                "such gradients and go on."
+                f"rejected it (the master weights are untouched) and nonfinite='stop' ends the run. {NONFINITE_FIX}"
             )
         log.warning(
             "hybrid_sgd: rank %d's gradient held NaN or Inf and was rejected; the master weights are untouched "

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_hybrid.errors import HybridSGDError, NonFiniteGradientError, PeerLostError, ProtocolError
+from lightning_hybrid.errors import NONFINITE_FIX, HybridSGDError, NonFiniteGradientError, PeerLostError, ProtocolError
 from lightning_hybrid.flat import FlatLayout, buffers_signature
 
 SERVER_RANK = 0  # the server's rank when it is not sharded
@@ -190,8 +190,7 @@ def abort_error(code: int, rank: int, why: str = "") -> HybridSGDError:
     if code == AbortCode.NONFINITE:
         return NonFiniteGradientError(
             f"hybrid_sgd: rank {rank}'s gradient held NaN or Inf and nonfinite='stop' ends the run on every rank (rank "
-            f"{rank}'s log names the step). Lower the learning rate or check the data, then resume from the last "
-            "checkpoint; nonfinite='skip' would skip such gradients and go on."
+            f"{rank}'s log names the step). {NONFINITE_FIX}"
         )
     if code == AbortCode.PROTOCOL:
         return ProtocolError(
