@@ -217,26 +217,11 @@ def check_update_rules(
         )
 
 
-def check_pulled_work(trainer: pl.Trainer, pulled: bool, sharded: bool) -> None:
+def check_pulled_work(trainer: pl.Trainer, pulled: bool) -> None:
     """With pulled work ranks train different numbers of batches per epoch (with recovery's static batches, by one),
-    so nothing may be triggered by a rank's batch or step count."""
+    so nothing may be triggered by a rank's batch or step count (per-step LR schedules are paced instead:
+    :mod:`lightning_hybrid.pacing`)."""
     fix = STATIC_FIX if pulled else RECOVERY_FIX
-    per_step = [config for config in trainer.lr_scheduler_configs if config.interval == "step"]
-    if per_step and sharded:
-        raise MisconfigurationException(
-            "an LR scheduler with interval='step' advances with each rank's own steps, and with pulled work (or "
-            "recovery's numbered batches) ranks take different numbers of them: every shard of shard_server=True "
-            "would step its slice at its own rank's learning rate. Use interval='epoch', "
-            f"{UNSHARDED_FIX}, {fix}."
-        )
-    if per_step and pulled:
-        rank_zero_warn(
-            "hybrid_sgd: an LR scheduler with interval='step' follows rank 0's own steps (the server takes rank 0's "
-            "hyperparameters), and with pulled work a fast rank 0 takes more steps per epoch than DDP's "
-            "estimated_stepping_batches: a schedule sized by it (e.g. OneCycleLR's total_steps) ends early or "
-            "raises at its end. Leave it headroom, use interval='epoch', or HybridSGDStrategy(pull_work=False).",
-            category=UserWarning,
-        )
     if trainer.val_check_interval != 1.0:
         raise MisconfigurationException(
             f"val_check_interval={trainer.val_check_interval!r} validates after a number of batches, but with "

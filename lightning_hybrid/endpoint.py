@@ -388,6 +388,7 @@ class ServerEndpoint:
             params=params,
             buffers=buffers,
             staleness=release.staleness.get(worker),
+            applied=release.applied,
         )
 
     def _reply_flags(self, release: Release, worker: int, buffers: Optional[list[Tensor]]) -> Flag:
@@ -421,6 +422,7 @@ class ServerEndpoint:
                     numel=self.server.layout.numel,
                     detail=release.staleness.get(worker, -1),
                     code=answer.signature,
+                    applied=release.applied,
                 )
                 group = self._answer_channels[worker]
                 tagged = [(t, ANSWER_TAG) for t in [header.to_tensor(), *params]]

@@ -361,6 +361,7 @@ class RemoteServerLink:
             params=posted.params,
             buffers=buffers,
             staleness=header.detail if header.detail >= 0 else None,
+            applied=header.applied,
         )
 
 
@@ -492,7 +493,7 @@ class ShardedServerLink:
 
     def _merge(self, local: Reply, pipelined: bool = False) -> Reply:
         """One reply from every shard's: their versions, the union of their flags, shard 0's buffers (rank 0's
-        module buffers) and the largest staleness. ``pipelined``: the sends are not waited for (see ``collect``)."""
+        module buffers), the largest staleness and the most gradients applied. ``pipelined``: the sends are not waited for (see ``collect``)."""
         replies = {
             self._rank: local,
             **{shard: link.collect() if pipelined else link.await_reply() for shard, link in self._remote},
@@ -513,6 +514,7 @@ class ShardedServerLink:
             params=self._params,
             buffers=replies[0].buffers,
             staleness=max(staleness) if staleness else None,
+            applied=max(reply.applied for reply in replies.values()),
         )
 
 

@@ -83,6 +83,7 @@ class Release:
     dropped: tuple[int, ...] = ()  # their gradients were staler than max_staleness: compute the batch again
     staleness: dict[int, int] = field(default_factory=dict)
     in_place: bool = False  # params are the worker's own idle gradient buffer, not a snapshot to recycle
+    applied: int = 0  # gradients applied in all, by every update up to ``version``
 
 
 @dataclass(frozen=True)
@@ -612,7 +613,10 @@ class ParameterServer:
         if self._early_pushes:
             self._answered_before.update({w: self._answered.get(w, self._version) for w in workers})
         self._answered.update(dict.fromkeys(workers, self._version))
-        return Release(workers=workers, version=self._version, params=params, in_place=in_place, **kwargs)
+        applied = sum(size * count for size, count in self.update_sizes.items())
+        return Release(
+            workers=workers, version=self._version, params=params, in_place=in_place, applied=applied, **kwargs
+        )
 
     def recycle(self, params: list[Tensor]) -> None:
         """A release's snapshot was delivered and nobody reads it any more: the next snapshot may reuse it."""

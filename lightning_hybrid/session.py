@@ -142,7 +142,7 @@ class WorkerSession:
         self._stream: Optional[GradientStream | ShardedGradientStream] = None
         self._options: Optional[SessionOptions] = None
         self._optimizer: Optional[Optimizer] = None  # the user's: hyperparameters come from it, its state goes back
-        self._rank = 0
+        self._rank, self._world_size = 0, 1
         self._params: list[Tensor] = []
         self._buffers: list[Tensor] = []
         self._layout = FlatLayout.of([])
@@ -150,6 +150,8 @@ class WorkerSession:
         self._gradient: list[Tensor] = []
         self._flat_params: list[Tensor] = []  # the model's parameters live in these (FlatLayout.bind)
         self._version = 0
+        self._applied = 0  # gradients the server had applied in all, as its latest answer said
+        self._applied_at_start = 0  # ... when this fit started (a checkpoint's count when it resumed)
         self._threshold: Optional[int] = None
         self._threshold_request: Optional[int] = None  # a K this rank asked for, sent with its next message
         self.local_stop = Flag.NONE  # stop signals raised on this rank, sent with every message
@@ -184,7 +186,7 @@ class WorkerSession:
         """Bind the model's parameters to flat buffers and connect to the server (starting this rank's own).
         ``on_recovery_point``: a follower shard's handler of its snapshots at recovery points (see
         :class:`FollowerServer`)."""
-        self._rank, self._options, self._optimizer = rank, options, optimizer
+        self._rank, self._world_size, self._options, self._optimizer = rank, world_size, options, optimizer
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._buffers = buffers
         self._layout = FlatLayout.of(self._params)
@@ -318,6 +320,12 @@ class WorkerSession:
     @property
     def version(self) -> int:
         return self._endpoint.server.version if self._endpoint is not None else self._version
+
+    @property
+    def synchronous_steps(self) -> float:
+        """The server's progress this fit in DDP's steps: gradients applied (as of this rank's latest answer)
+        over N, which is DDP's steps whatever K and however many batches each rank took."""
+        return (self._applied - self._applied_at_start) / self._world_size
 
     @property
     def staleness(self) -> StalenessStats:
@@ -462,6 +470,7 @@ class WorkerSession:
         if reply.buffers is not None:
             self._buffer_layout.unpack(reply.buffers, self._buffers)
         self._version = reply.version
+        self._applied = max(self._applied, reply.applied)  # a sharded worker's shards answer in any order
         self._threshold = reply.threshold
         if reply.staleness is not None:
             self._staleness.record(self._rank, reply.staleness)
@@ -540,6 +549,8 @@ class WorkerSession:
         another world size) gives every shard the whole server's."""
         if progress is not None:
             self._version, self._threshold = int(progress["version"]), int(progress["threshold"])
+            sizes = progress.get("update_sizes", {})
+            self._applied = self._applied_at_start = sum(int(size) * count for size, count in sizes.items())
         if self._endpoint is None:
             return
         server, optimizer_state = self._endpoint.server, optimizer_states[0]

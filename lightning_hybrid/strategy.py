@@ -41,6 +41,7 @@ from typing_extensions import override
 
 from lightning_hybrid.elastic import nodes_in_this_round, restart_round, restart_round_store, restarts_allowed
 from lightning_hybrid.errors import HybridSGDError
+from lightning_hybrid.pacing import pace_step_schedulers
 from lightning_hybrid.recovery import (
     CHECKPOINT_KEY,
     PART_KEY,
@@ -282,6 +283,12 @@ class HybridSGDStrategy(DDPStrategy):
         return self._session.version
 
     @property
+    def synchronous_steps(self) -> float:
+        """The server's progress in this fit in DDP's steps (gradients applied over N), as of this rank's last
+        answer: per-step LR schedules follow it while work is pulled (:mod:`lightning_hybrid.pacing`)."""
+        return self._session.synchronous_steps
+
+    @property
     def staleness(self) -> StalenessStats:
         """Staleness of applied gradients: all workers' on the server's rank (0), this worker's own elsewhere."""
         return self._session.staleness
@@ -445,7 +452,8 @@ class HybridSGDStrategy(DDPStrategy):
         if recovery is not None:
             checks.check_recovery_fit(trainer.accumulate_grad_batches)
         if self._batches is not None:
-            checks.check_pulled_work(trainer, pulling, self._shard_server)
+            checks.check_pulled_work(trainer, pulling)
+            self._restore.append(pace_step_schedulers(trainer, lambda: self._session.synchronous_steps))
             # a loader Lightning loaded before the session (e.g. for estimated_stepping_batches in
             # configure_optimizers) has no pulled batches: the fit loads it again
             trainer.fit_loop._combined_loader = None

@@ -70,7 +70,7 @@ class AbortCode(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Header:
-    """The fixed part of every message, sent as 8 int64 values."""
+    """The fixed part of every message, sent as 9 int64 values."""
 
     kind: int
     rank: int = 0
@@ -80,12 +80,23 @@ class Header:
     numel: int = 0  # payload elements, a check against the layout
     detail: int = 0  # PUSH: the gradient's work id (-1: none); REPLY: its staleness (-1: none); ABORT: the lost rank
     code: int = 0  # ABORT: AbortCode; PUSH and REPLY: the payload's WireFormat.signature
+    applied: int = 0  # REPLY: gradients the server has applied in all (paces per-step LR schedules: pacing.py)
 
-    SIZE = 8
+    SIZE = 9
 
     def to_tensor(self) -> Tensor:
         return torch.tensor(
-            [self.kind, self.rank, self.version, self.flags, self.threshold, self.numel, self.detail, self.code],
+            [
+                self.kind,
+                self.rank,
+                self.version,
+                self.flags,
+                self.threshold,
+                self.numel,
+                self.detail,
+                self.code,
+                self.applied,
+            ],
             dtype=torch.int64,
         )
 
@@ -172,6 +183,7 @@ class Reply:
     params: list[Tensor]
     buffers: Optional[list[Tensor]] = None
     staleness: Optional[int] = None
+    applied: int = 0  # gradients the server had applied in all when it answered
 
 
 def abort_error(code: int, rank: int, why: str = "") -> HybridSGDError:

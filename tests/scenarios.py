@@ -167,16 +167,21 @@ class RecordIndices(MLPClassifier):
     writes them when fit ends or fails. A batch computed again (its gradient was dropped as too stale) is
     recorded once: its indices are kept by batch."""
 
-    def __init__(self, read_estimated_steps: bool = False, **kwargs: Any) -> None:
+    def __init__(self, read_estimated_steps: bool = False, one_cycle: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.batches: dict[int, dict[int, list[int]]] = {}
         self.computed = 0
-        self.read_estimated_steps = read_estimated_steps
+        self.read_estimated_steps, self.one_cycle = read_estimated_steps, one_cycle
 
     def configure_optimizers(self) -> Any:
         if self.read_estimated_steps:  # as a OneCycleLR is sized
             assert self.trainer.estimated_stepping_batches > 0
-        return super().configure_optimizers()
+        optimizer = super().configure_optimizers()
+        if not self.one_cycle:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)  # DDP's steps, no headroom
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.lr, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, index = batch
@@ -524,6 +529,7 @@ class Pulled(Slowed, Epochs):
     estimated_steps: bool = option(
         False, "configure_optimizers reads trainer.estimated_stepping_batches (it loads the train loader early)"
     )
+    one_cycle: bool = option(False, "a OneCycleLR stepped per step, of estimated_stepping_batches steps")
 
 
 @scenario
@@ -547,11 +553,15 @@ def pulled(args: Pulled) -> None:
         callbacks.append(ModelCheckpoint(args.out / "ckpts", save_top_k=-1))
         extra.update(max_steps=args.max_steps, enable_progress_bar=True)
     run = trainer(strategy, args, max_epochs=args.epochs, callbacks=callbacks, **extra)
-    model = RecordIndices(lr=args.lr, read_estimated_steps=args.estimated_steps)
+    model = RecordIndices(lr=args.lr, read_estimated_steps=args.estimated_steps, one_cycle=args.one_cycle)
     run.fit(model, datamodule=IndexedDigits(), ckpt_path=ckpt if args.phase == "resume" else None)
+    schedules = [config.scheduler for config in run.lr_scheduler_configs]  # the user's own again after fit
     save(
         args.out / args.phase,
         run.global_rank,
+        schedule_steps=[scheduler.last_epoch for scheduler in schedules],
+        schedule_totals=[scheduler.total_steps for scheduler in schedules],
+        synchronous_steps=strategy.synchronous_steps,
         version=strategy.version,
         dropped=dict(strategy.dropped),
         global_step=run.global_step,

@@ -287,21 +287,3 @@ def test_the_apps_ramp_takes_its_length_from_the_config_or_spans_the_run(overrid
     expected = spans_at_setup if length is None else lightning_hybrid.LinearSchedule(length=length)
     fit(MLPClassifier(), callbacks=[scheduler], limit_train_batches=1, max_epochs=5)
     assert scheduler.schedule == expected
-
-
-class StepScheduled(MLPClassifier):
-    """An LR schedule stepped after every batch, sized as for DDP (``estimated_stepping_batches``)."""
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
-        total = int(self.trainer.estimated_stepping_batches) + 10
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def test_a_per_step_schedule_is_refused_on_a_sharded_server_and_warned_about_with_one_server() -> None:
-    # each shard would follow its own rank's steps; one server follows rank 0's, which pulled work makes more
-    with pytest.raises(MisconfigurationException, match="interval='step'.*its own rank's learning rate"):
-        fit(StepScheduled(), HybridSGDStrategy(pull_work=True, shard_server=True))
-    with pytest.warns(UserWarning, match="interval='step' follows rank 0's own steps"):
-        fit(StepScheduled(), HybridSGDStrategy(pull_work=True))

@@ -31,9 +31,26 @@ def test_a_second_trainer_in_the_same_processes_starts_fresh_counters(tmp_path) 
     assert sorted(everything) == list(range(1437))
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["one server", "sharded"])
+def test_a_per_step_lr_schedule_follows_the_servers_progress_not_each_ranks_steps(tmp_path, sharded) -> None:
+    # 3 workers at K = 2, rank 2 slowed: ranks 0 and 1 take more steps than DDP's estimate, which sizes a OneCycleLR
+    # exactly. Stepped per own step, the fast ranks' schedules would raise "Tried to step ... times" before the end
+    # and each shard would step its slice at its own rank's lr; paced, every rank steps once per N gradients applied
+    shard = "--shard-server" if sharded else ""
+    launch("pulled", tmp_path, "--devices 3 --threshold 2 --epochs 2 --slow-rank 2 --delay 0.03 --one-cycle", shard)
+    ranks = results(tmp_path / "full", 3)
+    total = ranks[0]["schedule_totals"][0]
+    assert total == 60  # 2 epochs of 30 batches per rank (1437 samples over 3 ranks, batches of 16)
+    assert max(r["global_step"] for r in ranks) > total, "no rank outran DDP's estimate: nothing was paced"
+    steps = [r["schedule_steps"][0] for r in ranks]
+    applied = [r["synchronous_steps"] for r in ranks]
+    assert all(total - 3 <= s <= a <= total for s, a in zip(steps, applied)), (steps, applied)
+
+
 def test_preempted_mid_epoch_resumes_from_the_cursor(tmp_path) -> None:
-    # rank 1 is preempted (SIGTERM) at its step 5; OnExceptionCheckpoint saves; a new run resumes the epoch
-    common = "--devices 2 --threshold 1 --epochs 1 --slow-rank 1 --delay 0.03"
+    # rank 1 is preempted (SIGTERM) at its step 5; OnExceptionCheckpoint saves; a new run resumes the epoch (with
+    # a per-step LR schedule, paced by the server's progress: it goes on from the checkpoint's count)
+    common = "--devices 2 --threshold 1 --epochs 1 --slow-rank 1 --delay 0.03 --one-cycle"
     launch("pulled", tmp_path, common, "--phase preempt --sigterm-step 5")
     checkpoint = torch.load(tmp_path / "preempted.ckpt", weights_only=False)
     work = checkpoint["hybrid_sgd"]["work"]
@@ -44,6 +61,9 @@ def test_preempted_mid_epoch_resumes_from_the_cursor(tmp_path) -> None:
     # batches of 16 samples, the last (batch 89) of 13: the fast rank may have trained it before the preemption
     assert len(before) == sum(min(16, 1437 - 16 * batch) for batch in work["done"])
     assert sorted(before + after) == list(range(1437)), "no sample repeated or skipped across the resume"
+    resumed = results(tmp_path / "resume", 2)
+    assert all(r["schedule_totals"] == [45] for r in resumed)  # 719 samples per rank in batches of 16
+    assert all(45 - 2 <= r["schedule_steps"][0] <= 45 for r in resumed), [r["schedule_steps"] for r in resumed]
 
 
 def test_lightning_loops_with_unequal_epochs(tmp_path) -> None:
