@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Optional
@@ -20,12 +21,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_hybrid.errors import ProtocolError
+from lightning_hybrid.errors import HybridSGDError, ProtocolError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.server import FollowerServer, ParameterServer, Release
 from lightning_hybrid.wire import (
     ANSWER_TAG,
     BUFFERS_TAG,
+    CUT_TAG,
     DECISION_TAG,
     END_OF_DECISIONS,
     REQUEST_TAG,
@@ -129,11 +131,13 @@ class ServerEndpoint:
         self._local = _Waiter()
         self._send_locks = {rank: threading.Lock() for rank in channels}
         self._threads: list[threading.Thread] = []
+        self._notifiers: list[threading.Thread] = []  # abort notices in flight
         self._failure: Optional[BaseException] = None
         self._sending: queue.SimpleQueue = queue.SimpleQueue()  # posted sends: (works, snapshot to recycle)
         self._sender = threading.Thread(target=self._complete_sends, name="hybrid-sgd-sends", daemon=True)
 
     def start(self) -> None:
+        _RUNNING.add(self)
         self._sender.start()
         targets = [(self._serve, (rank,), f"hybrid-sgd-server-{rank}") for rank in self._channels]
         if self._coordinator is not None:
@@ -144,15 +148,52 @@ class ServerEndpoint:
             self._threads.append(thread)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Wait for the receiver threads, which end when their worker leaves or is lost (a follower's decision
-        thread when shard 0, whose workers have all left, ends the decisions)."""
+        """Wait up to ``timeout`` in all for the receiver threads, which end when their worker leaves or is lost
+        (a follower's decision thread when shard 0, whose workers have all left, ends the decisions), and for the
+        last sends. After a failure (a short ``timeout``: the strategy stops local children 3 s after an abort)
+        threads may still wait on peers that stop too: :meth:`end_blocked_threads` ends them at exit."""
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._threads = [t for t in self._threads if t.is_alive()]
         if self._followers and self._failure is None:
             self._tell_followers(END_OF_DECISIONS, ())
         self._sending.put(None)
-        self._sender.join(timeout)
+        self._sender.join(max(0.0, deadline - time.monotonic()))
+        if not self._alive_threads():
+            _RUNNING.discard(self)
+
+    def _alive_threads(self) -> list[threading.Thread]:
+        return [thread for thread in (*self._threads, self._sender, *self._notifiers) if thread.is_alive()]
+
+    def end_blocked_threads(self, timeout: float) -> None:
+        """At exit: end this server's threads still blocked in a receive or a send (after a failure: a peer that
+        will not send its LEAVE, a worker that no longer reads). A thread still blocked in gloo when the
+        interpreter exits aborts the process ("terminate called without an active exception", exit code 134).
+        gloo cannot cancel an operation, but a wait that times out closes its pair, failing every operation on it
+        on both ends: what this process's exit would do a moment later, done first."""
+        blocked = self._alive_threads()
+        if not blocked:
+            return
+        if self._failure is None:  # the threads end quietly: nobody is told of a lost peer
+            self._failure = HybridSGDError("hybrid_sgd: the process exits")
+        self._cut_channels()
+        self._sending.put(None)
+        for thread in blocked:
+            thread.join(timeout)
+
+    def _cut_channels(self) -> None:
+        channels = {id(group): (group, peer) for peer, group in self._channels.items()}
+        channels.update({id(group): (group, peer) for peer, group in self._answer_channels.items()})
+        channels.update({id(group): (group, peer) for peer, group in self._followers.items()})
+        if self._coordinator is not None:
+            peer, group = self._coordinator
+            channels[id(group)] = (group, peer)
+        for group, peer in channels.values():
+            try:
+                dist.irecv(torch.empty(1), src=peer, group=group, tag=CUT_TAG).wait(timedelta(milliseconds=1))
+            except (RuntimeError, ValueError):  # the timeout that closes it, or a group already torn down
+                pass
 
     # ------------------------------------------------------------------ local worker (same process)
     def push_local(
@@ -219,7 +260,11 @@ class ServerEndpoint:
         header = Header(Kind.ABORT, self.rank, self.server.version, detail=rank, code=int(code)).to_tensor()
         # a lost worker cannot be told; one that broke the protocol hears why, like everybody else
         notify = [worker for worker in self._channels if worker != rank or code == AbortCode.PROTOCOL]
-        threading.Thread(target=self._notify_abort, args=(notify, header), name="hybrid-sgd-abort", daemon=True).start()
+        notifier = threading.Thread(
+            target=self._notify_abort, args=(notify, header), name="hybrid-sgd-abort", daemon=True
+        )
+        self._notifiers.append(notifier)
+        notifier.start()
 
     def _notify_abort(self, workers: list[int], header: Tensor) -> None:
         for worker in workers:
@@ -446,6 +491,17 @@ class ServerEndpoint:
                     self.abort(AbortCode.WORKER_LOST, worker)
                 continue
             self.server.recycle(recycle)
+
+
+_RUNNING: set[ServerEndpoint] = set()  # started, with a thread that may still be alive
+
+
+def release_blocked_threads(timeout: float = 2.0) -> None:
+    """At exit, before the process groups go: end the threads of every server still running (see
+    :meth:`ServerEndpoint.end_blocked_threads`)."""
+    for endpoint in list(_RUNNING):
+        endpoint.end_blocked_threads(timeout)
+    _RUNNING.clear()
 
 
 def _pin(device: torch.device) -> bool:

@@ -491,6 +491,11 @@ class ShardedServerLink:
         for link in self._links:
             link.leave(flags)
 
+    def leave_remote_shards(self, flags: Flag) -> None:
+        """Leave every shard but this rank's own (which failed and aborted: see ``WorkerSession.end``)."""
+        for _, link in self._remote:
+            link.leave(flags)
+
     def _merge(self, local: Reply, pipelined: bool = False) -> Reply:
         """One reply from every shard's: their versions, the union of their flags, shard 0's buffers (rank 0's
         module buffers), the largest staleness and the most gradients applied. ``pipelined``: the sends are not waited for (see ``collect``)."""

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
+from lightning_hybrid.endpoint import release_blocked_threads
 from lightning_hybrid.server import GradientClipping
 
 from .lightning_api import (
@@ -42,9 +43,15 @@ sync_module_states = _sync_module_states
 def destroy_process_groups_at_exit() -> None:
     """Destroy the process groups before the interpreter finalises, as Lightning does for NCCL only: a gloo group
     freed during finalisation can abort the process after a clean run (SIGABRT, "terminate called without an
-    active exception": seen once in CI after Trainer.test; torch PR 179291 explains it). Registered once."""
-    atexit.unregister(_destroy_dist_connection)
-    atexit.register(_destroy_dist_connection)
+    active exception": seen once in CI after Trainer.test; torch PR 179291 explains it), and so can a server
+    thread still blocked in gloo after a failed run: those end first. Registered once."""
+    atexit.unregister(_end_distributed)
+    atexit.register(_end_distributed)
+
+
+def _end_distributed() -> None:
+    release_blocked_threads()
+    _destroy_dist_connection()
 
 
 def saves_by_steps_or_time(callback: Callback) -> bool:

@@ -584,11 +584,14 @@ class WorkerSession:
         assert self._options is not None and self._optimizer is not None
         try:
             nonfinite = isinstance(error, NonFiniteGradientError)
+            failed = Flag.FAILED | (Flag.NONFINITE if nonfinite else Flag.NONE)
             if error is not None and self._endpoint is not None:
                 why = f": rank {self._rank} raised {type(error).__name__}"
                 self._endpoint.abort(AbortCode.NONFINITE if nonfinite else AbortCode.SERVER_FAILED, self._rank, why)
+                if isinstance(link, ShardedServerLink):  # the other shards hear why, rather than a lost connection
+                    link.leave_remote_shards(failed)
             elif error is not None:
-                link.leave(Flag.FAILED | (Flag.NONFINITE if nonfinite else Flag.NONE))
+                link.leave(failed)
             else:
                 if clean:
                     self._collect_outstanding(link)

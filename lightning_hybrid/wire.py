@@ -32,6 +32,8 @@ BUFFERS_TAG = 4
 # version END_OF_DECISIONS ends.
 DECISION_TAG = 3
 END_OF_DECISIONS = -1
+# Nothing is ever sent on it: a receive on it that times out closes its channel (ServerEndpoint.end_blocked_threads)
+CUT_TAG = 5
 
 
 class Kind(enum.IntEnum):
