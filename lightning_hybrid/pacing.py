@@ -15,9 +15,10 @@ from typing import Any
 
 class ServerPacedScheduler:
     """Stands in for a user's scheduler in Lightning's ``lr_scheduler_configs`` while a fit pulls work: each
-    ``step()`` (Lightning's, after this rank's optimizer steps) steps the scheduler as often as the server's
-    progress has advanced since, in DDP steps (``synchronous_steps``), once per ``frequency`` of them; anything
-    else (``optimizer``, ``state_dict``, ``get_last_lr``, ...) is the scheduler's own."""
+    ``step()`` (Lightning's, after each of this rank's optimizer steps) steps the scheduler as often as the
+    server's progress has advanced since, in DDP steps (``synchronous_steps``), once per ``frequency`` of them
+    counted over the fit (DDP counts a frequency's batches anew each epoch); anything else (``optimizer``,
+    ``state_dict``, ``get_last_lr``, ...) is the scheduler's own."""
 
     def __init__(self, scheduler: Any, synchronous_steps: Callable[[], float], frequency: int = 1) -> None:
         self.scheduler = scheduler
@@ -45,12 +46,15 @@ def pace_step_schedulers(trainer: Any, synchronous_steps: Callable[[], float]) -
     ReduceLROnPlateau, which follows its metric); returns what puts the user's own schedulers back."""
     paced = [config for config in trainer.lr_scheduler_configs if config.interval == "step"]
     paced = [config for config in paced if not config.reduce_on_plateau]
-    originals = [config.scheduler for config in paced]
+    originals = [(config.scheduler, config.frequency) for config in paced]
     for config in paced:
+        # Lightning calls step() after every step (the pacer counts the frequency in DDP steps): one after only
+        # every n-th of a rank's own batches could leave the schedule behind at the fit's end and in a checkpoint
         config.scheduler = ServerPacedScheduler(config.scheduler, synchronous_steps, config.frequency)
+        config.frequency = 1
 
     def restore() -> None:
-        for config, original in zip(paced, originals):
-            config.scheduler = original
+        for config, (scheduler, frequency) in zip(paced, originals):
+            config.scheduler, config.frequency = scheduler, frequency
 
     return restore

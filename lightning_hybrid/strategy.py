@@ -100,6 +100,9 @@ class _PushingOptimizer:
         while True:
             loss = closure()
             if self._push(loss):
+                # what the user's optimizer's step would mark (the server stepped its copy): else torch's LR
+                # schedulers warn, wrongly, that they step before the optimizer and skip the schedule's first value
+                self._optimizer._opt_called = True  # type: ignore[attr-defined]
                 return loss
 
     def __getattr__(self, name: str) -> Any:

@@ -48,8 +48,10 @@ def test_only_per_step_schedules_are_paced_and_the_users_come_back() -> None:
     ]
     restore = pace_step_schedulers(SimpleNamespace(lr_scheduler_configs=configs), lambda: 6.0)
     assert isinstance(configs[0].scheduler, ServerPacedScheduler) and configs[0].scheduler.scheduler is step
+    assert configs[0].frequency == 1  # Lightning asks after every step; the pacer counts the 3 in DDP steps
     assert [config.scheduler for config in configs[1:]] == [epoch, plateau]  # a metric, not steps, moves a plateau
     configs[0].scheduler.step()
     assert step.last_epoch == 2  # 6 DDP steps at a frequency of 3
     restore()
     assert [config.scheduler for config in configs] == [step, epoch, plateau]
+    assert configs[0].frequency == 3

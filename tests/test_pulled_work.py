@@ -37,7 +37,10 @@ def test_a_per_step_lr_schedule_follows_the_servers_progress_not_each_ranks_step
     # exactly. Stepped per own step, the fast ranks' schedules would raise "Tried to step ... times" before the end
     # and each shard would step its slice at its own rank's lr; paced, every rank steps once per N gradients applied
     shard = "--shard-server" if sharded else ""
-    launch("pulled", tmp_path, "--devices 3 --threshold 2 --epochs 2 --slow-rank 2 --delay 0.03 --one-cycle", shard)
+    run = launch(
+        "pulled", tmp_path, "--devices 3 --threshold 2 --epochs 2 --slow-rank 2 --delay 0.03 --one-cycle", shard
+    )
+    assert "before `optimizer.step()`" not in run.stderr  # torch's warning: the server stepped the optimizer's copy
     ranks = results(tmp_path / "full", 3)
     total = ranks[0]["schedule_totals"][0]
     assert total == 60  # 2 epochs of 30 batches per rank (1437 samples over 3 ranks, batches of 16)
