@@ -498,7 +498,8 @@ class ShardedServerLink:
 
     def _merge(self, local: Reply, pipelined: bool = False) -> Reply:
         """One reply from every shard's: their versions, the union of their flags, shard 0's buffers (rank 0's
-        module buffers), the largest staleness and the most gradients applied. ``pipelined``: the sends are not waited for (see ``collect``)."""
+        module buffers), the largest staleness and the most gradients applied. ``pipelined``: the sends are not
+        waited for (see ``collect``)."""
         replies = {
             self._rank: local,
             **{shard: link.collect() if pipelined else link.await_reply() for shard, link in self._remote},
