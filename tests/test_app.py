@@ -101,6 +101,12 @@ def test_delays_from_config_slow_the_chosen_rank(tmp_path) -> None:
     plain, slowed = (json.loads((sweep / job / "result.json").read_text())["steps_per_rank"] for job in ("0", "1"))
     assert sum(plain) == sum(slowed) == 90, "pulled work: 45 batches per epoch, each used once"
     assert slowed[1] < plain[1], (plain, slowed)
+    # an unscheduled hybrid strategy logs the scheduled one's telemetry too (K stays 1)
+    (metrics,) = (sweep / "1").glob("lightning_logs/version_*/metrics.csv")
+    with metrics.open() as handle:
+        epochs = [row for row in csv.DictReader(handle) if row.get("hybrid/threshold")]
+    assert [float(row["hybrid/threshold"]) for row in epochs] == [1.0, 1.0]
+    assert float(epochs[-1]["hybrid/staleness_mean"]) > 0.0, "async with a slowed rank: stale gradients"
 
 
 def test_mnist_files_and_the_cnn_through_the_app(tmp_path) -> None:

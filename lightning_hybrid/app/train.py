@@ -128,9 +128,13 @@ class ValidationCurve(pl.Callback):
 
 
 def build_threshold_scheduler(config: TrainConfig) -> Optional[lightning_hybrid.ThresholdScheduler]:
-    """The ``threshold`` group's schedule when the strategy is scheduled; a ramp without a length spans the run."""
-    if not config.strategy.scheduled or config.threshold.name == "none":
+    """The ``threshold`` group's schedule when the strategy is scheduled (a ramp without a length spans the run);
+    a constant one at the strategy's K for a hybrid strategy that is not, so that every hybrid_sgd job of a sweep
+    (``strategy=hybrid,sync,async``) logs the same ``hybrid/`` telemetry (staleness, update sizes) to compare."""
+    if config.strategy.name != "hybrid_sgd":
         return None
+    if not config.strategy.scheduled or config.threshold.name == "none":
+        return lightning_hybrid.ThresholdScheduler(lightning_hybrid.ConstantSchedule(config.strategy.threshold))
     return lightning_hybrid.ThresholdScheduler(
         config.threshold.name,
         options=dict(config.threshold.options),
