@@ -154,6 +154,12 @@ def check_max_staleness(max_staleness: Optional[int]) -> None:
         )
 
 
+def gradients_applied(update_sizes: Mapping[Any, int]) -> int:
+    """Gradients applied in all, from the counts of updates by their size (``progress_state``'s
+    ``update_sizes``, whose keys a checkpoint may hold as strings)."""
+    return sum(int(size) * count for size, count in update_sizes.items())
+
+
 def all_finite(tensor: Tensor) -> bool:
     """Exactly ``isfinite(tensor).all()``, in one pass without a mask in the common case: a NaN or Inf
     element makes the sum NaN or Inf; only a sum that overflows needs the element-wise check
@@ -613,7 +619,7 @@ class ParameterServer:
         if self._early_pushes:
             self._answered_before.update({w: self._answered.get(w, self._version) for w in workers})
         self._answered.update(dict.fromkeys(workers, self._version))
-        applied = sum(size * count for size, count in self.update_sizes.items())
+        applied = gradients_applied(self.update_sizes)
         return Release(
             workers=workers, version=self._version, params=params, in_place=in_place, applied=applied, **kwargs
         )

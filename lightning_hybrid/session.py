@@ -29,7 +29,14 @@ from lightning_hybrid.errors import NONFINITE_FIX, HybridSGDError, NonFiniteGrad
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.links import AnyServerLink, LocalServerLink, RemoteServerLink, ServerLink, ShardedServerLink
 from lightning_hybrid.overlap import GradientStream, ShardedGradientStream
-from lightning_hybrid.server import FollowerServer, GradientClipping, ParameterServer, ServerSnapshot, clone_optimizer
+from lightning_hybrid.server import (
+    FollowerServer,
+    GradientClipping,
+    ParameterServer,
+    ServerSnapshot,
+    clone_optimizer,
+    gradients_applied,
+)
 from lightning_hybrid.shards import ShardPlan
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.wire import SERVER_RANK, STOP_FLAGS, AbortCode, Flag, Reply
@@ -549,8 +556,7 @@ class WorkerSession:
         another world size) gives every shard the whole server's."""
         if progress is not None:
             self._version, self._threshold = int(progress["version"]), int(progress["threshold"])
-            sizes = progress.get("update_sizes", {})
-            self._applied = self._applied_at_start = sum(int(size) * count for size, count in sizes.items())
+            self._applied = self._applied_at_start = gradients_applied(progress.get("update_sizes", {}))
         if self._endpoint is None:
             return
         server, optimizer_state = self._endpoint.server, optimizer_states[0]
