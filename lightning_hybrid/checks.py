@@ -94,10 +94,12 @@ def check_options(
         raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
 
 
-def wire_dtype_of(option: str, dtype: str | torch.dtype | None) -> Optional[torch.dtype]:
+def wire_dtype_of(
+    option: str, dtype: str | torch.dtype | None, *, float32_range: bool = False
+) -> Optional[torch.dtype]:
     """The strategy's ``answer_dtype`` or ``push_dtype`` (named by ``option``) as a torch dtype: a floating one,
-    by name (``"bfloat16"``) or itself. Gradients must keep float32's range: a float16 gradient above 65504 turns
-    Inf, and a shard that finds Inf in its slice would reject what the other shards apply."""
+    by name (``"bfloat16"``) or itself. ``float32_range``: it must hold float32's range, as gradients must (a float16
+    gradient above 65504 turns Inf, and a shard that finds Inf in its slice would reject what the others apply)."""
     if dtype is None:
         return None
     resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
@@ -106,9 +108,9 @@ def wire_dtype_of(option: str, dtype: str | torch.dtype | None) -> Optional[torc
             f"{option} must be a floating-point dtype, e.g. 'bfloat16' or torch.bfloat16 (None: the parameters' "
             f"own), got {dtype!r}"
         )
-    if option == "push_dtype" and torch.finfo(resolved).max < 2.0**127:
+    if float32_range and torch.finfo(resolved).max < 2.0**127:
         raise ValueError(
-            f"push_dtype={dtype!r} cannot hold gradients of float32's range (its largest value is "
+            f"{option}={dtype!r} cannot hold gradients of float32's range (its largest value is "
             f"{torch.finfo(resolved).max:g}; larger ones would arrive as Inf and be rejected): use 'bfloat16'"
         )
     return resolved

@@ -39,6 +39,7 @@ from lightning_hybrid.wire import (
     Header,
     Kind,
     Reply,
+    Trailer,
     WireFormat,
     abort_error,
     timeout_error,
@@ -203,10 +204,12 @@ class ServerEndpoint:
         flags: Flag,
         threshold: Optional[int] = None,
         work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
     ) -> Reply:
         """The local worker's push of ``gradient`` (flat buffers of the server's layout, read in memory; the server
-        may write into them until it answers) computed at ``version`` from ``work``; returns the server's answer."""
-        self.post_local(gradient, version, flags, threshold, work)
+        may write into them until it answers) computed at ``version`` from ``work``, with the tensors it did not use
+        (see ``ParameterServer.push``); returns the server's answer."""
+        self.post_local(gradient, version, flags, threshold, work, unused)
         return self.await_local()
 
     def post_local(
@@ -216,6 +219,7 @@ class ServerEndpoint:
         flags: Flag,
         threshold: Optional[int] = None,
         work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
     ) -> None:
         """:meth:`push_local` without the wait: :meth:`await_local` takes the answer."""
         if self._failure is not None:
@@ -224,7 +228,9 @@ class ServerEndpoint:
         self._local_event(
             flags,
             threshold,
-            lambda: self.server.push(self.rank, gradient, version, drain=drain, nonfinite=nonfinite, work=work),
+            lambda: self.server.push(
+                self.rank, gradient, version, drain=drain, nonfinite=nonfinite, work=work, unused=unused
+            ),
         )
 
     def await_local(self) -> Reply:
@@ -307,7 +313,7 @@ class ServerEndpoint:
         )
         pushes = 0
         header_buffer = torch.empty(Header.SIZE, dtype=torch.int64)
-        verdict = torch.empty(1, dtype=torch.int64)
+        trailer_buffer = Trailer().to_tensor(len(layout.slots))
         with self._aborting_on_failure(rank):
             while True:  # after an abort too: a worker blocked in a send must get through to read the ABORT
                 dist.recv(header_buffer, src=rank, group=group, tag=REQUEST_TAG)
@@ -315,6 +321,7 @@ class ServerEndpoint:
                 if header.rank != rank:
                     raise ProtocolError(f"a message on rank {rank}'s channel claims to come from rank {header.rank}")
                 gradient, chunks = buffers[pushes % len(buffers)], chunk_lists[pushes % len(buffers)]
+                trailer = Trailer()
                 if header.kind == Kind.PUSH:
                     pushes += 1
                     if rank in self.server.pending_workers and not self._pipelined:  # its buffer may hold the sum
@@ -336,10 +343,11 @@ class ServerEndpoint:
                         for chunk, narrow in zip(chunks, wire_chunks):
                             chunk.copy_(narrow)
                     if header.flags & Flag.VERDICT:
-                        dist.recv(verdict, src=rank, group=group, tag=REQUEST_TAG)
-                        if verdict.item():
+                        dist.recv(trailer_buffer, src=rank, group=group, tag=REQUEST_TAG)
+                        trailer = Trailer.from_tensor(trailer_buffer)
+                        if trailer.nonfinite:
                             header = dataclasses.replace(header, flags=header.flags | Flag.NONFINITE)
-                self._handle(rank, header, gradient)
+                self._handle(rank, header, gradient, trailer.unused)
                 if header.kind == Kind.LEAVE:
                     return
 
@@ -366,7 +374,7 @@ class ServerEndpoint:
         ]
         self._sending.put((works, []))
 
-    def _handle(self, rank: int, header: Header, gradient: list[Tensor]) -> None:
+    def _handle(self, rank: int, header: Header, gradient: list[Tensor], unused: frozenset[int]) -> None:
         if header.kind not in (Kind.PUSH, Kind.DRAIN, Kind.LEAVE):
             raise ProtocolError(f"rank {rank} sent a message of unknown kind {header.kind}")
         if self._failure is not None:
@@ -376,7 +384,13 @@ class ServerEndpoint:
             if header.kind == Kind.PUSH:
                 drain, nonfinite = bool(header.flags & Flag.DRAIN), bool(header.flags & Flag.NONFINITE)
                 releases = self.server.push(
-                    rank, gradient, header.version, drain=drain, nonfinite=nonfinite, work=work_of(header)
+                    rank,
+                    gradient,
+                    header.version,
+                    drain=drain,
+                    nonfinite=nonfinite,
+                    work=work_of(header),
+                    unused=unused,
                 )
             elif header.kind == Kind.DRAIN:
                 releases = self.server.drain(rank)

@@ -31,6 +31,7 @@ from lightning_hybrid.wire import (
     Header,
     Kind,
     Reply,
+    Trailer,
     WireFormat,
     abort_error,
     timeout_error,
@@ -56,8 +57,9 @@ class LocalServerLink:
         flags: Flag,
         threshold: Optional[int] = None,
         work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
     ) -> Reply:
-        return self._endpoint.push_local(gradient, version, flags, threshold, work)
+        return self._endpoint.push_local(gradient, version, flags, threshold, work, unused)
 
     def post_push(
         self,
@@ -66,13 +68,14 @@ class LocalServerLink:
         flags: Flag,
         threshold: Optional[int] = None,
         work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
     ) -> None:
         """A pipelined worker's push: :meth:`collect` takes its answer, after the next push."""
         handover = self._handover[self._pushes % 2]
         self._pushes += 1
         for mine, tensor in zip(handover, gradient):
             mine.copy_(tensor)
-        self._endpoint.post_local(handover, version, flags, threshold, work)
+        self._endpoint.post_local(handover, version, flags, threshold, work, unused)
 
     def collect(self) -> Reply:
         return self._endpoint.await_local()
@@ -156,9 +159,10 @@ class RemoteServerLink:
         flags: Flag,
         threshold: Optional[int] = None,
         work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
     ) -> Reply:
         """Send a whole gradient (flat buffers of the layout) and wait for the answer."""
-        self.send_push(gradient, version, flags, threshold, work)
+        self.send_push(gradient, version, flags, threshold, work, unused)
         return self.await_reply()
 
     def post_push(
@@ -168,11 +172,12 @@ class RemoteServerLink:
         flags: Flag,
         threshold: Optional[int] = None,
         work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
     ) -> None:
         """A pipelined worker's push: queue the gradient and post the receive of its answer, which then comes in
         as soon as the server sends it (into a buffer of the link's, the model being busy with the next step);
         :meth:`collect` takes it, after the next push."""
-        self.send_push(gradient, version, flags, threshold, work)
+        self.send_push(gradient, version, flags, threshold, work, unused)
         if not self._answer_buffers:
             self._answer_buffers = [
                 (torch.empty(Header.SIZE, dtype=torch.int64), self._answer_format.allocate(self._pin_memory))
@@ -189,15 +194,19 @@ class RemoteServerLink:
         flags: Flag,
         threshold: Optional[int] = None,
         work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
     ) -> None:
-        """Queue a whole gradient; :meth:`await_reply` waits for the answer."""
+        """Queue a whole gradient, and a trailer if some tensors got no gradient (``unused``, indices of the
+        layout's tensors); :meth:`await_reply` waits for the answer."""
         if gradient and gradient[0].device.type != "cpu" and self._push_chunks is None:
             for staged, tensor in zip(self._staging, gradient):
                 staged.copy_(tensor)
             gradient = self._staging
-        self.start_push(version, flags, threshold, work)
+        self.start_push(version, flags | (Flag.VERDICT if unused else Flag.NONE), threshold, work)
         for chunk in self._layout.chunk_views(gradient):
             self.send_chunk(chunk)
+        if unused:
+            self.send_trailer(Trailer(bool(flags & Flag.NONFINITE), unused))
 
     def start_push(
         self, version: int, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None
@@ -226,9 +235,9 @@ class RemoteServerLink:
         self._chunks_sent += 1
         self._post(chunk)
 
-    def send_verdict(self, nonfinite: bool) -> None:
-        """After a push flagged ``Flag.VERDICT``: whether the worker's whole gradient holds NaN/Inf."""
-        self._post(torch.tensor([int(nonfinite)], dtype=torch.int64))
+    def send_trailer(self, trailer: Trailer) -> None:
+        """After the chunks of a push flagged ``Flag.VERDICT``."""
+        self._post(trailer.to_tensor(len(self._layout.slots)))
 
     def await_reply(self) -> Reply:
         """Wait until the queued message is out, then for the server's answer."""
@@ -400,6 +409,7 @@ class ShardedServerLink:
         self._remote = sorted(remote, key=lambda item: (item[0] - rank) % len(links))
         self.remote_shards = [shard for shard, _ in self._remote]  # in the order this rank sends to them
         self._gradient = gradient
+        self._plan = plan
         self._gradient_slices = [plan.views(s, gradient) for s in range(plan.shards)]
         self._params = params
         self._param_slices = param_slices
@@ -412,10 +422,12 @@ class ShardedServerLink:
         flags: Flag,
         threshold: Optional[int] = None,
         work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
     ) -> Reply:
-        """Push ``gradient`` (the worker's flat gradient buffers); ``version`` is ignored: every shard gets shard 0's."""
-        flags = self._post_remote(gradient, flags, threshold, work)
-        return self.push_local(flags, threshold, work)
+        """Push ``gradient`` (the worker's flat gradient buffers); ``version`` is ignored: every shard gets shard 0's.
+        ``unused``: the model's tensors that got no gradient (each shard hears of its pieces of them)."""
+        flags = self._post_remote(gradient, flags, threshold, work, unused)
+        return self.push_local(flags, threshold, work, unused)
 
     def post_push(
         self,
@@ -424,12 +436,20 @@ class ShardedServerLink:
         flags: Flag,
         threshold: Optional[int] = None,
         work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
     ) -> None:
         """A pipelined worker's push to every shard: :meth:`collect` takes the answers, after the next push."""
-        flags = self._post_remote(gradient, flags, threshold, work, pipelined=True)
+        flags = self._post_remote(gradient, flags, threshold, work, unused, pipelined=True)
         local = self._links[self._rank]
         assert isinstance(local, LocalServerLink)
-        local.post_push(self._gradient_slices[self._rank], self.versions[0], flags, threshold, work)
+        local.post_push(
+            self._gradient_slices[self._rank],
+            self.versions[0],
+            flags,
+            threshold,
+            work,
+            self._plan.piece_indices(self._rank, unused),
+        )
 
     def _post_remote(
         self,
@@ -437,6 +457,7 @@ class ShardedServerLink:
         flags: Flag,
         threshold: Optional[int],
         work: Optional[int],
+        unused: frozenset[int],
         pipelined: bool = False,
     ) -> Flag:
         """Queue every remote shard's slice (``pipelined``: and post the receive of its answer); returns ``flags``
@@ -447,7 +468,8 @@ class ShardedServerLink:
         for shard in self.remote_shards:
             link = self._remote_link(shard)
             send = link.post_push if pipelined else link.send_push
-            send(self._gradient_slices[shard], self.versions[0], flags, threshold, work)
+            pieces = self._plan.piece_indices(shard, unused)
+            send(self._gradient_slices[shard], self.versions[0], flags, threshold, work, pieces)
         return flags
 
     def collect(self) -> Reply:
@@ -458,22 +480,44 @@ class ShardedServerLink:
         for _, link in self._remote:
             link.finish_sends()
 
-    def post_to(self, shard: int, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None) -> None:
+    def post_to(
+        self,
+        shard: int,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
+    ) -> None:
         """Queue the gradient's slice for remote shard ``shard``; :meth:`push_local` completes the push."""
-        self._remote_link(shard).send_push(self._gradient_slices[shard], self.versions[0], flags, threshold, work)
+        pieces = self._plan.piece_indices(shard, unused)
+        self._remote_link(shard).send_push(
+            self._gradient_slices[shard], self.versions[0], flags, threshold, work, pieces
+        )
 
-    def send_verdict(self, shard: int, nonfinite: bool) -> None:
-        self._remote_link(shard).send_verdict(nonfinite)
+    def send_trailer(self, shard: int, nonfinite: bool, unused: frozenset[int]) -> None:
+        """The trailer of a slice streamed to ``shard`` (flagged ``Flag.VERDICT``), ``unused`` the model's tensors."""
+        self._remote_link(shard).send_trailer(Trailer(nonfinite, self._plan.piece_indices(shard, unused)))
 
     def _remote_link(self, shard: int) -> RemoteServerLink:
         link = self._links[shard]
         assert isinstance(link, RemoteServerLink)
         return link
 
-    def push_local(self, flags: Flag, threshold: Optional[int] = None, work: Optional[int] = None) -> Reply:
+    def push_local(
+        self,
+        flags: Flag,
+        threshold: Optional[int] = None,
+        work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
+    ) -> Reply:
         """This rank's own shard's slice, in memory, after every remote shard's is queued; then every answer."""
         local = self._links[self._rank].push(
-            self._gradient_slices[self._rank], self.versions[0], flags, threshold, work
+            self._gradient_slices[self._rank],
+            self.versions[0],
+            flags,
+            threshold,
+            work,
+            self._plan.piece_indices(self._rank, unused),
         )
         return self._merge(local)
 

@@ -5,7 +5,8 @@ chunk (see :meth:`FlatLayout.chunks`: last parameters first, the order in which 
 as soon as all its gradients are in and every chunk before it is out (:class:`GradientStream`). With a sharded
 server each remote shard's slice leaves as soon as every gradient it holds a piece of is in: the slices are
 contiguous, so the last shards' are ready first (:class:`ShardedGradientStream`). At the optimizer step the rest
-follows: parameters without a gradient count as zeros, as at an ordinary push.
+follows: parameters without a gradient count as zeros, and a trailer names them (as an ordinary push's does: see
+``ParameterServer.push``), so every streamed push ends with one.
 
 Armed only for the backward that precedes an optimizer step (Lightning runs that closure inside
 ``optimizer.step``), so micro-batches of gradient accumulation send nothing.
@@ -25,7 +26,7 @@ from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.links import RemoteServerLink, ShardedServerLink
 from lightning_hybrid.server import all_finite
 from lightning_hybrid.shards import ShardPlan
-from lightning_hybrid.wire import Flag, Reply
+from lightning_hybrid.wire import Flag, Reply, Trailer
 
 
 class _Stream(abc.ABC):
@@ -39,6 +40,7 @@ class _Stream(abc.ABC):
         # (version, flags, K request, work id) while armed
         self._message: Optional[tuple[int, Flag, Optional[int], Optional[int]]] = None
         self._packed: list[bool] = []
+        self._unused: set[int] = set()  # trainable parameters without a gradient, found at finish
         self._handles = [
             param.register_post_accumulate_grad_hook(functools.partial(self._ready, index))
             for index, param in enumerate(self._params)
@@ -54,6 +56,7 @@ class _Stream(abc.ABC):
         """The next backward's gradients form a push with this header."""
         self._message = (version, flags, threshold, work)
         self._packed = [False] * len(self._params)
+        self._unused = set()
         self._start()
         for index, param in enumerate(self._params):
             if not param.requires_grad:  # frozen: no hook fires, its zeros are ready now
@@ -87,9 +90,12 @@ class _Stream(abc.ABC):
         self._send_ready()
 
     def _pack(self, index: int) -> None:
-        grad = self._params[index].grad
+        param = self._params[index]
+        grad = param.grad
         if grad is None:
             self._views[index].zero_()
+            if param.requires_grad:
+                self._unused.add(index)
         else:
             self._views[index].copy_(grad)
         if not self._packed[index]:
@@ -146,12 +152,14 @@ class GradientStream(_Stream):
         assert self._message is not None
         while self._next < len(self._chunks) and self._missing[self._next] == 0:
             if self._next == 0:
-                self._link.start_push(*self._message)
+                version, flags, threshold, work = self._message
+                self._link.start_push(version, flags | Flag.VERDICT, threshold, work)
             self._link.send_chunk(self._chunks[self._next])
             self._next += 1
 
     def _finish(self) -> Reply:
         self._send_ready()
+        self._link.send_trailer(Trailer(unused=frozenset(self._unused)))  # NaN/Inf: the server sees the whole
         return self._link.await_reply()
 
 
@@ -206,9 +214,10 @@ class ShardedGradientStream(_Stream):
         _, flags, threshold, work = self._message
         if not all(all_finite(g) for g in self._gradient):
             flags |= Flag.NONFINITE
+        unused = frozenset(self._unused)
         for shard in self._streamed:
-            self._link.send_verdict(shard, bool(flags & Flag.NONFINITE))
+            self._link.send_trailer(shard, bool(flags & Flag.NONFINITE), unused)
         for shard in self._link.remote_shards:
             if shard not in self._streamed:
-                self._link.post_to(shard, flags, threshold, work)
-        return self._link.push_local(flags, threshold, work)
+                self._link.post_to(shard, flags, threshold, work, unused)
+        return self._link.push_local(flags, threshold, work, unused)

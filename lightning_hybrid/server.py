@@ -95,6 +95,7 @@ class _HeldPush:
     drain: bool
     finite: bool
     work: Optional[int]
+    unused: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ class ParameterServer:
         self._version = 0
         self._pending: dict[int, int] = {}
         self._pending_work: dict[int, int] = {}  # work ids of pending gradients that carry one
+        self._pending_unused: dict[int, frozenset[int]] = {}  # tensors a pending gradient did not use, if any
         self._early_pushes = early_pushes
         self._held: dict[int, _HeldPush] = {}  # a pipelined worker's next push, while its last one is pending
         # early_pushes: each worker's answer before its last, which its next gradient may have been computed on
@@ -303,12 +305,16 @@ class ParameterServer:
         drain: bool = False,
         nonfinite: bool = False,
         work: Optional[int] = None,
+        unused: frozenset[int] = frozenset(),
     ) -> list[Release]:
         """A worker's gradient, computed on parameters at ``version``; with ``drain`` it also starts draining.
         ``nonfinite``: the worker found NaN/Inf in its whole gradient (of which a shard sees a part): reject it.
         ``work``: an id of the data the gradient came from (see :mod:`lightning_hybrid.work`); once the gradient is
         applied (or rejected: its data was used) the id joins :attr:`absorbed`, so that a recovery knows which data
-        the master holds. A dropped gradient's data is not absorbed: its worker pushes it again.
+        the master holds. A dropped gradient's data is not absorbed: its worker pushes it again. ``unused``: indices
+        of trainable tensors (of the layout) that got no gradient on the worker (zeros in ``gradient``); a tensor that
+        no gradient of an update used gets no gradient in that update's step, so that the optimizer leaves it alone,
+        as DDP with ``find_unused_parameters=True`` leaves a parameter that no rank used.
 
         The server may write into ``gradient``'s buffers until the worker is answered (see ``_accumulate``). With
         ``early_pushes``, a push while the worker's last gradient is pending is held (its buffers too) and arrives
@@ -321,9 +327,9 @@ class ParameterServer:
                 if worker in self._held:
                     raise ProtocolError(f"worker {worker} pushed a third gradient before its first was answered")
                 self._check_version(worker, version)
-                self._held[worker] = _HeldPush(gradient, version, drain, finite, work)
+                self._held[worker] = _HeldPush(gradient, version, drain, finite, work, unused)
                 return []
-            return self._take(worker, _HeldPush(gradient, version, drain, finite, work))
+            return self._take(worker, _HeldPush(gradient, version, drain, finite, work, unused))
 
     def _take(self, worker: int, push: _HeldPush) -> list[Release]:
         """A push arrives (see :meth:`push`); under the lock."""
@@ -349,6 +355,8 @@ class ParameterServer:
                 return self._settle()
             return [self._release((worker,), rejected=(worker,))] + self._settle()
         self._arrive(worker, gradient, version)
+        if push.unused:
+            self._pending_unused[worker] = push.unused
         if work is not None:
             self._pending_work[worker] = work
         self.update_seconds += time.perf_counter() - started
@@ -578,8 +586,9 @@ class ParameterServer:
         elif count > 1:
             for total in self._sum:
                 total.div_(count)
-        for param, grad in zip(self.parameters, self.layout.views(self._sum)):
-            param.grad = grad if param.requires_grad else None
+        unused = frozenset.intersection(*(self._pending_unused.pop(worker, frozenset()) for worker in group))
+        for index, (param, grad) in enumerate(zip(self.parameters, self.layout.views(self._sum))):
+            param.grad = grad if param.requires_grad and index not in unused else None
         if self._gradient_clipping is not None:
             self._gradient_clipping.apply(self.parameters)
         restore = apply_scales(self.optimizer.param_groups, scales)
@@ -705,6 +714,7 @@ class FollowerServer(ParameterServer):
             return []
         del self._arrived[worker], self._pending[worker]
         self._pending_work.pop(worker, None)
+        self._pending_unused.pop(worker, None)
         drain = worker in self._draining
         self._draining.discard(worker)  # a drain comes again with the batch
         self.dropped[worker] += 1

@@ -412,12 +412,13 @@ class WorkerSession:
             reply = self._stream.finish()
         else:
             self._layout.pack([p.grad for p in self._params], self._gradient)
+            unused = frozenset(i for i, p in enumerate(self._params) if p.grad is None and p.requires_grad)
             self.drained = False
             flags = self.local_stop | (Flag.DRAIN if final else Flag.NONE)
             if self._options is not None and self._options.pipeline_pushes:
-                reply, answered_step = self._push_pipelined(flags, threshold, work, global_step)
+                reply, answered_step = self._push_pipelined(flags, threshold, work, global_step, unused)
             else:
-                reply = self._link.push(self._gradient, self._version, flags, threshold, work)
+                reply = self._link.push(self._gradient, self._version, flags, threshold, work, unused)
         if reply is not None and reply.flags & Flag.DROPPED:
             self._absorb(reply, global_step)
             self.wait_seconds += time.perf_counter() - started
@@ -434,14 +435,14 @@ class WorkerSession:
         return True
 
     def _push_pipelined(
-        self, flags: Flag, threshold: Optional[int], work: Optional[int], global_step: int
+        self, flags: Flag, threshold: Optional[int], work: Optional[int], global_step: int, unused: frozenset[int]
     ) -> tuple[Optional[Reply], int]:
         """Push the packed gradient and collect the answer to the push before, which comes in while this one goes
         out: the next step runs on parameters without this worker's last update (``pipeline_pushes``). A draining
         push is answered before the step ends. Returns the answer (``None``: nothing was outstanding) and the
         global step of the push it answers."""
         assert self._link is not None
-        self._link.post_push(self._gradient, self._version, flags, threshold, work)
+        self._link.post_push(self._gradient, self._version, flags, threshold, work, unused)
         pushed_at, self._outstanding = self._outstanding, global_step
         previous = self._link.collect() if pushed_at is not None else None
         self._link.finish_sends()  # the gradient's buffers are packed again at the next step

@@ -12,7 +12,7 @@ format (one entry per whole parameter), so checkpoints move freely between shard
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -109,6 +109,12 @@ class ShardPlan:
         ranges = self.ranges[shard]
         buckets = [self.layout.dtypes.index(dtype) for dtype in self.layouts[shard].dtypes]
         return [buffers[b][ranges[b][0] : ranges[b][1]] for b in buckets]
+
+    def piece_indices(self, shard: int, tensors: Collection[int]) -> frozenset[int]:
+        """Which of shard ``shard``'s pieces cut the tensors numbered ``tensors`` (in the whole model's order)."""
+        if not tensors:
+            return frozenset()
+        return frozenset(piece for piece, (index, _, _) in enumerate(self.pieces[shard]) if index in tensors)
 
     def piece_tensors(self, shard: int, tensors: Sequence[Tensor]) -> list[Tensor]:
         """The shard's pieces of ``tensors`` (the whole model's, in layout order), as flat views."""

@@ -242,7 +242,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._shard_weights = None if shard_weights is None else tuple(float(w) for w in shard_weights)
         self._pipeline_pushes = bool(pipeline_pushes)
         self._answer_dtype = checks.wire_dtype_of("answer_dtype", answer_dtype)
-        self._push_dtype = checks.wire_dtype_of("push_dtype", push_dtype)
+        self._push_dtype = checks.wire_dtype_of("push_dtype", push_dtype, float32_range=True)
         self._nonfinite = nonfinite
         self._peer_timeout = float(peer_timeout)
         self._recovery_dir = recovery_dir

@@ -55,8 +55,8 @@ class Flag(enum.IntFlag):
     NONFINITE = 64  # on PUSH: the worker's whole gradient holds NaN/Inf (a shard sees part of it): reject it;
     # on LEAVE with FAILED: the worker stopped because of one (nonfinite="stop")
     DROPPED = 128  # on REPLY: the pushed gradient was staler than max_staleness: compute the batch again
-    VERDICT = 256  # on PUSH: one int64 follows the payload, 1 if the worker's whole gradient holds NaN/Inf (a slice
-    # streamed to a shard during backward leaves before the rest of the gradient exists)
+    VERDICT = 256  # on PUSH: a Trailer follows the payload (a gradient streamed during backward leaves before the
+    # rest of it exists; an ordinary push carries one when some tensor got no gradient)
 
 
 STOP_FLAGS = Flag.SIGTERM | Flag.STOP
@@ -113,6 +113,26 @@ NO_WORK = -1  # Header.detail of a PUSH whose gradient carries no work id
 def work_of(header: Header) -> Optional[int]:
     """The work id a PUSH carries (see ``ParameterServer.push``)."""
     return header.detail if header.detail != NO_WORK else None
+
+
+@dataclass(frozen=True)
+class Trailer:
+    """What a push flagged ``Flag.VERDICT`` says after its payload, known only once backward is over: whether the
+    worker's whole gradient holds NaN/Inf (a shard sees a slice of it), and which of the receiver's tensors got no
+    gradient (an unused parameter's zeros; see ``ParameterServer.push``). Sent as ``1 + tensors`` uint8 values."""
+
+    nonfinite: bool = False
+    unused: frozenset[int] = frozenset()
+
+    def to_tensor(self, tensors: int) -> Tensor:
+        message = torch.zeros(1 + tensors, dtype=torch.uint8)
+        message[0] = int(self.nonfinite)
+        message[[1 + index for index in self.unused]] = 1
+        return message
+
+    @classmethod
+    def from_tensor(cls, tensor: Tensor) -> Trailer:
+        return cls(bool(tensor[0]), frozenset((tensor[1:].nonzero().flatten()).tolist()))
 
 
 @dataclass(frozen=True)

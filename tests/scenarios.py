@@ -113,6 +113,23 @@ class NaNOnce(MLPClassifier):
         return loss
 
 
+class SkippedBranch(MLPClassifier):
+    """An MLP with a side branch that rank r leaves out of its training steps whose optimizer step s has
+    ``s % every <= r``: every rank leaves it out when ``s % every == 0`` (no gradient uses it), the higher ranks at
+    the next steps (some use it). Its parameters come last, so a streamed gradient's first chunk waits for them."""
+
+    def __init__(self, every: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.every = every
+        self.branch = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        if self.training and self.trainer.global_step % self.every <= self.global_rank:
+            return logits
+        return logits + self.branch(x.flatten(1))
+
+
 class ModelAtEvaluation(Callback):
     """Records the parameters every rank evaluates with (after the strategy's drain)."""
 
@@ -376,6 +393,9 @@ class DdpEquivalence(OneGpu, Batches):
     shard_server: bool = False
     shard_weights: Annotated[tuple[float, ...], floats] | None = option(None, "each rank's share, e.g. 1,2,0.5")
     frozen_first_layer: bool = option(False, "its requires_grad off, still in the optimizer (weight decay skips it)")
+    skip_branch_every: int = option(
+        0, "a side branch unused at some steps (see SkippedBranch); DDP then finds unused parameters (0: none)"
+    )
 
 
 @scenario
@@ -393,7 +413,9 @@ def ddp_equivalence(args: DdpEquivalence) -> None:
     for name in ("ddp", "hybrid_sgd"):
         pl.seed_everything(args.seed)
         strategy = (
-            DDPStrategy(process_group_backend=args.process_group_backend)
+            DDPStrategy(
+                process_group_backend=args.process_group_backend, find_unused_parameters=args.skip_branch_every > 0
+            )
             if name == "ddp"
             else lightning_hybrid.HybridSGDStrategy(
                 threshold="sync",
@@ -404,7 +426,11 @@ def ddp_equivalence(args: DdpEquivalence) -> None:
             )
         )
         run = trainer(strategy, args, **fit_kwargs)
-        model = MLPClassifier(**model_kwargs)
+        model = (
+            SkippedBranch(args.skip_branch_every, **model_kwargs)
+            if args.skip_branch_every
+            else MLPClassifier(**model_kwargs)
+        )
         if args.frozen_first_layer:
             next(m for m in model.net if isinstance(m, torch.nn.Linear)).requires_grad_(False)
         run.fit(model, datamodule=digits(args, args.seed))

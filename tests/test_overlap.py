@@ -1,5 +1,6 @@
-"""GradientStream: chunks leave during backward, in wire order, header first; the rest at the step.
-ShardedGradientStream: each remote shard's slice leaves once complete, a verdict on the whole gradient at the step.
+"""GradientStream: chunks leave during backward, in wire order, header first; the rest and a trailer (the unused
+parameters) at the step. ShardedGradientStream: each remote shard's slice leaves once complete, a trailer (a verdict
+on the whole gradient, the unused parameters' pieces) at the step.
 
 The links here record what they are asked to send (the real ones are exercised by the multi-process tests with
 overlap_push, where K = N still equals DDP exactly: test_equivalence.py and test_sharded.py)."""
@@ -13,7 +14,7 @@ from torch import nn
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.overlap import GradientStream, ShardedGradientStream
 from lightning_hybrid.shards import ShardPlan
-from lightning_hybrid.wire import Flag
+from lightning_hybrid.wire import Flag, Trailer
 
 
 class RecordingLink:
@@ -25,6 +26,9 @@ class RecordingLink:
 
     def send_chunk(self, chunk: torch.Tensor) -> None:
         self.sent.append(chunk.clone())
+
+    def send_trailer(self, trailer: Trailer) -> None:
+        self.sent.append(trailer)
 
     def await_reply(self) -> str:
         return "reply"
@@ -52,24 +56,26 @@ def test_chunks_leave_during_backward_and_carry_the_gradient() -> None:
     model(torch.randn(8, 512)).square().sum().backward()
     assert len(layout.chunks) == 3
     assert during[0] >= 3, "the header and the last layers' chunks left before backward reached the first layer"
-    assert link.sent[0] == ("header", 5, Flag.DRAIN, 2)
+    assert link.sent[0] == ("header", 5, Flag.DRAIN | Flag.VERDICT, 2)
     stream.finish()
-    assert len(link.sent) == 1 + len(layout.chunks)
+    assert len(link.sent) == 1 + len(layout.chunks) + 1
     expected = layout.allocate()
     layout.pack([p.grad for p in params], expected)
-    for sent, chunk in zip(link.sent[1:], layout.chunk_views(expected)):
+    for sent, chunk in zip(link.sent[1:-1], layout.chunk_views(expected)):
         assert torch.equal(sent, chunk)
+    assert link.sent[-1] == Trailer(nonfinite=False, unused=frozenset())
     assert not stream.incomplete
 
 
-def test_unused_parameters_are_sent_as_zeros_at_the_step() -> None:
+def test_unused_parameters_are_sent_as_zeros_at_the_step_and_named_in_the_trailer() -> None:
     model, params, layout, link, stream = make(unused=True)
     stream.arm(version=0, flags=Flag.NONE, threshold=0)
     model[:3](torch.randn(4, 512)).sum().backward()
     assert link.sent == [], "the unused layer's chunk (the first in wire order) holds everything back"
     stream.finish()
-    assert len(link.sent) == 1 + len(layout.chunks)
+    assert len(link.sent) == 1 + len(layout.chunks) + 1
     assert torch.equal(link.sent[1][-(3 * 3 + 3) :], torch.zeros(12))  # the unused layer ends the first chunk
+    assert link.sent[-1] == Trailer(unused=frozenset({6, 7})), "the server leaves the 4th layer alone in this step"
 
 
 def test_an_unarmed_backward_sends_nothing_and_a_second_armed_backward_is_refused() -> None:
@@ -95,14 +101,15 @@ class RecordingShardedLink:
         self._slices = [plan.views(s, gradient) for s in range(plan.shards)]
         self.sent: list[tuple] = []
 
-    def post_to(self, shard: int, flags: Flag, threshold: int | None = None, work: int | None = None) -> None:
-        self.sent.append(("slice", shard, flags, [t.clone() for t in self._slices[shard]]))
+    def post_to(self, shard: int, flags: Flag, threshold=None, work=None, unused=frozenset()) -> None:
+        self.sent.append(("slice", shard, flags, [t.clone() for t in self._slices[shard]], unused))
 
-    def send_verdict(self, shard: int, nonfinite: bool) -> None:
-        self.sent.append(("verdict", shard, nonfinite))
+    def send_trailer(self, shard: int, nonfinite: bool, unused: frozenset[int]) -> None:
+        self.sent.append(("verdict", shard, nonfinite, unused))
 
-    def push_local(self, flags: Flag, threshold: int | None = None, work: int | None = None) -> str:
+    def push_local(self, flags: Flag, threshold=None, work=None, unused=frozenset()) -> str:
         self.sent.append(("local", flags))
+        self.local_unused = unused
         return "reply"
 
 
@@ -138,7 +145,7 @@ def test_a_shards_slice_leaves_once_backward_has_produced_it_and_a_verdict_follo
     ]
     expected = layout.allocate()
     layout.pack([p.grad for p in params], expected)
-    for kind, shard, _, slices in link.sent[:2]:
+    for kind, shard, _, slices, _ in link.sent[:2]:
         assert all(torch.equal(a, b) for a, b in zip(slices, plan.views(shard, expected)))
 
 
@@ -154,3 +161,20 @@ def test_a_nan_in_one_slice_is_every_shards_verdict() -> None:
         ("verdict", 1, True),
         ("local", Flag.NONFINITE),
     ]
+
+
+def test_a_parameter_without_a_gradient_is_named_to_every_shard() -> None:
+    # the last layer is skipped: its slice (shard 2's) is complete only at the step, which sends it flagged with the
+    # unused tensors; the streamed slice's trailer and the local push name them too (the shards map them to pieces)
+    model, params, layout, plan, link, stream, _ = make_sharded(rank=0)
+    stream.arm(version=0, flags=Flag.NONE, threshold=None)
+    model[:2](torch.randn(8, 64)).sum().backward()
+    stream.finish()
+    skipped = frozenset({4, 5})
+    assert [entry[:3] for entry in link.sent] == [
+        ("slice", 1, Flag.VERDICT),
+        ("verdict", 1, False),
+        ("slice", 2, Flag.NONE),
+        ("local", Flag.NONE),
+    ]
+    assert link.sent[1][3] == link.sent[2][4] == link.local_unused == skipped

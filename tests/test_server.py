@@ -383,6 +383,27 @@ def test_a_frozen_parameter_gets_no_update_not_even_weight_decay(clipping: str) 
     assert (trained.detach() < 1).all()
 
 
+def test_a_tensor_that_no_gradient_of_an_update_used_gets_no_step() -> None:
+    # as DDP with find_unused_parameters=True: a parameter no rank used keeps grad None, so momentum and weight decay
+    # leave it alone; one that some gradient of the update used gets the mean, the others' zeros included
+    params = [torch.ones(2, 2), torch.ones(3)]
+    server = ParameterServer(
+        params,
+        lambda master: torch.optim.SGD(master, lr=0.1, momentum=0.9, weight_decay=0.1),
+        num_workers=2,
+        threshold=2,
+    )
+    server.push(0, [torch.cat([torch.ones(4), torch.zeros(3)])], version=0, unused=frozenset({1}))
+    server.push(1, [torch.cat([torch.ones(4), torch.zeros(3)])], version=0, unused=frozenset({1}))
+    first, second = server.parameters
+    assert torch.equal(second.detach(), torch.ones(3)), "no gradient used it: no weight decay, no momentum state"
+    assert second not in server.optimizer.state and first in server.optimizer.state
+    # one worker used it, one did not: the mean of (2, 0) is 1, plus weight decay 0.1 of the weight 1
+    server.push(0, [torch.cat([torch.ones(4), torch.full((3,), 2.0)])], version=1)
+    server.push(1, [torch.cat([torch.ones(4), torch.zeros(3)])], version=1, unused=frozenset({1}))
+    assert torch.allclose(second.detach(), torch.full((3,), 1 - 0.1 * 1.1))
+
+
 def test_server_is_thread_safe_under_concurrent_pushes() -> None:
     import threading
 

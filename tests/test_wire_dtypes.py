@@ -33,7 +33,7 @@ def test_wire_dtypes_are_floating_dtypes_by_name_or_themselves() -> None:
     # bad ones: tests/test_config_errors.py
     assert wire_dtype_of("answer_dtype", "bfloat16") is torch.bfloat16
     assert wire_dtype_of("answer_dtype", torch.float16) is torch.float16
-    assert wire_dtype_of("push_dtype", torch.bfloat16) is torch.bfloat16
+    assert wire_dtype_of("push_dtype", torch.bfloat16, float32_range=True) is torch.bfloat16
     assert wire_dtype_of("push_dtype", None) is None
 
 
@@ -54,7 +54,7 @@ def exchange_main(rank: int, port: int, answer_dtypes: tuple, push_dtypes: tuple
         side = 0 if rank == 0 else 1
         dtypes = dict(
             answer_dtype=wire_dtype_of("answer_dtype", answer_dtypes[side]),
-            push_dtype=wire_dtype_of("push_dtype", push_dtypes[side]),
+            push_dtype=wire_dtype_of("push_dtype", push_dtypes[side], float32_range=True),
         )
         if rank == 0:
             server = ParameterServer([MASTER.clone()], lambda p: torch.optim.SGD(p, lr=LR), 2, threshold=1)
