@@ -178,3 +178,16 @@ def test_a_parameter_without_a_gradient_is_named_to_every_shard() -> None:
         ("local", Flag.NONE),
     ]
     assert link.sent[1][3] == link.sent[2][4] == link.local_unused == skipped
+
+
+def test_a_parameter_used_only_by_an_earlier_micro_batch_counts_as_used() -> None:
+    # gradient accumulation: the unarmed backward of micro-batch 1 used the 4th layer, the streamed one of micro-batch
+    # 2 did not, so no hook fires for it while armed; its accumulated gradient leaves at the step, and is no "unused"
+    model, params, layout, link, stream = make(unused=True)
+    x = torch.randn(4, 512)
+    (model[:3](x).sum() + model[3](x[:, :3]).sum()).backward()
+    stream.arm(version=0, flags=Flag.NONE, threshold=0)
+    model[:3](x).sum().backward()
+    stream.finish()
+    assert link.sent[-1] == Trailer(unused=frozenset())
+    assert torch.equal(link.sent[1][-(3 * 3 + 3) : -3], params[6].grad.flatten())
