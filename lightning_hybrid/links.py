@@ -442,14 +442,7 @@ class ShardedServerLink:
         flags = self._post_remote(gradient, flags, threshold, work, unused, pipelined=True)
         local = self._links[self._rank]
         assert isinstance(local, LocalServerLink)
-        local.post_push(
-            self._gradient_slices[self._rank],
-            self.versions[0],
-            flags,
-            threshold,
-            work,
-            self._plan.piece_indices(self._rank, unused),
-        )
+        local.post_push(*self._own_slice(flags, threshold, work, unused))
 
     def _post_remote(
         self,
@@ -511,15 +504,14 @@ class ShardedServerLink:
         unused: frozenset[int] = frozenset(),
     ) -> Reply:
         """This rank's own shard's slice, in memory, after every remote shard's is queued; then every answer."""
-        local = self._links[self._rank].push(
-            self._gradient_slices[self._rank],
-            self.versions[0],
-            flags,
-            threshold,
-            work,
-            self._plan.piece_indices(self._rank, unused),
-        )
-        return self._merge(local)
+        return self._merge(self._links[self._rank].push(*self._own_slice(flags, threshold, work, unused)))
+
+    def _own_slice(
+        self, flags: Flag, threshold: Optional[int], work: Optional[int], unused: frozenset[int]
+    ) -> tuple[list[Tensor], int, Flag, Optional[int], Optional[int], frozenset[int]]:
+        """The arguments of a push of this rank's own slice to its own shard (in memory)."""
+        pieces = self._plan.piece_indices(self._rank, unused)
+        return self._gradient_slices[self._rank], self.versions[0], flags, threshold, work, pieces
 
     def abandon(self) -> None:
         """A streamed gradient was cut off half-way: see :meth:`RemoteServerLink.abandon`."""
