@@ -315,6 +315,10 @@ class WorkerSession:
         """K: the server's on its rank, the last answer's elsewhere; ``None`` before any fit or request."""
         return self._endpoint.server.threshold if self._endpoint is not None else self._threshold
 
+    def forget_threshold(self) -> None:
+        """Not live: the last fit's K no longer answers for the strategy, whose threshold was set anew."""
+        self._threshold = None
+
     def request_threshold(self, k: int) -> None:
         """A new K: the server's rank applies it at once; a worker (and every rank of a sharded server, whose shard
         0 decides) sends it with its next message."""

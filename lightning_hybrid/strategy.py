@@ -54,7 +54,7 @@ from lightning_hybrid.recovery import (
 from lightning_hybrid.server import ParameterServer, ServerSnapshot
 from lightning_hybrid.session import FITS_STARTED, Channels, SessionOptions, WorkerSession, with_hyperparameters
 from lightning_hybrid.staleness import StalenessStats
-from lightning_hybrid.thresholds import ThresholdSpec, resolve_threshold
+from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec, resolve_threshold
 from lightning_hybrid.wire import Flag
 from lightning_hybrid.work import EpochBatchSampler, epoch_dataloader, work_id
 
@@ -268,16 +268,19 @@ class HybridSGDStrategy(DDPStrategy):
     # ------------------------------------------------------------------ public state
     @property
     def threshold(self) -> int:
-        """K, the gradients per update. Setting it on any rank takes effect at the server's next event."""
+        """K, the gradients per update. Setting it on any rank during fit takes effect at the server's next event;
+        set outside a fit, it is kept as given (e.g. ``"sync"``) and resolved for the next fit's N."""
         k = self._session.threshold
         return k if k is not None else resolve_threshold(self._threshold_spec, self.world_size)
 
     @threshold.setter
     def threshold(self, value: ThresholdSpec) -> None:
-        k = resolve_threshold(value, self.world_size)
-        self._session.request_threshold(k)
-        if not self._session.live:
-            self._threshold_spec = k
+        if self._session.live:
+            self._session.request_threshold(resolve_threshold(value, self.world_size))
+            return
+        check_threshold_spec(value)
+        self._threshold_spec = value
+        self._session.forget_threshold()
 
     @property
     def version(self) -> int:
@@ -412,6 +415,19 @@ class HybridSGDStrategy(DDPStrategy):
         super().setup(trainer)
         if fitting:
             self._start_session(trainer)
+
+    @override
+    def setup_optimizers(self, trainer: "pl.Trainer") -> None:
+        try:
+            super().setup_optimizers(trainer)
+        except RuntimeError as err:  # Lightning's advice (manual optimization) is refused here: say what works
+            if "multiple optimizers" not in str(err):
+                raise
+            raise MisconfigurationException(
+                "hybrid_sgd steps one optimizer on the parameter server and supports automatic optimization only: "
+                "return a single optimizer from `configure_optimizers` (one optimizer's param groups may each have "
+                f"their own settings), or {checks.DDP_FIX}."
+            ) from err
 
     @override
     def configure_ddp(self) -> None:

@@ -5,6 +5,7 @@ import json
 import pkgutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,19 @@ def test_lightning_cli_takes_the_strategy_and_the_scheduler_from_yaml_and_from_f
     flags += ["--trainer.callbacks+=lightning_hybrid.ThresholdScheduler", "--trainer.callbacks.schedule=linear"]
     rows = run_cli(tmp_path / "flags", *flags)
     assert [float(row["hybrid/threshold"]) for row in rows] == [1.0, 2.0]
+
+
+def test_a_ddp_job_names_the_hybrid_options_it_ignores() -> None:
+    # a sweep's DDP baseline may carry the hybrid jobs' keys: it runs, and says which it ignores
+    from hydra import compose, initialize_config_dir
+
+    from lightning_hybrid.app.train import CONFIG_PATH, build_strategy
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
+        plain = compose(config_name="train", overrides=["strategy=ddp"])
+        carrying = compose(config_name="train", overrides=["strategy=ddp", "strategy.shard_server=true"])
+    with pytest.warns(UserWarning, match=r"strategy=ddp ignores the hybrid_sgd options strategy.shard_server=True$"):
+        build_strategy(carrying)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_strategy(plain)

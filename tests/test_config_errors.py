@@ -92,7 +92,8 @@ def test_unsupported_modules_are_refused_with_the_fix(model, message) -> None:
 
 def test_several_optimizers_are_refused() -> None:
     # Lightning refuses them under automatic optimization, and hybrid_sgd refuses manual optimization
-    with pytest.raises(RuntimeError, match="multiple optimizers is only supported with manual optimization"):
+    # Lightning's own message advises manual optimization, which hybrid_sgd refuses: its message says what works
+    with pytest.raises(MisconfigurationException, match="return a single optimizer from `configure_optimizers`"):
         fit(TwoOptimizers())
 
 
@@ -112,6 +113,20 @@ def test_threshold_can_be_read_and_set_while_training() -> None:
     fit(MLPClassifier(), callbacks=[Raise()])
     assert seen == [(1, 0), (1, 1), (1, 2)]
     assert lightning_hybrid.__version__
+
+
+def test_a_threshold_set_before_the_trainer_is_resolved_for_the_fits_workers() -> None:
+    # set before the Trainer gave the strategy its N: kept as given, not resolved against one worker
+    strategy = HybridSGDStrategy()
+    strategy.threshold = "sync"
+    pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False)
+    assert strategy.threshold == 2
+    strategy.threshold = "async"
+    assert strategy.threshold == 1
+    with pytest.raises(ValueError, match="threshold=0 must be at least 1"):
+        strategy.threshold = 0
+    early = HybridSGDStrategy()
+    early.threshold = 2  # a count above the one worker known before a Trainer: checked when the fit knows N
 
 
 def test_a_second_fit_starts_a_new_server() -> None:

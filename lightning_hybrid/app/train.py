@@ -5,6 +5,7 @@ strategy, data, model, logger and callbacks from the config under ``conf/``, tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,9 +18,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities import rank_zero_warn
 
 import lightning_hybrid
-from lightning_hybrid.app.config import TrainConfig, register_configs
+from lightning_hybrid.app.config import StrategyConfig, TrainConfig, register_configs
 from lightning_hybrid.app.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
 from lightning_hybrid.app.delays import DelayDistribution, InjectDelays
 from lightning_hybrid.app.models import CNNClassifier, MLPClassifier
@@ -41,6 +43,14 @@ class HydraDDPStrategy(DDPStrategy):
 def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
     strategy = config.strategy
     if strategy.name == "ddp":
+        # a sweep's DDP baseline beside hybrid jobs may carry their keys: said, not refused
+        ignored = [
+            f"strategy.{f.name}={getattr(strategy, f.name)!r}"
+            for f in dataclasses.fields(StrategyConfig)
+            if f.name not in ("name", "scheduled") and getattr(strategy, f.name) != _default_of(f)
+        ]
+        if ignored:
+            rank_zero_warn(f"strategy=ddp ignores the hybrid_sgd options {', '.join(ignored)}")
         return HydraDDPStrategy()
     if strategy.name != "hybrid_sgd":
         raise ValueError(f"strategy.name must be 'hybrid_sgd' or 'ddp', got {strategy.name!r}")
@@ -61,6 +71,10 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
         recovery_every=strategy.recovery_every,
         peer_timeout=strategy.peer_timeout,
     )
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def build_logger(config: TrainConfig, output_dir: str) -> Any:
