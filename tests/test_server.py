@@ -364,18 +364,22 @@ def test_a_cloned_optimizer_steps_as_the_original(make) -> None:
     assert torch.equal(clone.param_groups[0]["params"][0], original[0])
 
 
+def decaying_server(workers: int, **kwargs) -> ParameterServer:
+    """Two tensors of ones under SGD with momentum and weight decay, K = N: any step moves a tensor."""
+    params = [torch.ones(2, 2), torch.ones(3)]
+    return ParameterServer(
+        params,
+        lambda master: torch.optim.SGD(master, lr=0.1, momentum=0.9, weight_decay=0.1),
+        num_workers=workers,
+        threshold=workers,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("clipping", ["norm", "value"])
 def test_a_frozen_parameter_gets_no_update_not_even_weight_decay(clipping: str) -> None:
     # as under DDP, where a frozen parameter has no grad and the optimizer skips it; clipping sees only the others
-    params = [torch.ones(2, 2), torch.ones(3)]
-    server = ParameterServer(
-        params,
-        lambda master: torch.optim.SGD(master, lr=0.1, momentum=0.9, weight_decay=0.1),
-        num_workers=1,
-        threshold=1,
-        trainable=[False, True],
-        gradient_clipping=GradientClipping(0.05, clipping),
-    )
+    server = decaying_server(1, trainable=[False, True], gradient_clipping=GradientClipping(0.05, clipping))
     server.push(0, grad(1.0), version=0)
     server.push(0, grad(1.0), version=1)
     frozen, trained = server.parameters
@@ -386,13 +390,7 @@ def test_a_frozen_parameter_gets_no_update_not_even_weight_decay(clipping: str) 
 def test_a_tensor_that_no_gradient_of_an_update_used_gets_no_step() -> None:
     # as DDP with find_unused_parameters=True: a parameter no rank used keeps grad None, so momentum and weight decay
     # leave it alone; one that some gradient of the update used gets the mean, the others' zeros included
-    params = [torch.ones(2, 2), torch.ones(3)]
-    server = ParameterServer(
-        params,
-        lambda master: torch.optim.SGD(master, lr=0.1, momentum=0.9, weight_decay=0.1),
-        num_workers=2,
-        threshold=2,
-    )
+    server = decaying_server(2)
     server.push(0, [torch.cat([torch.ones(4), torch.zeros(3)])], version=0, unused=frozenset({1}))
     server.push(1, [torch.cat([torch.ones(4), torch.zeros(3)])], version=0, unused=frozenset({1}))
     first, second = server.parameters
