@@ -64,8 +64,13 @@ if torch.cuda.is_available():
           ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
 else:
     print("CUDA: absent")
+import torchmetrics  # what these three import by themselves (e.g. transformers, then sklearn) is not the package's
+optional = {"hydra", "wandb", "sklearn"}
+before = {m.split(".")[0] for m in sys.modules} & optional
 import lightning_hybrid
-pulled = sorted({m.split(".")[0] for m in sys.modules} & {"hydra", "wandb", "sklearn"})
+pulled = sorted({m.split(".")[0] for m in sys.modules} & optional - before)
+if before:
+    print("torch, pytorch_lightning and torchmetrics import", ", ".join(sorted(before)), "by themselves")
 print("import lightning_hybrid pulls in", ", ".join(pulled) if pulled else "none of hydra, wandb, sklearn")
 sys.exit(3 if pulled else 0)
 EOF

@@ -38,6 +38,11 @@ CONFIGURATIONS = [
     (f"K={RANKS}/sharded", f"hybrid K=N={RANKS} sharded"),
     ("K=1/sharded", "hybrid K=1 sharded"),
 ]
+# Run only when named in --strategies: the gradient streamed during backward (overlap_push), as DDP's buckets.
+OVERLAP_CONFIGURATIONS = [
+    (f"K={RANKS}/overlap", f"hybrid K=N={RANKS} overlap"),
+    (f"K={RANKS}/sharded/overlap", f"hybrid K=N={RANKS} sharded overlap"),
+]
 # per model: (warm-up steps, steps per rank, seconds one configuration may take at most)
 GPU_PLAN = {"10m": (10, 70, 90), "100m": (5, 35, 150)}
 CPU_PLAN = {"1m": (5, 40, 90), "10m": (3, 15, 120)}
@@ -51,6 +56,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for the whole table")
     parser.add_argument("--batch", type=int, default=None, help="per rank (default: 256 on GPU, 64 on CPU)")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        choices=[flag for flag, _ in CONFIGURATIONS + OVERLAP_CONFIGURATIONS],
+        help="these configurations, in the table's order (default: all but the overlap ones; without ddp the "
+        "ratios show '-')",
+    )
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget
     accelerator = "cpu" if args.cpu else "gpu"
@@ -76,10 +89,15 @@ def main() -> None:
         f"{pl.__version__}, float32, batch {batch} per rank"
     )
     header = (
-        f"{'model':>5}  {'strategy':<22} {'r0 steps/s':>10} {'vs DDP':>7} {'r0 samples/s':>12} "
+        f"{'model':>5}  {'strategy':<30} {'r0 steps/s':>10} {'vs DDP':>7} {'r0 samples/s':>12} "
         f"{'all samples/s':>13} {'vs DDP':>7} {'r0 steps':>8} {'server ms/update':>16}"
     )
     rows: list[dict[str, Any]] = []
+    chosen = (
+        [c for c in CONFIGURATIONS + OVERLAP_CONFIGURATIONS if c[0] in args.strategies]
+        if args.strategies
+        else CONFIGURATIONS
+    )
     work = tempfile.TemporaryDirectory()  # each run's rank{r}.json (their content goes to throughput.json)
     for model in models:
         warmup, steps, cap = plan.get(model, (5, 30, 150))
@@ -91,11 +109,11 @@ def main() -> None:
         emit(header)
         emit("-" * len(header))
         ddp: dict[str, Any] | None = None
-        for flag, name in CONFIGURATIONS:
+        for flag, name in chosen:
             left = deadline - time.monotonic()
             row: dict[str, Any] = {"model": model, "numel": numel, "strategy": flag, "batch": batch}
             if left < MIN_SECONDS:
-                emit(f"{model:>5}  {name:<22} skipped: {left:.0f} s left of the {args.budget:.0f} s budget")
+                emit(f"{model:>5}  {name:<30} skipped: {left:.0f} s left of the {args.budget:.0f} s budget")
                 rows.append({**row, "error": "skipped: time budget"})
                 rows_file.write_text(json.dumps(rows, indent=1))
                 continue
@@ -113,7 +131,7 @@ def main() -> None:
             seconds = time.monotonic() - started
             if any(rank is None or rank["rate"] is None for rank in ranks):
                 why = "timed out" if seconds >= min(cap, left) - 1 else "failed"
-                emit(f"{model:>5}  {name:<22} {why} after {seconds:.0f} s (see throughput.log)")
+                emit(f"{model:>5}  {name:<30} {why} after {seconds:.0f} s (see throughput.log)")
                 rows.append({**row, "error": why, "ranks": ranks})
                 rows_file.write_text(json.dumps(rows, indent=1))
                 continue
@@ -125,7 +143,7 @@ def main() -> None:
             vs_samples = f"{samples / ddp['samples']:.2f}x" if ddp else "-"
             update_ms = f"{ranks[0]['update_ms']:.2f}" if "update_ms" in ranks[0] else "-"
             emit(
-                f"{model:>5}  {name:<22} {rate:>10.2f} {vs_rate:>7} {batch * rate:>12.0f} {samples:>13.0f} "
+                f"{model:>5}  {name:<30} {rate:>10.2f} {vs_rate:>7} {batch * rate:>12.0f} {samples:>13.0f} "
                 f"{vs_samples:>7} {ranks[0]['steps']:>8} {update_ms:>16}"
             )
             rows.append(
