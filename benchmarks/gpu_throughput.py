@@ -10,8 +10,9 @@ ranks on one device); the server's traffic is gloo as always. Every configuratio
 ``throughput.py --run`` (its model and step timer). Each rank times its steps after a warm-up, the GPU's
 work included (CUDA events, read after a synchronisation). The table shows rank 0's steps/s and samples/s,
 both ranks' samples/s together, each against DDP's; rank 0's steps (K = 1 pulls work: ranks train different
-numbers of batches) and the server's time per update on rank 0. Rows go to OUT/throughput.txt and
-OUT/throughput.json as they are measured (a run stopped by its time limit keeps them); the runs' output to
+numbers of batches), the server's time per update on rank 0, and rank 0's time per step from backward's end to
+the answer loaded (push, wait, load: all after backward, while DDP's all-reduce overlaps it). Rows go to
+OUT/throughput.txt and OUT/throughput.json as they are measured (a run stopped by its time limit keeps them); the runs' output to
 OUT/throughput.log. A configuration that does not fit in what is left of ``--budget`` is skipped, and says so.
 """
 
@@ -90,7 +91,7 @@ def main() -> None:
     )
     header = (
         f"{'model':>5}  {'strategy':<30} {'r0 steps/s':>10} {'vs DDP':>7} {'r0 samples/s':>12} "
-        f"{'all samples/s':>13} {'vs DDP':>7} {'r0 steps':>8} {'server ms/update':>16}"
+        f"{'all samples/s':>13} {'vs DDP':>7} {'r0 steps':>8} {'server ms/update':>16} {'r0 exchange ms/step':>19}"
     )
     rows: list[dict[str, Any]] = []
     chosen = (
@@ -142,9 +143,10 @@ def main() -> None:
             vs_rate = f"{rate / ddp['rate']:.2f}x" if ddp else "-"
             vs_samples = f"{samples / ddp['samples']:.2f}x" if ddp else "-"
             update_ms = f"{ranks[0]['update_ms']:.2f}" if "update_ms" in ranks[0] else "-"
+            exchange_ms = f"{ranks[0]['exchange_ms']:.1f}" if "exchange_ms" in ranks[0] else "-"
             emit(
                 f"{model:>5}  {name:<30} {rate:>10.2f} {vs_rate:>7} {batch * rate:>12.0f} {samples:>13.0f} "
-                f"{vs_samples:>7} {ranks[0]['steps']:>8} {update_ms:>16}"
+                f"{vs_samples:>7} {ranks[0]['steps']:>8} {update_ms:>16} {exchange_ms:>19}"
             )
             rows.append(
                 {

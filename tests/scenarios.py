@@ -721,19 +721,24 @@ class Recover(Epochs):
     default_folder: bool = option(False, "no recovery_dir: the strategy's default folder under torchrun")
     static: bool = option(False, "pull_work=False: static shards (numbered batches, rank r every N-th)")
     sharded: bool = option(False, "shard_server=True: recovery points written by every shard")
-    step_delay: float = option(0.0, "seconds every rank sleeps before each training step (time for a node to join)")
+    step_delay: float = option(0.0, "seconds every rank sleeps before each training step")
+    alone_step_delay: float | None = option(
+        None, "seconds instead, while the round has fewer ranks than asked for (time for a node to join)"
+    )
     hidden: int = option(128, "the MLP's hidden width")
     depth: int = option(1, "the MLP's hidden layers")
 
 
 class EveryStepSleeps(Callback):
-    """Every rank sleeps ``seconds`` before each training step."""
+    """Every rank sleeps ``seconds`` before each training step; ``alone_seconds`` instead while the round has fewer
+    than ``full_world`` ranks, so that a joining node finds the job still training however loaded the machine."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float, alone_seconds: float | None = None, full_world: int = 0) -> None:
+        self.seconds, self.alone_seconds, self.full_world = seconds, alone_seconds, full_world
 
-    def on_train_batch_start(self, *args: Any) -> None:
-        time.sleep(self.seconds)
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        alone = self.alone_seconds is not None and trainer.world_size < self.full_world
+        time.sleep(self.alone_seconds if alone else self.seconds)
 
 
 class LogTrainedBatches(Callback):
@@ -777,7 +782,8 @@ def recover(args: Recover) -> None:
         pull_work=False if args.static else None,
         shard_server=args.sharded,
     )
-    callbacks: list[Callback] = [LogTrainedBatches(), EveryStepSleeps(args.step_delay)]
+    sleeps = EveryStepSleeps(args.step_delay, args.alone_step_delay, args.num_nodes * args.devices)
+    callbacks: list[Callback] = [LogTrainedBatches(), sleeps]
     if args.die_in_first_round:
         callbacks.append(DieInFirstRound(*args.die_in_first_round, node=args.node_dies))
     run = trainer(strategy, args, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=args.out)
