@@ -30,6 +30,18 @@ UNSHARDED_FIX = "or use HybridSGDStrategy(shard_server=False)"
 RECOVERY_FIX = "or use HybridSGDStrategy(recovery_dir=None)"
 
 
+START_METHODS = ("popen", "spawn", "fork", "forkserver")
+
+
+def check_start_method(start_method: str) -> None:
+    """Lightning checks it only when a fit launches its processes; a typo fails where it was written."""
+    if start_method not in START_METHODS:
+        raise ValueError(
+            f"start_method={start_method!r} is not one of {', '.join(map(repr, START_METHODS))}: 'popen' (the "
+            "default) runs the script once per process, like DDP; the others start processes from this one"
+        )
+
+
 def check_recovery(recovery_every: float) -> None:
     """Recovery checkpoints' arguments, when the strategy is built."""
     if isinstance(recovery_every, bool) or not isinstance(recovery_every, (int, float)) or not recovery_every > 0:

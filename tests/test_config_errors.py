@@ -66,6 +66,11 @@ def test_bad_peer_timeout_is_refused() -> None:
         HybridSGDStrategy(peer_timeout=0)
 
 
+def test_an_unknown_start_method_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="start_method='thread' is not one of 'popen', 'spawn'"):
+        HybridSGDStrategy(start_method="thread")
+
+
 class Manual(MLPClassifier):
     def __init__(self) -> None:
         super().__init__()
