@@ -289,11 +289,12 @@ def test_a_node_that_leaves_lets_the_others_finish_without_it(tmp_path) -> None:
 @pytest.mark.parametrize("per_node, layout", [(1, []), (2, ["--sharded"])], ids=["one-server", "sharded"])
 def test_a_node_that_joins_makes_the_job_go_on_with_more(tmp_path, per_node, layout) -> None:
     # node 0 trains alone (`--nnodes 1:2`, every rank sleeping 0.5 s a step: on a loaded machine node 1's start has
-    # taken longer than node 0's whole run at 20 ms, 270 batches; 20 ms once both train); node 1 starts once node 0's
-    # rank 0 has trained 10 batches: node 0's agent sees a node waiting and SIGTERMs its workers, which stop at one drain; the
-    # server's rank writes its record (sharded: every shard its part of one more recovery point, the first one here)
-    # and a round of two nodes resumes from it, without counting a restart. With torchrun's shared store the joining
-    # agent hangs in torch 2.13 (see README): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is part of the command.
+    # taken longer than node 0's whole run at 20 ms, 270 batches; 20 ms once both train); node 1 starts once node
+    # 0's rank 0 has trained 10 batches: node 0's agent sees a node waiting and SIGTERMs its workers, which stop at
+    # one drain; the server's rank writes its record (sharded: every shard its part of one more recovery point, the
+    # first one here) and a round of two nodes resumes from it, without counting a restart. With torchrun's shared
+    # store the joining agent hangs in torch 2.13 (see README): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is part of the
+    # command.
     port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", str(per_node)]
     command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "join"]
