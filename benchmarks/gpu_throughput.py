@@ -13,7 +13,8 @@ both ranks' samples/s together, each against DDP's; rank 0's steps (K = 1 pulls 
 numbers of batches), the server's time per update on rank 0, and rank 0's time per step from backward's end to
 the answer loaded (push, wait, load: all after backward, while DDP's all-reduce overlaps it). Rows go to
 OUT/throughput.txt and OUT/throughput.json as they are measured (a run stopped by its time limit keeps them); the
-runs' output to OUT/throughput.log. A configuration that does not fit in what is left of ``--budget`` is skipped, and says so.
+runs' output to OUT/throughput.log. A configuration that does not fit in what is left of ``--budget`` is skipped,
+and says so.
 """
 
 from __future__ import annotations
