@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import torch
 from torch import Tensor
@@ -30,7 +30,8 @@ UNSHARDED_FIX = "or use HybridSGDStrategy(shard_server=False)"
 RECOVERY_FIX = "or use HybridSGDStrategy(recovery_dir=None)"
 
 
-START_METHODS = ("popen", "spawn", "fork", "forkserver")
+StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
+START_METHODS = get_args(StartMethod)
 
 
 def check_start_method(start_method: str) -> None:

@@ -215,7 +215,7 @@ class HybridSGDStrategy(DDPStrategy):
         precision_plugin: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        start_method: checks.StartMethod = "popen",
     ) -> None:
         checks.check_start_method(start_method)
         super().__init__(
