@@ -172,11 +172,11 @@ def run_one(args: argparse.Namespace) -> None:
         "device": str(trainer.strategy.root_device),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if args.strategy.startswith("K=") and trainer.is_global_zero:
-        progress = strategy.progress
-        result["update_ms"] = 1000 * progress["update_seconds"] / max(progress["version"], 1)
-    if args.strategy.startswith("K="):  # from backward's end to the answer loaded, warm-up steps included
+    if args.strategy.startswith("K="):  # exchange: from backward's end to the answer loaded, warm-up steps included
         result["exchange_ms"] = 1000 * strategy.wait_seconds / max(strategy.steps, 1)
+        if trainer.is_global_zero:
+            progress = strategy.progress
+            result["update_ms"] = 1000 * progress["update_seconds"] / max(progress["version"], 1)
     if args.net_device is not None:  # perf_counter is CLOCK_MONOTONIC: comparable between this machine's processes
         result.update(step_ends=timer.times, **timer.trace)
     write_result(args.out, trainer.global_rank, result)
