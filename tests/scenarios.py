@@ -57,6 +57,13 @@ def save(out: Path, rank: int, **results: Any) -> None:
     torch.save(results, out / f"rank{rank}.pt")
 
 
+def stamp_fault(out: Path) -> None:
+    """Write the wall-clock moment of an injected fault to ``out/fault_at``: a test bounds the time from the fault to
+    the end of every rank, not from launch (starting three processes under a loaded machine takes tens of seconds)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fault_at").write_text(repr(time.time()))
+
+
 class SlowRank(Callback):
     """Slows every training step of ``slow_rank`` by ``delay`` seconds; records each rank's pid and exception."""
 
@@ -101,14 +108,15 @@ class NaNOnce(MLPClassifier):
     shard's slice of a sharded server; the loss is NaN too). It also logs a per-step ``sync_dist=True`` value, which
     must not make workers wait for each other."""
 
-    def __init__(self, nan_rank: int, nan_step: int, **kwargs: Any) -> None:
+    def __init__(self, nan_rank: int, nan_step: int, out: Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.nan_rank, self.nan_step = nan_rank, nan_step
+        self.nan_rank, self.nan_step, self.out = nan_rank, nan_step, out
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
         self.log("loss_synced", loss, on_step=True, on_epoch=True, sync_dist=True)
         if self.global_rank == self.nan_rank and self.trainer.global_step == self.nan_step:
+            stamp_fault(self.out)
             loss = loss + float("nan") * next(self.parameters()).sum()
         return loss
 
@@ -491,7 +499,7 @@ def straggler(args: Straggler) -> None:
     run = trainer(
         strategy, args, max_epochs=args.epochs, limit_train_batches=args.batches, callbacks=callbacks, **extra
     )
-    model = NaNOnce(nan_rank=args.nan_rank, nan_step=args.nan_step, lr=args.lr)
+    model = NaNOnce(nan_rank=args.nan_rank, nan_step=args.nan_step, out=args.out, lr=args.lr)
     data = digits(args, args.seed)
     run.fit(model, datamodule=data)
     run.test(model, datamodule=data, verbose=False)
@@ -653,6 +661,7 @@ def lost_worker(args: LostWorker) -> None:
     class Killer(Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, *rest: Any) -> None:
             if trainer.global_rank == args.lost_rank and trainer.global_step == 5:
+                stamp_fault(args.out)
                 if args.hang:
                     time.sleep(args.hang)
                 else:

@@ -310,7 +310,7 @@ def test_killed_rank_stops_every_rank_of_a_sharded_server(tmp_path) -> None:
     # the survivors naming rank 1 (Lightning's launcher SIGKILLs the rest once a child failed: which survivor's
     # message gets out first varies)
     output = run_failing(
-        "lost_worker", tmp_path, "--devices 3 --lost-rank 1 --peer-timeout 60 --shard-server", bound=40
+        "lost_worker", tmp_path, "--devices 3 --lost-rank 1 --peer-timeout 60 --shard-server", bound=30
     )
     assert "hybrid_sgd: lost worker rank 1" in output or "worker rank 1 was lost" in output
 
