@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_hybrid import shards
 from lightning_hybrid.group_scaling import check_group_scaling, check_rule_name
-from lightning_hybrid.server import check_max_staleness
+from lightning_hybrid.server import check_max_staleness, optimizer_parameters, steps_exactly
 from lightning_hybrid.shards import ELEMENTWISE_OPTIMIZERS
 from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec
 
@@ -201,6 +201,20 @@ def check_one_optimizer(optimizers: Sequence[Optimizer]) -> Optimizer:
     if not any(group["params"] for group in optimizers[0].param_groups):
         raise MisconfigurationException("the optimizer holds no parameters: nothing for hybrid_sgd to train.")
     return optimizers[0]
+
+
+def check_parameters_unchanged(optimizer: Optimizer, served: Sequence[Tensor]) -> None:
+    """At every step: the server steps a copy of the optimizer made when fit started, over ``served``. A parameter
+    added to the optimizer later (Lightning's ``BaseFinetuning.unfreeze_and_add_param_group``) would never train."""
+    if not steps_exactly(optimizer, served):
+        now = len(optimizer_parameters(optimizer))
+        raise MisconfigurationException(
+            f"the optimizer's parameters changed during fit ({len(served)} when fit started, {now} now), e.g. "
+            "by BaseFinetuning.unfreeze_and_add_param_group: hybrid_sgd's server steps a copy of the optimizer made "
+            "when fit started, so an added parameter would never train. Put every parameter in configure_optimizers "
+            "from the start (a frozen backbone too, in a param group of its own if it needs its own lr) and freeze or "
+            "unfreeze it with requires_grad: a parameter trains from the first step at which it has a gradient."
+        )
 
 
 def check_update_rules(

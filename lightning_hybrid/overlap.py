@@ -40,11 +40,11 @@ class _Stream(abc.ABC):
         # (version, flags, K request, work id) while armed
         self._message: Optional[tuple[int, Flag, Optional[int], Optional[int]]] = None
         self._packed: list[bool] = []
-        self._unused: set[int] = set()  # trainable parameters without a gradient, found at finish
+        self._unused: set[int] = set()  # parameters without a gradient (frozen, or left out), found at finish
         self._handles = [
             param.register_post_accumulate_grad_hook(functools.partial(self._ready, index))
             for index, param in enumerate(self._params)
-            if param.requires_grad  # a frozen one gets no gradient: see arm
+            if param.requires_grad  # a frozen one gets no gradient: see arm (one unfrozen later is packed at finish)
         ]
 
     @property
@@ -59,8 +59,8 @@ class _Stream(abc.ABC):
         self._unused = set()
         self._start()
         for index, param in enumerate(self._params):
-            if not param.requires_grad:  # frozen: no hook fires, its zeros are ready now
-                self._pack(index)
+            if not param.requires_grad:  # frozen: no hook fires, no gradient comes (its .grad may still hold the
+                self._pack(index, None)  # last step's until the closure zeroes it), its zeros are ready now
 
     def disarm(self) -> None:
         self._message = None
@@ -69,7 +69,7 @@ class _Stream(abc.ABC):
         """At the optimizer step: pack what no hook delivered, send the rest, and wait for the answer."""
         for index, packed in enumerate(self._packed):
             if not packed:
-                self._pack(index)
+                self._pack(index, self._params[index].grad)
         reply = self._finish()
         self._message = None
         return reply
@@ -86,16 +86,13 @@ class _Stream(abc.ABC):
                 "hybrid_sgd: a parameter's gradient changed after it was sent to the server (a second backward in "
                 "one optimizer step?); set HybridSGDStrategy(overlap_push=False) to push at the optimizer step."
             )
-        self._pack(index)
+        self._pack(index, param.grad)
         self._send_ready()
 
-    def _pack(self, index: int) -> None:
-        param = self._params[index]
-        grad = param.grad
-        if grad is None:
+    def _pack(self, index: int, grad: Optional[Tensor]) -> None:
+        if grad is None:  # frozen, or left out by this forward: named unused, so that the server skips it
             self._views[index].zero_()
-            if param.requires_grad:
-                self._unused.add(index)
+            self._unused.add(index)
         else:
             self._views[index].copy_(grad)
         if not self._packed[index]:

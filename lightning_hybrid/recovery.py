@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 
 from lightning_hybrid.elastic import restart_round
 from lightning_hybrid.flat import FlatLayout
-from lightning_hybrid.server import ServerSnapshot
+from lightning_hybrid.server import ServerSnapshot, optimizer_parameters
 from lightning_hybrid.shards import ShardPlan
 from lightning_hybrid.work import done_by_epoch
 
@@ -225,7 +225,7 @@ def recovery_checkpoint(
     ``resumed``: batches of each epoch trained before this fit resumed (not in this server's ledger); ``taken``:
     batches of ``epoch`` that all ranks took in this fit, of which those not absorbed will be trained again."""
     names = {id(param): name for name, param in module.named_parameters()}
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    parameters = optimizer_parameters(optimizer)
     state = {key: value.detach().clone() for key, value in checkpoint["state_dict"].items()}
     if not sharded:
         for param, master in zip(parameters, snapshot.master):

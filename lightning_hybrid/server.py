@@ -109,6 +109,17 @@ class ServerSnapshot:
     absorbed: frozenset[int]  # work ids whose gradients the master holds (see ``push``)
 
 
+def optimizer_parameters(optimizer: Optimizer) -> list[Tensor]:
+    """Every parameter ``optimizer`` steps, group after group: the order of the server's flat layout."""
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
+def steps_exactly(optimizer: Optimizer, params: Sequence[Tensor]) -> bool:
+    """Whether ``optimizer`` steps ``params`` and no other, in that order (the very tensors, not equal ones)."""
+    mine = optimizer_parameters(optimizer)
+    return len(mine) == len(params) and all(a is b for a, b in zip(mine, params))
+
+
 def clone_optimizer(
     optimizer: Optimizer, params: Sequence[Tensor], group_sizes: Optional[Sequence[int]] = None
 ) -> Optimizer:
@@ -185,7 +196,6 @@ class ParameterServer:
         group_scaling: str = "none",
         max_staleness: Optional[int] = None,
         early_pushes: bool = False,
-        trainable: Optional[Sequence[bool]] = None,
     ) -> None:
         """``hyperparameters`` returns param groups whose values (e.g. a scheduled ``lr``) the server copies
         into its own optimizer before every step. ``staleness_scaling`` weighs each gradient by
@@ -195,9 +205,7 @@ class ParameterServer:
         ``group_scaling`` names the rule that sizes an update to its group of gradients
         (:mod:`lightning_hybrid.group_scaling`). A gradient staler than ``max_staleness`` updates is dropped (its
         staleness is known at arrival, for the same reason). ``early_pushes``: a worker may push once more while
-        its gradient is pending (see :meth:`push`). ``trainable``: whether each of ``params`` requires grad (default:
-        all); the others (frozen) get no gradient, so that the optimizer leaves them alone (weight decay included), as
-        under DDP."""
+        its gradient is pending (see :meth:`push`)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         check_max_staleness(max_staleness)
@@ -207,11 +215,7 @@ class ParameterServer:
         self._master = self.layout.allocate(device)
         with torch.no_grad():
             self.layout.pack([p.detach() for p in params], self._master)
-        trainable = [True] * len(params) if trainable is None else list(trainable)
-        self.parameters = [
-            torch.nn.Parameter(v, requires_grad=t)
-            for v, t in zip(self.layout.views(self._master), trainable, strict=True)
-        ]
+        self.parameters = [torch.nn.Parameter(view) for view in self.layout.views(self._master)]
         self.optimizer = make_optimizer(self.parameters)
         self._scaling = GroupScaling(group_scaling, self.optimizer, num_workers)
         self._max_staleness = max_staleness
@@ -312,9 +316,10 @@ class ParameterServer:
         ``work``: an id of the data the gradient came from (see :mod:`lightning_hybrid.work`); once the gradient is
         applied (or rejected: its data was used) the id joins :attr:`absorbed`, so that a recovery knows which data
         the master holds. A dropped gradient's data is not absorbed: its worker pushes it again. ``unused``: indices
-        of trainable tensors (of the layout) that got no gradient on the worker (zeros in ``gradient``); a tensor that
-        no gradient of an update used gets no gradient in that update's step, so that the optimizer leaves it alone,
-        as DDP with ``find_unused_parameters=True`` leaves a parameter that no rank used.
+        of tensors (of the layout) that got no gradient on the worker (zeros in ``gradient``): frozen ones
+        (``requires_grad`` off at that step) and ones its forward left out. A tensor that no gradient of an update
+        used gets no gradient in that update's step, so that the optimizer leaves it alone (weight decay and momentum
+        included), as DDP leaves a frozen parameter and, with ``find_unused_parameters=True``, one that no rank used.
 
         The server may write into ``gradient``'s buffers until the worker is answered (see ``_accumulate``). With
         ``early_pushes``, a push while the worker's last gradient is pending is held (its buffers too) and arrives
@@ -588,7 +593,7 @@ class ParameterServer:
                 total.div_(count)
         unused = frozenset.intersection(*(self._pending_unused.pop(worker, frozenset()) for worker in group))
         for index, (param, grad) in enumerate(zip(self.parameters, self.layout.views(self._sum))):
-            param.grad = grad if param.requires_grad and index not in unused else None
+            param.grad = None if index in unused else grad
         if self._gradient_clipping is not None:
             self._gradient_clipping.apply(self.parameters)
         restore = apply_scales(self.optimizer.param_groups, scales)

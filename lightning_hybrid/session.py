@@ -36,6 +36,8 @@ from lightning_hybrid.server import (
     ServerSnapshot,
     clone_optimizer,
     gradients_applied,
+    optimizer_parameters,
+    steps_exactly,
 )
 from lightning_hybrid.shards import ShardPlan
 from lightning_hybrid.staleness import StalenessStats
@@ -194,7 +196,7 @@ class WorkerSession:
         ``on_recovery_point``: a follower shard's handler of its snapshots at recovery points (see
         :class:`FollowerServer`)."""
         self._rank, self._world_size, self._options, self._optimizer = rank, world_size, options, optimizer
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._params = optimizer_parameters(optimizer)
         self._buffers = buffers
         self._layout = FlatLayout.of(self._params)
         self._buffer_layout = FlatLayout.of(buffers)
@@ -205,15 +207,13 @@ class WorkerSession:
 
         def start_server(
             params: list[Tensor],
-            trainable: list[bool],
             buffer_layout: FlatLayout,
             local_params: list[Tensor],
             group_sizes: Optional[list[int]] = None,
             shards: int = 1,
         ) -> ServerEndpoint:
-            """This rank's server over ``params`` (the whole model, or this rank's shard of it; ``trainable``: of
-            each, whether its parameter requires grad); of a sharded server, shard 0 decides every update's group,
-            the others follow."""
+            """This rank's server over ``params`` (the whole model, or this rank's shard of it); of a sharded
+            server, shard 0 decides every update's group, the others follow."""
             follower = shards > 1 and rank != 0
             server = (FollowerServer if follower else ParameterServer)(
                 params,
@@ -227,7 +227,6 @@ class WorkerSession:
                 group_scaling=options.group_scaling,
                 max_staleness=options.max_staleness,
                 early_pushes=options.pipeline_pushes,
-                trainable=trainable,
             )
             if isinstance(server, FollowerServer):
                 server.on_recovery_point = on_recovery_point
@@ -271,7 +270,6 @@ class WorkerSession:
             param_slices = [plan.views(shard, self._flat_params) for shard in range(plan.shards)]
             self._endpoint = start_server(
                 plan.piece_tensors(rank, self._params),
-                [self._params[index].requires_grad for index, _, _ in plan.pieces[rank]],
                 self._buffer_layout if rank == 0 else no_buffers,
                 param_slices[rank],
                 plan.group_sizes(rank, optimizer),
@@ -290,9 +288,7 @@ class WorkerSession:
             if options.overlap_push and device.type == "cpu":
                 self._stream = ShardedGradientStream(self._params, self._layout, self._gradient, self._link, plan)
         elif rank == SERVER_RANK:
-            self._endpoint = start_server(
-                self._params, [p.requires_grad for p in self._params], self._buffer_layout, self._flat_params
-            )
+            self._endpoint = start_server(self._params, self._buffer_layout, self._flat_params)
             self._link = LocalServerLink(self._endpoint)
         else:
             link = self._link = remote_link(SERVER_RANK, self._layout, self._buffer_layout, self._flat_params)
@@ -358,6 +354,11 @@ class WorkerSession:
         return self._endpoint.server.rejected if self._endpoint is not None else self._rejected
 
     @property
+    def parameters(self) -> list[Tensor]:
+        """The parameters this fit serves: the optimizer's when fit started, in its order."""
+        return self._params
+
+    @property
     def dropped(self) -> Counter:
         return self._endpoint.server.dropped if self._endpoint is not None else self._dropped
 
@@ -416,7 +417,7 @@ class WorkerSession:
             reply = self._stream.finish()
         else:
             self._layout.pack([p.grad for p in self._params], self._gradient)
-            unused = frozenset(i for i, p in enumerate(self._params) if p.grad is None and p.requires_grad)
+            unused = frozenset(i for i, p in enumerate(self._params) if p.grad is None)  # frozen, or left out
             self.drained = False
             flags = self.local_stop | (Flag.DRAIN if final else Flag.NONE)
             if self._options is not None and self._options.pipeline_pushes:
@@ -621,8 +622,8 @@ class WorkerSession:
                 if self._plan is not None:  # kept for a checkpoint saved after fit
                     self._shard_progress = gather_to_zero(server.progress_state())
                 state = self._state_of(server, self._optimizer.param_groups)
-                if state:
-                    self._optimizer.load_state_dict(state)
+                if state and steps_exactly(self._optimizer, self._params):  # else its state no longer fits: the
+                    self._optimizer.load_state_dict(state)  # step after the change raised (check_parameters_unchanged)
         finally:  # the server's final counters stay readable, whatever failed above
             self._endpoint = None
             self._version, self._threshold = server.version, server.threshold

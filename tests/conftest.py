@@ -75,9 +75,10 @@ def fail(message: str) -> None:
     raise AssertionError(message)
 
 
-def max_difference(a: dict, b: dict) -> float:
+def max_difference(a: dict, b: dict, only: str = "") -> float:
+    """The largest difference between two state dicts, over the entries whose names start with ``only``."""
     assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if k.startswith(only))
 
 
 def results(out: Path, ranks: int) -> list[dict[str, Any]]:

@@ -138,6 +138,28 @@ class SkippedBranch(MLPClassifier):
         return logits + self.branch(x.flatten(1))
 
 
+class FirstLayerFrozenIn(MLPClassifier):
+    """An MLP whose first layer is frozen in the epochs ``frozen`` (``requires_grad`` off from such an epoch's start,
+    on again at the next one's), as Lightning's BaseFinetuning freezes and unfreezes. ``detach``: the same for DDP,
+    whose reducer keeps the parameters that required grad when it was built (an unfrozen layer would train apart on
+    every rank, Lightning issue 20340): the layer stays trainable and its output is detached in those epochs, so
+    that it gets no gradient (with ``find_unused_parameters``)."""
+
+    def __init__(self, frozen: tuple[int, ...], detach: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.frozen, self.detach = frozen, detach
+        self.net[1].requires_grad_(detach or 0 not in frozen)  # as when fit starts
+
+    def on_train_epoch_start(self) -> None:
+        if not self.detach:
+            self.net[1].requires_grad_(self.current_epoch not in self.frozen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.detach and self.training and self.current_epoch in self.frozen:
+            return self.net[2:](self.net[:2](x).detach())  # [Flatten, Linear] and the rest
+        return self.net(x)
+
+
 class ModelAtEvaluation(Callback):
     """Records the parameters every rank evaluates with (after the strategy's drain)."""
 
@@ -285,6 +307,11 @@ def floats(value: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value.split(","))
 
 
+def ints(value: str) -> tuple[int, ...]:
+    """Comma-separated whole numbers, e.g. ``--frozen-epochs 0,2``."""
+    return tuple(int(v) for v in value.split(","))
+
+
 def rank_step_k(value: str) -> tuple[int, int, int]:
     rank, step, k = (int(v) for v in value.split(":"))
     return rank, step, k
@@ -404,6 +431,10 @@ class DdpEquivalence(OneGpu, Batches):
     skip_branch_every: int = option(
         0, "a side branch unused at some steps (see SkippedBranch); DDP then finds unused parameters (0: none)"
     )
+    frozen_epochs: Annotated[tuple[int, ...], ints] | None = option(
+        None,
+        "epochs in which the first layer is frozen, e.g. 0,2 (see FirstLayerFrozenIn); DDP finds unused parameters",
+    )
 
 
 @scenario
@@ -422,7 +453,8 @@ def ddp_equivalence(args: DdpEquivalence) -> None:
         pl.seed_everything(args.seed)
         strategy = (
             DDPStrategy(
-                process_group_backend=args.process_group_backend, find_unused_parameters=args.skip_branch_every > 0
+                process_group_backend=args.process_group_backend,
+                find_unused_parameters=args.skip_branch_every > 0 or bool(args.frozen_epochs),
             )
             if name == "ddp"
             else lightning_hybrid.HybridSGDStrategy(
@@ -434,11 +466,13 @@ def ddp_equivalence(args: DdpEquivalence) -> None:
             )
         )
         run = trainer(strategy, args, **fit_kwargs)
-        model = (
-            SkippedBranch(args.skip_branch_every, **model_kwargs)
-            if args.skip_branch_every
-            else MLPClassifier(**model_kwargs)
-        )
+        if args.frozen_epochs:
+            model: MLPClassifier = FirstLayerFrozenIn(args.frozen_epochs, detach=name == "ddp", **model_kwargs)
+        elif args.skip_branch_every:
+            model = SkippedBranch(args.skip_branch_every, **model_kwargs)
+        else:
+            model = MLPClassifier(**model_kwargs)
+        results["initial"] = weights(model)
         if args.frozen_first_layer:
             next(m for m in model.net if isinstance(m, torch.nn.Linear)).requires_grad_(False)
         run.fit(model, datamodule=digits(args, args.seed))

@@ -378,10 +378,11 @@ def decaying_server(workers: int, **kwargs) -> ParameterServer:
 
 @pytest.mark.parametrize("clipping", ["norm", "value"])
 def test_a_frozen_parameter_gets_no_update_not_even_weight_decay(clipping: str) -> None:
-    # as under DDP, where a frozen parameter has no grad and the optimizer skips it; clipping sees only the others
-    server = decaying_server(1, trainable=[False, True], gradient_clipping=GradientClipping(0.05, clipping))
-    server.push(0, grad(1.0), version=0)
-    server.push(0, grad(1.0), version=1)
+    # as under DDP, where a frozen parameter has no grad and the optimizer skips it; clipping sees only the others.
+    # The worker names it unused (its .grad is None), whether it was frozen when fit started or later
+    server = decaying_server(1, gradient_clipping=GradientClipping(0.05, clipping))
+    server.push(0, grad(1.0), version=0, unused=frozenset({0}))
+    server.push(0, grad(1.0), version=1, unused=frozenset({0}))
     frozen, trained = server.parameters
     assert torch.equal(frozen.detach(), torch.ones(2, 2)) and frozen.grad is None
     assert (trained.detach() < 1).all()
