@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, get_args
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -152,6 +153,18 @@ def check_trainer(trainer: pl.Trainer, sync_batchnorm: bool, gradient_scaler: An
         raise MisconfigurationException(
             "precision='16-mixed' uses a GradScaler that steps the local optimizer, which hybrid_sgd never does: "
             "use precision='bf16-mixed' or '32-true'."
+        )
+
+
+def check_initialized(module: torch.nn.Module) -> None:
+    """A lazy module's parameters have no shape until its first forward, and the server lays out every parameter
+    when fit starts (as DDP does)."""
+    lazy = [name for name, param in module.named_parameters() if is_lazy(param)]
+    if lazy:
+        raise MisconfigurationException(
+            f"parameter {lazy[0]!r} is not initialized yet (a torch.nn.Lazy* module): hybrid_sgd lays out every "
+            "parameter when fit starts, as DDP does. Run one forward pass on an example batch before fit (e.g. in "
+            "your LightningModule's setup() or __init__) to initialize it."
         )
 
 

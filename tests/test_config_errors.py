@@ -82,13 +82,24 @@ class TwoOptimizers(MLPClassifier):
         return [torch.optim.SGD(self.net[1].parameters(), lr=0.1), torch.optim.SGD(self.net[3].parameters(), lr=0.1)]
 
 
+class Lazy(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[1] = torch.nn.LazyLinear(128)
+
+
 class CustomClipping(MLPClassifier):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         pass
 
 
 @pytest.mark.parametrize(
-    ("model", "message"), [(Manual(), "automatic optimization only"), (CustomClipping(), "gradient_clip_val")]
+    ("model", "message"),
+    [
+        (Manual(), "automatic optimization only"),
+        (CustomClipping(), "gradient_clip_val"),
+        (Lazy(), r"parameter 'net.1.weight' is not initialized yet \(a torch.nn.Lazy\* module\).*Run one forward"),
+    ],
 )
 def test_unsupported_modules_are_refused_with_the_fix(model, message) -> None:
     with pytest.raises(MisconfigurationException, match=message):
