@@ -168,6 +168,22 @@ def check_initialized(module: torch.nn.Module) -> None:
         )
 
 
+def check_dense_gradients(module: torch.nn.Module) -> None:
+    """The server receives and steps dense flat gradients; a sparse one (an embedding with ``sparse=True``) cannot be
+    packed into them, and its rows would travel in full anyway."""
+    sparse = [
+        name
+        for name, child in module.named_modules()
+        if isinstance(child, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and child.sparse
+    ]
+    if sparse:
+        raise MisconfigurationException(
+            f"{sparse[0]!r} makes sparse gradients (sparse=True), but hybrid_sgd's server moves and steps dense "
+            "ones: build it with sparse=False (every row travels with each push either way), or use DDP, which "
+            "all-reduces sparse gradients."
+        )
+
+
 def model_signature(params: Sequence[Tensor], device: torch.device) -> Tensor:
     """Count, size and a checksum of the shapes and dtypes of a model's parameters, to compare across ranks."""
     signature = repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode()
@@ -213,6 +229,10 @@ def check_one_optimizer(optimizers: Sequence[Optimizer]) -> Optimizer:
         )
     if not any(group["params"] for group in optimizers[0].param_groups):
         raise MisconfigurationException("the optimizer holds no parameters: nothing for hybrid_sgd to train.")
+    if isinstance(optimizers[0], torch.optim.SparseAdam):
+        raise MisconfigurationException(
+            "SparseAdam steps sparse gradients only, but hybrid_sgd's server steps dense ones: use Adam or AdamW."
+        )
     return optimizers[0]
 
 

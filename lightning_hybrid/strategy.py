@@ -434,6 +434,7 @@ class HybridSGDStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         """No DDP wrapper: check that every rank built the same model, then start from rank 0's weights."""
         checks.check_initialized(self.model)
+        checks.check_dense_gradients(self.model)
         mine = checks.model_signature(list(self.model.parameters()), self.root_device)
         checks.check_same_model_everywhere(self.all_gather(mine))
         shared = self._options_every_rank_shares()

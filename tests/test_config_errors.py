@@ -88,6 +88,18 @@ class Lazy(MLPClassifier):
         self.net[1] = torch.nn.LazyLinear(128)
 
 
+class SparseEmbedding(MLPClassifier):
+    def __init__(self, optimizer: type[torch.optim.Optimizer] = torch.optim.SGD) -> None:
+        super().__init__()
+        self.embedding, self.kind = torch.nn.Embedding(17, 1, sparse=optimizer is torch.optim.SGD), optimizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.embedding(x.long().clamp(0, 16)).squeeze(-1))
+
+    def configure_optimizers(self):
+        return self.kind(self.parameters(), lr=0.01)
+
+
 class CustomClipping(MLPClassifier):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         pass
@@ -98,6 +110,8 @@ class CustomClipping(MLPClassifier):
     [
         (Manual(), "automatic optimization only"),
         (CustomClipping(), "gradient_clip_val"),
+        (SparseEmbedding(), r"'embedding' makes sparse gradients \(sparse=True\).*build it with sparse=False"),
+        (SparseEmbedding(torch.optim.SparseAdam), "SparseAdam steps sparse gradients only.*use Adam"),
         (Lazy(), r"parameter 'net.1.weight' is not initialized yet \(a torch.nn.Lazy\* module\).*Run one forward"),
     ],
 )
