@@ -6,6 +6,7 @@ waits for another that already stopped), instead of training differently from wh
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional, get_args
@@ -229,6 +230,13 @@ def check_one_optimizer(optimizers: Sequence[Optimizer]) -> Optimizer:
         )
     if not any(group["params"] for group in optimizers[0].param_groups):
         raise MisconfigurationException("the optimizer holds no parameters: nothing for hybrid_sgd to train.")
+    closure = inspect.signature(type(optimizers[0]).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise MisconfigurationException(
+            f"{type(optimizers[0]).__name__}.step needs a closure that computes the loss again, which hybrid_sgd's "
+            "server cannot run (it holds no data, only gradients): use an optimizer that steps on a gradient (SGD, "
+            f"Adam...), or {DDP_FIX}."
+        )
     if isinstance(optimizers[0], torch.optim.SparseAdam):
         raise MisconfigurationException(
             "SparseAdam steps sparse gradients only, but hybrid_sgd's server steps dense ones: use Adam or AdamW."

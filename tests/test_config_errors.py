@@ -88,10 +88,12 @@ class Lazy(MLPClassifier):
         self.net[1] = torch.nn.LazyLinear(128)
 
 
-class SparseEmbedding(MLPClassifier):
-    def __init__(self, optimizer: type[torch.optim.Optimizer] = torch.optim.SGD) -> None:
+class Embedded(MLPClassifier):
+    """The digits' pixel values through an embedding, stepped by ``optimizer``."""
+
+    def __init__(self, optimizer: type[torch.optim.Optimizer] = torch.optim.SGD, sparse: bool = False) -> None:
         super().__init__()
-        self.embedding, self.kind = torch.nn.Embedding(17, 1, sparse=optimizer is torch.optim.SGD), optimizer
+        self.embedding, self.kind = torch.nn.Embedding(17, 1, sparse=sparse), optimizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.embedding(x.long().clamp(0, 16)).squeeze(-1))
@@ -110,8 +112,9 @@ class CustomClipping(MLPClassifier):
     [
         (Manual(), "automatic optimization only"),
         (CustomClipping(), "gradient_clip_val"),
-        (SparseEmbedding(), r"'embedding' makes sparse gradients \(sparse=True\).*build it with sparse=False"),
-        (SparseEmbedding(torch.optim.SparseAdam), "SparseAdam steps sparse gradients only.*use Adam"),
+        (Embedded(sparse=True), r"'embedding' makes sparse gradients \(sparse=True\).*build it with sparse=False"),
+        (Embedded(torch.optim.SparseAdam), "SparseAdam steps sparse gradients only.*use Adam"),
+        (Embedded(torch.optim.LBFGS), "LBFGS.step needs a closure that computes the loss again"),
         (Lazy(), r"parameter 'net.1.weight' is not initialized yet \(a torch.nn.Lazy\* module\).*Run one forward"),
     ],
 )
