@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from lightning_hybrid import shards
 from lightning_hybrid.group_scaling import check_group_scaling, check_rule_name
-from lightning_hybrid.server import check_max_staleness, optimizer_parameters, steps_exactly
+from lightning_hybrid.server import check_max_staleness, steps_exactly
 from lightning_hybrid.shards import ELEMENTWISE_OPTIMIZERS
 from lightning_hybrid.thresholds import ThresholdSpec, check_threshold_spec
 
@@ -158,13 +158,15 @@ def check_trainer(trainer: pl.Trainer, sync_batchnorm: bool, gradient_scaler: An
 
 
 def check_initialized(module: torch.nn.Module) -> None:
-    """A lazy module's parameters have no shape until its first forward, and the server lays out every parameter
-    when fit starts (as DDP does)."""
-    lazy = [name for name, param in module.named_parameters() if is_lazy(param)]
+    """A lazy module's parameters and buffers have no shape until its first forward, and the server lays out every
+    one when fit starts (as DDP does)."""
+    tensors = [("parameter", module.named_parameters()), ("buffer", module.named_buffers())]
+    lazy = [(kind, name) for kind, named in tensors for name, tensor in named if is_lazy(tensor)]
     if lazy:
+        kind, name = lazy[0]
         raise MisconfigurationException(
-            f"parameter {lazy[0]!r} is not initialized yet (a torch.nn.Lazy* module): hybrid_sgd lays out every "
-            "parameter when fit starts, as DDP does. Run one forward pass on an example batch before fit (e.g. in "
+            f"{kind} {name!r} is not initialized yet (a torch.nn.Lazy* module): hybrid_sgd lays out every parameter "
+            "and buffer when fit starts, as DDP does. Run one forward pass on an example batch before fit (e.g. in "
             "your LightningModule's setup() or __init__) to initialize it."
         )
 
@@ -244,16 +246,21 @@ def check_one_optimizer(optimizers: Sequence[Optimizer]) -> Optimizer:
     return optimizers[0]
 
 
-def check_parameters_unchanged(optimizer: Optimizer, served: Sequence[Tensor]) -> None:
-    """At every step: the server steps a copy of the optimizer made when fit started, over ``served``. A parameter
-    added to the optimizer later (Lightning's ``BaseFinetuning.unfreeze_and_add_param_group``) would never train."""
+def check_parameters_unchanged(optimizer: Optimizer, served: Sequence[Sequence[Tensor]]) -> None:
+    """At every step: the server steps a copy of the optimizer made when fit started, group by group (``served``).
+    A parameter added later (Lightning's ``BaseFinetuning.unfreeze_and_add_param_group``) would never train, and
+    one moved to another group would take that group's hyperparameters on the worker only."""
     if not steps_exactly(optimizer, served):
-        now = len(optimizer_parameters(optimizer))
+
+        def sizes(groups: Sequence[Sequence[Tensor]]) -> list[int]:
+            return [len(group) for group in groups]
+
+        now = sizes([group["params"] for group in optimizer.param_groups])
         raise MisconfigurationException(
-            f"the optimizer's parameters changed during fit ({len(served)} when fit started, {now} now), e.g. "
-            "by BaseFinetuning.unfreeze_and_add_param_group: hybrid_sgd's server steps a copy of the optimizer made "
-            "when fit started, so an added parameter would never train. Put every parameter in configure_optimizers "
-            "from the start (a frozen backbone too, in a param group of its own if it needs its own lr) and freeze or "
+            f"the optimizer's parameters or param groups changed during fit (parameters per group: {sizes(served)} "
+            f"when fit started, {now} now), e.g. by BaseFinetuning.unfreeze_and_add_param_group: hybrid_sgd's server "
+            "steps a copy of the optimizer made when fit started. Put every parameter in configure_optimizers from "
+            "the start (a frozen backbone too, in a param group of its own if it needs its own lr) and freeze or "
             "unfreeze it with requires_grad: a parameter trains from the first step at which it has a gradient."
         )
 

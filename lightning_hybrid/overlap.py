@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.links import RemoteServerLink, ShardedServerLink
@@ -40,12 +41,10 @@ class _Stream(abc.ABC):
         # (version, flags, K request, work id) while armed
         self._message: Optional[tuple[int, Flag, Optional[int], Optional[int]]] = None
         self._packed: list[bool] = []
+        self._zeros: set[int] = set()  # frozen when armed: packed as zeros then, before backward
         self._unused: set[int] = set()  # parameters without a gradient (frozen, or left out), found at finish
-        self._handles = [
-            param.register_post_accumulate_grad_hook(functools.partial(self._ready, index))
-            for index, param in enumerate(self._params)
-            if param.requires_grad  # a frozen one gets no gradient: see arm (one unfrozen later is packed at finish)
-        ]
+        self._handles: Optional[dict[int, RemovableHandle]] = {}  # None once closed
+        self._hook_trainable()
 
     @property
     @abc.abstractmethod
@@ -56,43 +55,57 @@ class _Stream(abc.ABC):
         """The next backward's gradients form a push with this header."""
         self._message = (version, flags, threshold, work)
         self._packed = [False] * len(self._params)
-        self._unused = set()
         self._start()
-        for index, param in enumerate(self._params):
-            if not param.requires_grad:  # frozen: no hook fires, no gradient comes (its .grad may still hold the
-                self._pack(index, None)  # last step's until the closure zeroes it), its zeros are ready now
+        self._hook_trainable()  # a parameter unfrozen since (BaseFinetuning) streams from now on
+        self._zeros = {index for index, param in enumerate(self._params) if not param.requires_grad}
+        for index in self._zeros:  # frozen: no hook fires and no gradient comes (its .grad may still hold the last
+            self._pack(index, None)  # step's until the closure zeroes it), so its zeros are ready now
 
     def disarm(self) -> None:
         self._message = None
 
     def finish(self) -> Reply:
-        """At the optimizer step: pack what no hook delivered, send the rest, and wait for the answer."""
-        for index, packed in enumerate(self._packed):
-            if not packed:
-                self._pack(index, self._params[index].grad)
+        """At the optimizer step: pack what no hook delivered, send the rest, and wait for the answer. Which
+        parameters are unused is decided here, as for an ordinary push: those whose ``.grad`` is ``None``."""
+        for index, param in enumerate(self._params):
+            if not self._packed[index] or (index in self._zeros and param.grad is not None):
+                self._repack(index, param.grad)  # the second case: unfrozen inside the step
+        self._unused = {index for index, param in enumerate(self._params) if param.grad is None}
         reply = self._finish()
         self._message = None
         return reply
 
     def close(self) -> None:
-        for handle in self._handles:
+        for handle in (self._handles or {}).values():
             handle.remove()
+        self._handles = None
+
+    def _hook_trainable(self) -> None:
+        """A post-accumulate-grad hook on every parameter that requires grad (a frozen one takes none)."""
+        if self._handles is None:
+            return
+        for index, param in enumerate(self._params):
+            if param.requires_grad and index not in self._handles:
+                self._handles[index] = param.register_post_accumulate_grad_hook(functools.partial(self._ready, index))
 
     def _ready(self, index: int, param: Tensor) -> None:
         if self._message is None:
             return  # a micro-batch that only accumulates, or a backward outside training steps
+        self._repack(index, param.grad)
+        self._send_ready()
+
+    def _repack(self, index: int, grad: Optional[Tensor]) -> None:
         if self._packed[index] and self._sent(index):
             raise RuntimeError(
                 "hybrid_sgd: a parameter's gradient changed after it was sent to the server (a second backward in "
-                "one optimizer step?); set HybridSGDStrategy(overlap_push=False) to push at the optimizer step."
+                "one optimizer step, or a parameter unfrozen inside it?); set HybridSGDStrategy(overlap_push=False) "
+                "to push at the optimizer step."
             )
-        self._pack(index, param.grad)
-        self._send_ready()
+        self._pack(index, grad)
 
     def _pack(self, index: int, grad: Optional[Tensor]) -> None:
-        if grad is None:  # frozen, or left out by this forward: named unused, so that the server skips it
+        if grad is None:
             self._views[index].zero_()
-            self._unused.add(index)
         else:
             self._views[index].copy_(grad)
         if not self._packed[index]:

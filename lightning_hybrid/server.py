@@ -114,10 +114,12 @@ def optimizer_parameters(optimizer: Optimizer) -> list[Tensor]:
     return [param for group in optimizer.param_groups for param in group["params"]]
 
 
-def steps_exactly(optimizer: Optimizer, params: Sequence[Tensor]) -> bool:
-    """Whether ``optimizer`` steps ``params`` and no other, in that order (the very tensors, not equal ones)."""
-    mine = optimizer_parameters(optimizer)
-    return len(mine) == len(params) and all(a is b for a, b in zip(mine, params))
+def steps_exactly(optimizer: Optimizer, groups: Sequence[Sequence[Tensor]]) -> bool:
+    """Whether ``optimizer``'s param groups hold ``groups`` and nothing else, in that order (the very tensors)."""
+    mine = [group["params"] for group in optimizer.param_groups]
+    return len(mine) == len(groups) and all(
+        len(a) == len(b) and all(x is y for x, y in zip(a, b)) for a, b in zip(mine, groups)
+    )
 
 
 def clone_optimizer(

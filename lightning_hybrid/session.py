@@ -153,6 +153,7 @@ class WorkerSession:
         self._optimizer: Optional[Optimizer] = None  # the user's: hyperparameters come from it, its state goes back
         self._rank, self._world_size = 0, 1
         self._params: list[Tensor] = []
+        self._param_groups: list[list[Tensor]] = []  # the optimizer's when fit started (``_params`` by group)
         self._buffers: list[Tensor] = []
         self._layout = FlatLayout.of([])
         self._buffer_layout = FlatLayout.of([])
@@ -197,6 +198,7 @@ class WorkerSession:
         :class:`FollowerServer`)."""
         self._rank, self._world_size, self._options, self._optimizer = rank, world_size, options, optimizer
         self._params = optimizer_parameters(optimizer)
+        self._param_groups = [list(group["params"]) for group in optimizer.param_groups]
         self._buffers = buffers
         self._layout = FlatLayout.of(self._params)
         self._buffer_layout = FlatLayout.of(buffers)
@@ -354,9 +356,9 @@ class WorkerSession:
         return self._endpoint.server.rejected if self._endpoint is not None else self._rejected
 
     @property
-    def parameters(self) -> list[Tensor]:
-        """The parameters this fit serves: the optimizer's when fit started, in its order."""
-        return self._params
+    def param_groups(self) -> list[list[Tensor]]:
+        """The parameters this fit serves, by param group: the optimizer's when fit started."""
+        return self._param_groups
 
     @property
     def dropped(self) -> Counter:
@@ -622,8 +624,13 @@ class WorkerSession:
                 if self._plan is not None:  # kept for a checkpoint saved after fit
                     self._shard_progress = gather_to_zero(server.progress_state())
                 state = self._state_of(server, self._optimizer.param_groups)
-                if state and steps_exactly(self._optimizer, self._params):  # else its state no longer fits: the
-                    self._optimizer.load_state_dict(state)  # step after the change raised (check_parameters_unchanged)
+                if state and steps_exactly(self._optimizer, self._param_groups):
+                    self._optimizer.load_state_dict(state)
+                elif state and error is None:  # changed after the last step (a step after a change refuses it)
+                    log.warning(
+                        "hybrid_sgd: the optimizer's param groups changed after the last step, so it keeps its own "
+                        "state, not the server's: a checkpoint saved now would not hold what the server learned"
+                    )
         finally:  # the server's final counters stay readable, whatever failed above
             self._endpoint = None
             self._version, self._threshold = server.version, server.threshold

@@ -665,7 +665,7 @@ class HybridSGDStrategy(DDPStrategy):
     ) -> Any:
         if not self._session.live:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        checks.check_parameters_unchanged(optimizer, self._session.parameters)
+        checks.check_parameters_unchanged(optimizer, self._session.param_groups)
         trainer = self.lightning_module.trainer
         # final: no step of this rank follows in this epoch, so the push also drains and no gradient stays
         # pending while ranks enter epoch-end collectives

@@ -74,5 +74,8 @@ def test_backbone_finetuning_trains_the_backbone_from_its_epoch_as_lightning_alo
 def test_a_parameter_group_added_during_fit_is_refused_naming_the_fix() -> None:
     # the server steps a copy of the optimizer made when fit started: the group the callback adds at epoch 1 would
     # never train, so the first step after it stops the run
-    with pytest.raises(MisconfigurationException, match=r"optimizer's parameters changed during fit \(2 when fit"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"param groups changed during fit \(parameters per group: \[2\] when fit started, \[2, 2\] now\)",
+    ):
         finetune("hybrid_sgd", only_trainable=True)

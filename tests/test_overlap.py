@@ -78,6 +78,38 @@ def test_unused_parameters_are_sent_as_zeros_at_the_step_and_named_in_the_traile
     assert link.sent[-1] == Trailer(unused=frozenset({6, 7})), "the server leaves the 4th layer alone in this step"
 
 
+def test_a_layer_frozen_and_unfrozen_between_steps_is_named_unused_then_streamed() -> None:
+    # frozen when the stream is built (no hook), the last layer is unfrozen before the second step: its hook is set
+    # at arm and its gradient leaves during backward. Frozen again at the third step, with last step's .grad still
+    # on it when armed (the closure zeroes it later), it travels as zeros and is named unused at the step
+    model, params, layout, link, stream = make()
+    model[2].requires_grad_(False)
+    stream = GradientStream(params, layout, layout.allocate(), link)
+    stream.arm(version=0, flags=Flag.NONE, threshold=0)
+    model(torch.randn(4, 512)).sum().backward()
+    stream.finish()
+    assert link.sent[-1] == Trailer(unused=frozenset({4, 5}))
+    model[2].requires_grad_(True)
+    link.sent.clear()
+    stream.arm(version=1, flags=Flag.NONE, threshold=0)
+    during: list[int] = []
+    params[0].register_post_accumulate_grad_hook(lambda p: during.append(len(link.sent)))
+    model(torch.randn(4, 512)).sum().backward()
+    assert during[0] >= 2, "the last layer's chunk (the first in wire order) left during backward"
+    stream.finish()
+    assert torch.equal(link.sent[1][: params[4].numel()], params[4].grad.flatten())
+    assert link.sent[-1] == Trailer(unused=frozenset())
+    model[2].requires_grad_(False)
+    link.sent.clear()
+    stream.arm(version=2, flags=Flag.NONE, threshold=0)
+    for param in params:
+        param.grad = None  # what the closure's zero_grad does after arm
+    model(torch.randn(4, 512)).sum().backward()
+    stream.finish()
+    assert not link.sent[1][: params[4].numel()].any()
+    assert link.sent[-1] == Trailer(unused=frozenset({4, 5}))
+
+
 def test_an_unarmed_backward_sends_nothing_and_a_second_armed_backward_is_refused() -> None:
     model, params, layout, link, stream = make()
     model(torch.randn(4, 512)).sum().backward()  # a micro-batch that only accumulates
