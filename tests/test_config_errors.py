@@ -6,7 +6,7 @@ import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 import lightning_hybrid
-from lightning_hybrid import HybridSGDStrategy
+from lightning_hybrid import HybridSGDStrategy, checks
 from lightning_hybrid.app.data import DigitsDataModule
 from lightning_hybrid.app.models import MLPClassifier
 
@@ -83,9 +83,12 @@ class TwoOptimizers(MLPClassifier):
 
 
 class Lazy(MLPClassifier):
-    def __init__(self) -> None:
+    def __init__(self, buffers_only: bool = False) -> None:
         super().__init__()
-        self.net[1] = torch.nn.LazyLinear(128)
+        if buffers_only:  # no affine parameters: its running statistics alone are lazy
+            self.net.insert(1, torch.nn.LazyBatchNorm1d(affine=False))
+        else:
+            self.net[1] = torch.nn.LazyLinear(128)
 
 
 class Embedded(MLPClassifier):
@@ -115,6 +118,7 @@ class CustomClipping(MLPClassifier):
         (Embedded(sparse=True), r"'embedding' makes sparse gradients \(sparse=True\).*build it with sparse=False"),
         (Embedded(torch.optim.SparseAdam), "SparseAdam steps sparse gradients only.*use Adam"),
         (Embedded(torch.optim.LBFGS), "LBFGS.step needs a closure that computes the loss again"),
+        (Lazy(buffers_only=True), r"buffer 'net.1.running_mean' is not initialized yet"),
         (Lazy(), r"parameter 'net.1.weight' is not initialized yet \(a torch.nn.Lazy\* module\).*Run one forward"),
     ],
 )
@@ -335,3 +339,14 @@ def test_the_apps_ramp_takes_its_length_from_the_config_or_spans_the_run(overrid
     expected = spans_at_setup if length is None else lightning_hybrid.LinearSchedule(length=length)
     fit(MLPClassifier(), callbacks=[scheduler], limit_train_batches=1, max_epochs=5)
     assert scheduler.schedule == expected
+
+
+def test_a_parameter_moved_to_another_param_group_during_fit_is_refused() -> None:
+    # the flat order stays the same, but the server would step it with its old group's hyperparameters
+    first, second = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([{"params": [first]}, {"params": [second], "lr": 0.01}], lr=0.1)
+    served = [list(group["params"]) for group in optimizer.param_groups]
+    checks.check_parameters_unchanged(optimizer, served)
+    optimizer.param_groups[0]["params"].append(optimizer.param_groups[1]["params"].pop())
+    with pytest.raises(MisconfigurationException, match=r"per group: \[1, 1\] when fit started, \[2, 0\] now"):
+        checks.check_parameters_unchanged(optimizer, served)
