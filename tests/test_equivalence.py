@@ -35,38 +35,35 @@ def test_adam_with_weight_decay_matches_ddp_with_three_workers(tmp_path) -> None
         assert rank["version"] == 12
 
 
-@pytest.mark.parametrize(
+# SGD with momentum on one server, the gradient streamed during backward; Adam on a sharded server of 3 ranks
+STREAMED_AND_SHARDED = pytest.mark.parametrize(
     "setting",
     [
-        "--devices 2 --epochs 2 --batches 8 --weight-decay 0.01 --overlap-push",
-        "--devices 3 --epochs 2 --batches 6 --optimizer adam --lr 0.01 --weight-decay 0.01 --shard-server",
+        "--devices 2 --batches 8 --weight-decay 0.01 --overlap-push",
+        "--devices 3 --batches 6 --optimizer adam --lr 0.01 --weight-decay 0.01 --shard-server",
     ],
     ids=["sgd-momentum-one-server-streamed", "adam-sharded"],
 )
+
+
+@STREAMED_AND_SHARDED
 def test_parameters_that_no_rank_used_are_left_alone_as_by_ddp_with_find_unused_parameters(tmp_path, setting) -> None:
     # a side branch is skipped by every rank at every third step and by some ranks at others: each push names its
     # unused parameters (a trailer after the gradient), so the server gives them no gradient where no rank used
     # them (no weight decay, no momentum or Adam step), as DDP does. Measured before the trailer existed: weights
     # 0.0072 (SGD) and 0.045 (Adam) away from DDP's.
-    launch("ddp_equivalence", tmp_path, setting, "--skip-branch-every 3")
+    launch("ddp_equivalence", tmp_path, setting, "--epochs 2 --skip-branch-every 3")
     for rank in results(tmp_path, 3 if "adam" in setting else 2):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-6
 
 
-@pytest.mark.parametrize(
-    "setting",
-    [
-        "--devices 2 --epochs 3 --batches 8 --weight-decay 0.01 --overlap-push",
-        "--devices 3 --epochs 3 --batches 6 --optimizer adam --lr 0.01 --weight-decay 0.01 --shard-server",
-    ],
-    ids=["sgd-momentum-one-server-streamed", "adam-sharded"],
-)
+@STREAMED_AND_SHARDED
 def test_a_layer_frozen_and_unfrozen_during_fit_trains_as_under_ddp(tmp_path, setting) -> None:
     # the first layer is frozen when fit starts, unfrozen at epoch 1 and frozen again at epoch 2 (requires_grad
     # toggled at each epoch's start, as BaseFinetuning does): every push names the parameters without a gradient, so
     # the server steps the layer in epoch 1 only, as DDP (whose reference detaches the layer's output instead: see
     # FirstLayerFrozenIn). Before, the server kept the requires_grad of fit's start and never trained the layer
-    launch("ddp_equivalence", tmp_path, setting, "--frozen-epochs 0,2")
+    launch("ddp_equivalence", tmp_path, setting, "--epochs 3 --frozen-epochs 0,2")
     for rank in results(tmp_path, 3 if "adam" in setting else 2):
         assert max_difference(rank["ddp"], rank["hybrid_sgd"]) <= 1e-5
         assert max_difference(rank["initial"], rank["hybrid_sgd"], only="net.1.") > 1e-3  # it trained in epoch 1
