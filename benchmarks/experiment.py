@@ -12,8 +12,9 @@ validation loss over the seeds). Each table gives final loss and accuracy, updat
 seconds to the target accuracy, per seed and mean ± std; a PNG plots accuracy and loss against
 wall-clock time for both protocols. Time and curves come from rank 0's probe of its current model on 2,000
 validation samples every ``--probe-every`` seconds (validation at epoch ends is too coarse: a synchronous
-epoch can take the whole budget); final loss and accuracy from Lightning's validation at the end. Finished runs are reused when the script is run again with the
-same settings and ``--out``, so an interrupted grid picks up where it stopped.
+epoch can take the whole budget); final loss and accuracy from Lightning's validation at the end. Finished runs are
+reused when the script is run again with the same settings and ``--out``, so an interrupted grid picks up where it
+stopped.
 
 ``--rules`` names the update rules that every method whose gradients can be stale runs with (one row per
 method and rule, e.g. ``hybrid linear [step]``): how an update is sized to its group (``group_scaling``),

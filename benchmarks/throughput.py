@@ -7,8 +7,9 @@ Lightning's DDP with equal workers, side by side.
 Every configuration is a real multi-process Lightning run (this script relaunched with ``--run``).
 Each rank times its steps after a warm-up. The table shows samples/s of all workers together and the
 ratio to DDP with the same workers and model; on the server's rank (rank 0) the time per update
-(finiteness checks, gradient sum, optimizer step, parameter snapshot; with a sharded server rank 0's shard) and peak RSS against DDP's rank 0; the bytes a
-remote worker moves per step; and the loopback bandwidth of a gloo send measured first in the same run.
+(finiteness checks, gradient sum, optimizer step, parameter snapshot; with a sharded server rank 0's shard) and peak RSS
+against DDP's rank 0; the bytes a remote worker moves per step; and the loopback bandwidth of a gloo send measured first
+in the same run.
 
 Its ``--run`` mode (one configuration; each rank writes its measurement) also serves ``gpu_throughput.py``, as
 ``--configuration`` under torchrun: two "nodes" of one process on one GPU (``--accelerator gpu --num-nodes 2

@@ -619,11 +619,11 @@ class ParameterServer:
     def _release(self, workers: tuple[int, ...], **kwargs: Any) -> Release:
         """A snapshot of the master for ``workers``: later updates may happen while it is being sent.
 
-        An answer to one worker in ``answers_in_place`` (see :meth:`connect`) is written into that worker's last gradient buffer: it is
-        idle (applied, rejected or summed) and the worker pushes into it again only after it has received this
-        answer, so asynchronous training holds no snapshot per worker in flight. Other snapshots come from
-        :meth:`recycle` where possible (a fresh 40 MB tensor costs 17 ms in page faults, a copy into a used
-        one 4 ms)."""
+        An answer to one worker in ``answers_in_place`` (see :meth:`connect`) is written into that worker's last
+        gradient buffer: it is idle (applied, rejected or summed) and the worker pushes into it again only after it has
+        received this answer, so asynchronous training holds no snapshot per worker in flight. Other snapshots come
+        from :meth:`recycle` where possible (a fresh 40 MB tensor costs 17 ms in page faults, a copy into a used one
+        4 ms)."""
         params: list[Tensor] = []
         in_place = len(workers) == 1 and workers[0] in self._own_buffers
         if in_place:

@@ -1,10 +1,11 @@
 """``WorkerSession``: one ``fit``'s worker, from its flat buffers and topology to its last answer.
 
 The strategy hands it everything as arguments (rank, channels, optimizer, options), raises its local stop flags
-(SIGTERM, time up) and asks it to push, drain and leave; it never reads the strategy or the trainer. It wires the topology (the server on global rank 0, or a shard
-on every rank; a local link, a remote one or a sharded one), keeps what this worker learnt from the server's
-answers (version, K, staleness, rejected and dropped gradients) and the stop signals travelling both ways, and
-keeps its final counters after it ends, so that the strategy's properties still answer once ``fit`` returns.
+(SIGTERM, time up) and asks it to push, drain and leave; it never reads the strategy or the trainer. It wires the
+topology (the server on global rank 0, or a shard on every rank; a local link, a remote one or a sharded one), keeps
+what this worker learnt from the server's answers (version, K, staleness, rejected and dropped gradients) and the
+stop signals travelling both ways, and keeps its final counters after it ends, so that the strategy's properties
+still answer once ``fit`` returns.
 """
 
 from __future__ import annotations

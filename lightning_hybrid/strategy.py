@@ -137,8 +137,9 @@ class HybridSGDStrategy(DDPStrategy):
         overlap_push: send a remote CPU worker's gradient in 1 MiB chunks while backward still runs, as
             DDP overlaps its all-reduce (sharded: each remote shard's slice as soon as backward produced it). It
             then communicates gradients as backward leaves them: hooks that change gradients afterwards
-            (``on_after_backward``, ``on_before_optimizer_step``) do not reach the server. Off by default: on a 2-core machine over loopback it changed throughput by -3 % to
-            +4 % (noise), since sending costs the same cores as backward; try it where a NIC moves the bytes.
+            (``on_after_backward``, ``on_before_optimizer_step``) do not reach the server. Off by default: on a 2-core
+            machine over loopback it changed throughput by -3 % to +4 % (noise), since sending costs the same cores as
+            backward; try it where a NIC moves the bytes.
         shard_server: serve the parameters from every rank, each holding ``1/N`` of the master weights and
             optimizer state (as BytePS does), instead of all from global rank 0: every rank then moves what a ring
             all-reduce moves, and no rank carries all traffic and every update. Shard 0 chooses the groups of
@@ -150,8 +151,8 @@ class HybridSGDStrategy(DDPStrategy):
         pipeline_pushes: a worker sends its next gradient while the answer to its last one comes in, instead of
             waiting for that answer first: each step runs on parameters without the worker's own last update (every
             gradient staler by one step's updates: one at K = N, which is then no longer exactly DDP), and a
-            worker's link carries both directions at once. For links, not cores: see README, *Pipelined pushes*. Not with ``max_staleness`` or
-            ``overlap_push``. Off by default.
+            worker's link carries both directions at once. For links, not cores: see README, *Pipelined pushes*. Not
+            with ``max_staleness`` or ``overlap_push``. Off by default.
         answer_dtype: the dtype in which the server sends parameters to remote workers, e.g. ``"bfloat16"``:
             each answer takes half the bytes, a worker's traffic a quarter less (README, *Answers in bfloat16*), and
             each worker then computes its gradients on weights rounded to it, as bf16 autocast rounds them, while

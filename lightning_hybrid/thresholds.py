@@ -69,8 +69,8 @@ def _resolve_name(spec: Any, num_workers: Optional[int]) -> Optional[int]:
 
 
 # --------------------------------------------------------------------------- schedules
-# A schedule maps training progress (epochs, steps, or percent of a time budget) to K in [1, N]. `start` and `end` are threshold
-# specs as above, resolved against N when the schedule is evaluated, so one schedule serves any N.
+# A schedule maps training progress (epochs, steps, or percent of a time budget) to K in [1, N]. `start` and `end` are
+# threshold specs as above, resolved against N when the schedule is evaluated, so one schedule serves any N.
 
 
 def _check_length(length: int) -> None:

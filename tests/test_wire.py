@@ -1,6 +1,6 @@
 """Bad messages on the wire, over real gloo between two processes: a message of the wrong kind, sender,
-length, dtype or version, or a second push before the answer, is refused with an error that names it, and the run stops (the sender too is
-told why); nothing is unpickled, every message is tensors of known sizes."""
+length, dtype or version, or a second push before the answer, is refused with an error that names it, and the run stops
+(the sender too is told why); nothing is unpickled, every message is tensors of known sizes."""
 
 from __future__ import annotations
 
