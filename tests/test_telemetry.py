@@ -43,7 +43,8 @@ def test_threshold_rises_and_wandb_holds_the_telemetry(tmp_path) -> None:
     # K = 1 of 3: an update moves a third of a sync step (group_scaling="step"), less when stale (weighed by
     # 1 / (1 + staleness in sync updates)); K = 3: most updates move a full one
     assert 0 < epochs[0]["hybrid/step_scale"] <= 1 / 3
-    assert epochs[0]["hybrid/step_scale"] < epochs[2]["hybrid/step_scale"] <= 1
+    # (the epoch's mean is a difference of running totals over the epoch's updates: 1 may come out as 1 + 2e-16)
+    assert epochs[0]["hybrid/step_scale"] < epochs[2]["hybrid/step_scale"] <= 1 + 1e-9
     assert all(row["hybrid/momentum"] == pytest.approx(0.9) and row["hybrid/dropped"] == 0 for row in epochs)
     histograms = [row for row in history if row.get("hybrid/staleness._type") == "histogram"]
     assert len(histograms) == 3
