@@ -109,12 +109,16 @@ class ChunkwiseExchange:
                 mean += self.received[worker][c]
             self.flat[start:end].sub_(mean, alpha=LR / self.ranks)
             if not self.answer_at_end:
-                answers += [dist.isend(self.flat[start:end], dst=w, tag=ANSWER_TAG + c) for w in self.remote]
+                answers += self._answer(c, self.remote)
         if self.answer_at_end:
             for worker in self.remote:
                 for c in reversed(self.mine):
-                    _, start, end = self.chunks[c]
-                    answers.append(dist.isend(self.flat[start:end], dst=worker, tag=ANSWER_TAG + c))
+                    answers += self._answer(c, [worker])
+
+    def _answer(self, chunk: int, workers: list[int]) -> list[dist.Work]:
+        """Send this shard's chunk ``chunk`` of the parameters to ``workers``."""
+        _, start, end = self.chunks[chunk]
+        return [dist.isend(self.flat[start:end], dst=w, tag=ANSWER_TAG + chunk) for w in workers]
 
     def _receive_answers(self, shards: list[int]) -> list[dist.Work]:
         return [

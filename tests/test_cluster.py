@@ -116,8 +116,8 @@ def test_the_exchange_benchmark_measures_every_pattern_on_shaped_links(make_clus
 
 def test_the_chunkwise_prototype_trains_exactly_as_ddp(make_cluster, tmp_path, monkeypatch) -> None:
     """``benchmarks/chunkwise_prototype.py``, whose figures stand for a design not built yet: on 2 nodes, each of
-    its exchanges (whole slices; contiguous chunks answered one by one; striped chunks) ends every rank with
-    DDP's parameters, and the parameters moved."""
+    its exchanges (whole slices; contiguous chunks answered one by one; striped chunks, answered one by one or after
+    the shard's last) ends every rank with DDP's parameters, and the parameters moved."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     prototype = importlib.import_module("chunkwise_prototype")
     cluster = make_cluster(2, 1000)
@@ -126,6 +126,7 @@ def test_the_chunkwise_prototype_trains_exactly_as_ddp(make_cluster, tmp_path, m
         "whole": ["--chunk-mb", "0"],
         "chunks": ["--chunk-mb", "0.25", "--answers", "rotate"],
         "striped": ["--stripe", "--chunk-mb", "0.25"],
+        "striped-at-end": ["--stripe", "--chunk-mb", "0.25", "--answer-at-end"],
     }
     for name, config in configs.items():
         command = [prototype.__file__, "--worker", "--model", "1m", "--steps", "3", *config]
