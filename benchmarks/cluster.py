@@ -81,6 +81,7 @@ def strategies(
         ("K=1/sharded", "sharded, K=1, pulled"),
     ]
     rows += [(f"K={nodes}/sharded/overlap", "sharded, K=N, overlap_push")] * overlap
+    rows += [(f"K={nodes}/sharded/overlap/answers", "sharded, K=N, overlap_answers")] * overlap
     rows += [(f"K={nodes}/sharded/pipelined", "sharded, K=N, pipelined")] * pipelined
     return with_bf16([row for row in rows if only is None or row[1] in only], bf16)
 
@@ -357,7 +358,11 @@ def main() -> None:
     parser.add_argument("--straggler-rate", type=float, default=None, help="Mbit/s (default: the highest of --rates)")
     parser.add_argument("--slow-factor", type=float, default=3.0)
     parser.add_argument("--queue-ms", type=float, default=QUEUE_MS, help="tbf's queue on each link end, in ms")
-    parser.add_argument("--overlap", action="store_true", help="also the sharded server at K = N with overlap_push")
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="also the sharded server at K = N with overlap_push, and with overlap_answers",
+    )
     parser.add_argument(
         "--slow-share", type=float, default=0.0, help="also the sharded rows with this share for the slow node"
     )

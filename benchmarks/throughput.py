@@ -136,13 +136,14 @@ def run_one(args: argparse.Namespace) -> None:
         strategy: Any = "auto"
     elif args.strategy in ("ddp", "ddp/bf16"):  # "/bf16": gradients all-reduced in bfloat16 (DDP's comm hook)
         strategy = (DDPStrategy if args.strategy == "ddp" else BF16GradientsDDP)(process_group_backend=backend)
-    else:  # "K=<k>", then "/sharded" (or "/sharded=<share>:<share>:..." with shard_weights), "/overlap", "/pipelined",
-        # "/bf16" (answer_dtype="bfloat16"), "/bf16push" (push_dtype="bfloat16")
+    else:  # "K=<k>", then "/sharded" (or "/sharded=<share>:<share>:..." with shard_weights), "/overlap", "/answers"
+        # (overlap_answers), "/pipelined", "/bf16" (answer_dtype="bfloat16"), "/bf16push" (push_dtype="bfloat16")
         threshold, *variants = args.strategy.removeprefix("K=").split("/")
         shares = next((v.removeprefix("sharded=") for v in variants if v.startswith("sharded=")), None)
         strategy = lightning_hybrid.HybridSGDStrategy(
             threshold=int(threshold),
             overlap_push="overlap" in variants,
+            overlap_answers="answers" in variants,
             pipeline_pushes="pipelined" in variants,
             answer_dtype="bfloat16" if "bf16" in variants else None,
             push_dtype="bfloat16" if "bf16push" in variants else None,

@@ -109,6 +109,25 @@ def check_options(
         raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
 
 
+def check_overlap_answers(
+    overlap_answers: bool, shard_server: bool, overlap_push: bool, answer_dtype: Any, push_dtype: Any
+) -> None:
+    """Answers chunk by chunk need chunks that stream in (``overlap_push``) to shards (``shard_server``), and the
+    parameters' own precision on the wire (a stripe's answer lands in the model as it comes)."""
+    if not overlap_answers:
+        return
+    if not (shard_server and overlap_push):
+        raise ValueError(
+            "overlap_answers steps each shard's stripes as the streamed gradients complete: set shard_server=True "
+            "and overlap_push=True with it, or remove it"
+        )
+    if answer_dtype is not None or push_dtype is not None:
+        raise ValueError(
+            "overlap_answers sends the parameters and gradients at their own precision: remove answer_dtype and "
+            "push_dtype, or overlap_answers"
+        )
+
+
 def wire_dtype_of(
     option: str, dtype: str | torch.dtype | None, *, float32_range: bool = False
 ) -> Optional[torch.dtype]:

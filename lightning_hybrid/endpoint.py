@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_hybrid.chunkwise import ChunkStepper
 from lightning_hybrid.errors import HybridSGDError, ProtocolError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.server import FollowerServer, ParameterServer, Release
@@ -89,6 +90,7 @@ class ServerEndpoint:
         answers: Optional[dict[int, dist.ProcessGroup]] = None,
         answer_dtype: Optional[torch.dtype] = None,
         push_dtype: Optional[torch.dtype] = None,
+        chunk_stepper: Optional[ChunkStepper] = None,
     ) -> None:
         """``read_buffers`` fills flat buffers with the server rank's module buffers (sent at every drain).
         ``local_params`` (flat buffers of the server's layout: the local worker's model, see ``FlatLayout.bind``)
@@ -100,7 +102,9 @@ class ServerEndpoint:
         ``answer_dtype``: remote workers get the parameters in it, but answers to drains (see :class:`WireFormat`);
         ``push_dtype``: the one their gradients come in, received into buffers of it and widened into the server's.
         A server that takes early pushes (``ParameterServer(early_pushes=True)``) gets two receive buffers per
-        remote worker, and its local worker's answers are snapshots: its model is busy with the next step."""
+        remote worker, and its local worker's answers are snapshots: its model is busy with the next step.
+        ``chunk_stepper`` (``overlap_answers``): gradients come into its buffers, and it answers pushes chunk by
+        chunk (:mod:`lightning_hybrid.chunkwise`)."""
         decisions = decisions or {}
         follower = isinstance(server, FollowerServer)
         if follower and len(decisions) != 1:
@@ -112,7 +116,10 @@ class ServerEndpoint:
         server.connect(
             answers_in_place=channels,  # each remote worker has a receive buffer of its own
             on_decision=self._tell_followers if self._followers else None,
+            chunk_stepper=chunk_stepper,
         )
+        self.chunk_stepper = chunk_stepper
+        self._expects_chunks: set[int] = set()  # workers whose push waits for its answer's chunks
         self._pipelined = server.early_pushes
         self._local_params = None if self._pipelined else local_params
         # Two answers can be due to a pipelined worker at once, made by two threads: each server event and the
@@ -160,6 +167,8 @@ class ServerEndpoint:
         if self._followers and self._failure is None:
             self._tell_followers(END_OF_DECISIONS, ())
         self._sending.put(None)
+        if self.chunk_stepper is not None:
+            self.chunk_stepper.close()
         self._sender.join(max(0.0, deadline - time.monotonic()))
         if not self._alive_threads():
             _RUNNING.discard(self)
@@ -224,6 +233,8 @@ class ServerEndpoint:
         """:meth:`push_local` without the wait: :meth:`await_local` takes the answer."""
         if self._failure is not None:
             raise self._failure
+        if self.chunk_stepper is not None:
+            self._expects_chunks.add(self.rank)
         drain, nonfinite = bool(flags & Flag.DRAIN), bool(flags & Flag.NONFINITE)
         self._local_event(
             flags,
@@ -301,10 +312,14 @@ class ServerEndpoint:
     def _serve(self, rank: int) -> None:
         group = self._channels[rank]
         # a pipelined worker pushes again while its last gradient is pending: that one's buffer is not free
-        buffers = [
-            self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
-            for _ in range(2 if self._pipelined else 1)
-        ]
+        buffers = (
+            [self.chunk_stepper.buffers[rank]]
+            if self.chunk_stepper is not None
+            else [
+                self.server.layout.allocate("cpu", pin_memory=_pin(self.server.device))
+                for _ in range(2 if self._pipelined else 1)
+            ]
+        )
         layout = self.server.layout
         chunk_lists = [layout.chunk_views(buffer) for buffer in buffers]
         # a narrowed gradient (push_dtype) comes into chunks of its own format, widened into the buffer's at once
@@ -337,13 +352,25 @@ class ServerEndpoint:
                     # every chunk's receive at once: gloo moves a message's bytes only once its receive is posted,
                     # so one chunk after another each waited a round trip (through the link's queue) to start
                     received = wire_chunks or chunks
-                    for work in [dist.irecv(chunk, src=rank, group=group, tag=REQUEST_TAG) for chunk in received]:
+                    works = [dist.irecv(chunk, src=rank, group=group, tag=REQUEST_TAG) for chunk in received]
+                    # the trailer's too: posted after the chunks had come, it waited behind whatever the worker's
+                    # rank had sent this one since (with overlap_answers, its shard's answers)
+                    verdict = (
+                        dist.irecv(trailer_buffer, src=rank, group=group, tag=REQUEST_TAG)
+                        if header.flags & Flag.VERDICT
+                        else None
+                    )
+                    if self.chunk_stepper is not None:
+                        self._expects_chunks.add(rank)
+                    for index, work in enumerate(works):
                         work.wait()
+                        if self.chunk_stepper is not None:
+                            self.chunk_stepper.arrived(rank, index)
                     if wire_chunks:
                         for chunk, narrow in zip(chunks, wire_chunks):
                             chunk.copy_(narrow)
-                    if header.flags & Flag.VERDICT:
-                        dist.recv(trailer_buffer, src=rank, group=group, tag=REQUEST_TAG)
+                    if verdict is not None:
+                        verdict.wait()
                         trailer = Trailer.from_tensor(trailer_buffer)
                         if trailer.nonfinite:
                             header = dataclasses.replace(header, flags=header.flags | Flag.NONFINITE)
@@ -422,7 +449,13 @@ class ServerEndpoint:
                 buffers = self._buffer_layout.allocate()
                 self._read_buffers(buffers)
             local = self.rank in release.workers
-            if local:
+            if local and self._answers_in_chunks(self.rank):
+                assert self.chunk_stepper is not None
+                missing, stale = self.chunk_stepper.answer(self.rank)
+                self.chunk_stepper.write_local(range(self.chunk_stepper.chunks) if stale else missing, release.params)
+                reply = self._reply(release, self.rank, [], buffers)
+                self._local.set(dataclasses.replace(reply, flags=reply.flags | Flag.CHUNKED))
+            elif local:
                 params = release.params
                 if self._local_params is not None:
                     for mine, snapshot in zip(self._local_params, params):
@@ -438,6 +471,13 @@ class ServerEndpoint:
                 self._sending.put((works, recycle))
             else:
                 self.server.recycle(recycle)
+
+    def _answers_in_chunks(self, worker: int) -> bool:
+        """Whether ``worker``'s answer is its push's chunks (``overlap_answers``), not a whole one (a drain's)."""
+        if worker not in self._expects_chunks:
+            return False
+        self._expects_chunks.discard(worker)
+        return True
 
     def _reply(self, release: Release, worker: int, params: list[Tensor], buffers: Optional[list[Tensor]]) -> Reply:
         return Reply(
@@ -472,11 +512,18 @@ class ServerEndpoint:
             for worker in sorted(workers):
                 held.enter_context(self._send_locks[worker])
             for worker in workers:
+                flags, payload = self._reply_flags(release, worker, buffers), params
+                if self._answers_in_chunks(worker):
+                    assert self.chunk_stepper is not None
+                    missing, stale = self.chunk_stepper.answer(worker)
+                    works += [(worker, *sent) for sent in self.chunk_stepper.send_chunks(worker, missing, params)]
+                    if not stale:
+                        flags, payload = flags | Flag.CHUNKED, []
                 header = Header(
                     Kind.REPLY,
                     self.rank,
                     release.version,
-                    flags=int(self._reply_flags(release, worker, buffers)),
+                    flags=int(flags),
                     threshold=self.server.threshold,
                     numel=self.server.layout.numel,
                     detail=release.staleness.get(worker, -1),
@@ -484,7 +531,7 @@ class ServerEndpoint:
                     applied=release.applied,
                 )
                 group = self._answer_channels[worker]
-                tagged = [(t, ANSWER_TAG) for t in [header.to_tensor(), *params]]
+                tagged = [(t, ANSWER_TAG) for t in [header.to_tensor(), *payload]]
                 tagged += [(t, BUFFERS_TAG) for t in buffers or []]
                 for tensor, tag in tagged:
                     works.append((worker, tensor, dist.isend(tensor, dst=worker, group=group, tag=tag)))

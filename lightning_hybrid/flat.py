@@ -43,7 +43,11 @@ CHUNK_BYTES = 1 << 20  # gradients travel in chunks of about this size, so that 
 class FlatLayout:
     """Where each tensor of an ordered list lives in per-dtype flat buffers."""
 
-    def __init__(self, shapes: Sequence[torch.Size], dtypes: Sequence[torch.dtype]) -> None:
+    def __init__(
+        self, shapes: Sequence[torch.Size], dtypes: Sequence[torch.dtype], chunk_groups: Sequence[int] | None = None
+    ) -> None:
+        """``chunk_groups``: how many consecutive tensors form each wire chunk (in tensor order; every chunk of one
+        dtype), where the chunks are given (a striped shard's, see ``ShardPlan``) rather than cut at ``CHUNK_BYTES``."""
         self.dtypes: list[torch.dtype] = []
         sizes: list[int] = []
         slots = []
@@ -56,7 +60,7 @@ class FlatLayout:
             sizes[bucket] += torch.Size(shape).numel()
         self.slots: tuple[_Slot, ...] = tuple(slots)
         self.sizes: tuple[int, ...] = tuple(sizes)
-        self.chunks, self.chunk_of = self._plan_chunks()
+        self.chunks, self.chunk_of = self._plan_chunks() if chunk_groups is None else self._given_chunks(chunk_groups)
         # a gradient message announces it, so that a payload of another layout (e.g. float64 instead of float32) is
         # refused before its bytes are read
         self.signature = buffers_signature(self.dtypes, self.sizes)
@@ -78,6 +82,23 @@ class FlatLayout:
             chunk_of[index] = len(chunks)
         if bucket >= 0:
             chunks.append(_Chunk(bucket, start, end))
+        return tuple(chunks), tuple(chunk_of)
+
+    def _given_chunks(self, groups: Sequence[int]) -> tuple[tuple[_Chunk, ...], tuple[int, ...]]:
+        """Wire chunks of ``groups`` consecutive tensors each, the last group first (as :meth:`_plan_chunks`)."""
+        if sum(groups) != len(self.slots) or any(count < 1 for count in groups):
+            raise ValueError(f"chunk_groups {list(groups)} must split {len(self.slots)} tensors into non-empty runs")
+        chunks: list[_Chunk] = []
+        chunk_of = [0] * len(self.slots)
+        end = len(self.slots)
+        for count in reversed(groups):
+            first, last = self.slots[end - count], self.slots[end - 1]
+            if first.bucket != last.bucket or any(s.bucket != first.bucket for s in self.slots[end - count : end]):
+                raise ValueError("a wire chunk must hold tensors of one dtype")
+            for index in range(end - count, end):
+                chunk_of[index] = len(chunks)
+            chunks.append(_Chunk(first.bucket, first.offset, last.offset + last.numel))
+            end -= count
         return tuple(chunks), tuple(chunk_of)
 
     @classmethod

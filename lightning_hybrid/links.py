@@ -24,6 +24,7 @@ from lightning_hybrid.shards import ShardPlan
 from lightning_hybrid.wire import (
     ANSWER_TAG,
     BUFFERS_TAG,
+    CHUNK_TAGS,
     NO_WORK,
     REQUEST_TAG,
     SERVER_RANK,
@@ -116,14 +117,20 @@ class RemoteServerLink:
         answers: Optional[dist.ProcessGroup] = None,
         answer_dtype: Optional[torch.dtype] = None,
         push_dtype: Optional[torch.dtype] = None,
+        chunk_answers: Optional[tuple[list[Tensor], dist.ProcessGroup]] = None,
     ) -> None:
         """Parameters are received into ``receive_into`` (host buffers of ``layout``; the CPU model's own flat
         parameters make the reply the model without a copy), else into buffers of the link's own; a pipelined
         worker's answers, and answers in ``answer_dtype`` (see :class:`WireFormat`), come into buffers of the
         link's and are copied there (see :meth:`post_push`). Gradients leave in ``push_dtype``, through chunks of
         the link's. ``answers``: the group the answers come on, where it is not ``group`` (a pipelined worker's,
-        ``Channels.answers_in``)."""
+        ``Channels.answers_in``). ``chunk_answers`` (``overlap_answers``): where each chunk of an answer to a
+        streamed push lands (views of the worker's parameters) and the group it comes on (see
+        :mod:`lightning_hybrid.chunkwise`)."""
         self._rank = rank
+        self._chunk_answers = chunk_answers
+        self._chunk_works: Optional[list[dist.Work]] = None  # posted by post_chunk_answers, for the coming push
+        self._chunked_push = False  # the push last sent is answered in chunks
         self._server = server_rank
         self._group = group
         self._answers = answers or group
@@ -213,6 +220,7 @@ class RemoteServerLink:
     ) -> None:
         """Begin a gradient message; its chunks follow with :meth:`send_chunk`, in the layout's wire order."""
         self._drains = bool(flags & Flag.DRAIN)
+        self._chunked_push = self._chunk_works is not None
         header = Header(
             Kind.PUSH,
             self._rank,
@@ -225,6 +233,17 @@ class RemoteServerLink:
         )
         self._chunks_sent = 0
         self._post(header.to_tensor())
+
+    def post_chunk_answers(self) -> None:
+        """Post the receives of the coming answer's chunks, before the push they answer leaves: the shard sends
+        each as soon as it is stepped. Posted once per push (a step that pushed nothing leaves them posted)."""
+        assert self._chunk_answers is not None
+        if self._chunk_works is not None:
+            return
+        views, group = self._chunk_answers
+        self._chunk_works = [
+            dist.irecv(view, src=self._server, group=group, tag=CHUNK_TAGS + chunk) for chunk, view in enumerate(views)
+        ]
 
     def send_chunk(self, chunk: Tensor) -> None:
         """Queue the gradient's next chunk; it travels while the caller goes on (e.g. while backward still runs)."""
@@ -268,7 +287,7 @@ class RemoteServerLink:
         return self.await_reply()
 
     def post_drain(self, flags: Flag = Flag.NONE, threshold: Optional[int] = None) -> None:
-        self._drains = True
+        self._drains, self._chunked_push = True, False
         self._post(Header(Kind.DRAIN, self._rank, flags=int(flags), threshold=threshold or 0).to_tensor())
 
     def leave(self, flags: Flag = Flag.NONE) -> None:
@@ -299,6 +318,8 @@ class RemoteServerLink:
         drain, at the parameters' own precision (see :meth:`_drain_target`)."""
         if drains:
             params = self._drain_target(params)
+        if self._chunked_push:  # the parameters come as chunks (see _receive)
+            params = []
         works = [dist.irecv(t, src=self._server, group=self._answers, tag=ANSWER_TAG) for t in [header, *params]]
         return _PostedAnswer(header, params, works, self._exact_format if drains else self._answer_format)
 
@@ -358,6 +379,8 @@ class RemoteServerLink:
         for work in posted.works[1:]:
             self._wait(work)
         flags = Flag(header.flags)
+        if self._chunked_push:
+            posted = self._receive_chunks(posted, flags)
         buffers = None
         if flags & Flag.BUFFERS:
             for tensor in self._buffers:
@@ -372,6 +395,19 @@ class RemoteServerLink:
             staleness=header.detail if header.detail >= 0 else None,
             applied=header.applied,
         )
+
+    def _receive_chunks(self, posted: _PostedAnswer, flags: Flag) -> _PostedAnswer:
+        """An answer whose chunks were posted (:meth:`post_chunk_answers`): every chunk comes, and unless the
+        header says they are the answer (``Flag.CHUNKED``) the whole slice follows it."""
+        assert self._chunk_works is not None
+        for work in self._chunk_works:
+            self._wait(work)
+        self._chunk_works, self._chunked_push = None, False
+        if flags & Flag.CHUNKED:
+            return posted
+        for tensor in self._params:
+            self._wait(dist.irecv(tensor, src=self._server, group=self._answers, tag=ANSWER_TAG))
+        return dataclasses.replace(posted, params=self._params)
 
 
 def _dtype_names(answer: WireFormat) -> str:
@@ -396,11 +432,14 @@ class ShardedServerLink:
         plan: ShardPlan,
         gradient: list[Tensor],
         params: list[Tensor],
-        param_slices: list[list[Tensor]],
+        param_slices: Optional[list[list[Tensor]]] = None,
+        local_gradient: Optional[list[Tensor]] = None,
     ) -> None:
         """``links[s]`` reaches shard ``s`` (a :class:`LocalServerLink` for this rank's own); ``gradient`` and
         ``params`` are the worker's flat buffers; ``param_slices[s]`` (``plan.views(s, params)``) are where
-        ``links[s]`` receives its answers."""
+        ``links[s]`` receives its answers. A striped plan's slices are no views (``plan.wire_views``): answers are
+        copied into place, and this rank's own shard gets its gradient in ``local_gradient`` (packed by a
+        :class:`StripedGradientStream`)."""
         self._rank = rank
         self._links = links
         # Rank r sends to and reads from shards r+1, r+2, ... (mod N) in turn: were every worker to read shard 1's
@@ -410,9 +449,10 @@ class ShardedServerLink:
         self.remote_shards = [shard for shard, _ in self._remote]  # in the order this rank sends to them
         self._gradient = gradient
         self._plan = plan
-        self._gradient_slices = [plan.views(s, gradient) for s in range(plan.shards)]
+        self._gradient_slices = [] if plan.striped else [plan.views(s, gradient) for s in range(plan.shards)]
         self._params = params
-        self._param_slices = param_slices
+        self._param_slices = param_slices or []
+        self._local_gradient = local_gradient
         self.versions = [0] * plan.shards
 
     def push(
@@ -459,7 +499,7 @@ class ShardedServerLink:
         if not all(all_finite(g) for g in gradient):
             flags |= Flag.NONFINITE
         for shard in self.remote_shards:
-            link = self._remote_link(shard)
+            link = self.remote_link(shard)
             send = link.post_push if pipelined else link.send_push
             pieces = self._plan.piece_indices(shard, unused)
             send(self._gradient_slices[shard], self.versions[0], flags, threshold, work, pieces)
@@ -483,15 +523,15 @@ class ShardedServerLink:
     ) -> None:
         """Queue the gradient's slice for remote shard ``shard``; :meth:`push_local` completes the push."""
         pieces = self._plan.piece_indices(shard, unused)
-        self._remote_link(shard).send_push(
+        self.remote_link(shard).send_push(
             self._gradient_slices[shard], self.versions[0], flags, threshold, work, pieces
         )
 
     def send_trailer(self, shard: int, nonfinite: bool, unused: frozenset[int]) -> None:
         """The trailer of a slice streamed to ``shard`` (flagged ``Flag.VERDICT``), ``unused`` the model's tensors."""
-        self._remote_link(shard).send_trailer(Trailer(nonfinite, self._plan.piece_indices(shard, unused)))
+        self.remote_link(shard).send_trailer(Trailer(nonfinite, self._plan.piece_indices(shard, unused)))
 
-    def _remote_link(self, shard: int) -> RemoteServerLink:
+    def remote_link(self, shard: int) -> RemoteServerLink:
         link = self._links[shard]
         assert isinstance(link, RemoteServerLink)
         return link
@@ -511,7 +551,9 @@ class ShardedServerLink:
     ) -> tuple[list[Tensor], int, Flag, Optional[int], Optional[int], frozenset[int]]:
         """The arguments of a push of this rank's own slice to its own shard (in memory)."""
         pieces = self._plan.piece_indices(self._rank, unused)
-        return self._gradient_slices[self._rank], self.versions[0], flags, threshold, work, pieces
+        gradient = self._local_gradient if self._plan.striped else self._gradient_slices[self._rank]
+        assert gradient is not None
+        return gradient, self.versions[0], flags, threshold, work, pieces
 
     def abandon(self) -> None:
         """A streamed gradient was cut off half-way: see :meth:`RemoteServerLink.abandon`."""
@@ -541,7 +583,13 @@ class ShardedServerLink:
             **{shard: link.collect() if pipelined else link.await_reply() for shard, link in self._remote},
         }
         for shard, reply in replies.items():
-            if reply.params is not self._param_slices[shard]:  # received into staging buffers (a GPU model)
+            if reply.flags & Flag.CHUNKED:  # every chunk landed in place
+                continue
+            if self._plan.striped:
+                received = self._plan.layouts[shard].chunk_views(reply.params)
+                for mine, chunk in zip(self._plan.wire_views(shard, self._params), received):
+                    mine.copy_(chunk)
+            elif reply.params is not self._param_slices[shard]:  # received into staging buffers (a GPU model)
                 for mine, received in zip(self._param_slices[shard], reply.params):
                     mine.copy_(received)
         self.versions = [replies[s].version for s in range(len(self._links))]

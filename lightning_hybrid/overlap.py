@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import functools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 from torch import Tensor
@@ -230,4 +230,89 @@ class ShardedGradientStream(_Stream):
         for shard in self._link.remote_shards:
             if shard not in self._streamed:
                 self._link.post_to(shard, flags, threshold, work, unused)
+        return self._link.push_local(flags, threshold, work, unused)
+
+
+class StripedGradientStream(_Stream):
+    """With ``overlap_answers``: sends each remote shard its stripes (the wire chunks of its layout, see
+    :class:`ShardPlan`) in wire order as backward produces them, and hands this rank's own shard each of its
+    stripes as soon as it is packed (``hand_local(chunk)``, after copying it into ``local_gradient``): each shard
+    steps a chunk once every worker's gradient of it is in. Before backward, the receives of every remote shard's
+    answer chunks are posted (:meth:`RemoteServerLink.post_chunk_answers`); at the step a verdict follows every
+    remote push, as with :class:`ShardedGradientStream`."""
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        layout: FlatLayout,
+        gradient: list[Tensor],
+        link: ShardedServerLink,
+        plan: ShardPlan,
+        rank: int,
+        local_gradient: list[Tensor],
+        hand_local: Callable[[int], None],
+    ) -> None:
+        super().__init__(params, layout, gradient)
+        self._link = link
+        self._rank = rank
+        self._wire = [plan.wire_views(shard, gradient) for shard in range(plan.shards)]
+        self._local_chunks = plan.layouts[rank].chunk_views(local_gradient)
+        self._hand_local = hand_local
+        self._chunks_of: list[list[tuple[int, int]]] = [[] for _ in self._params]  # (shard, chunk) per tensor
+        self._sizes = [[0] * len(plan.layouts[shard].chunks) for shard in range(plan.shards)]
+        for shard, pieces in enumerate(plan.pieces):
+            chunk_of = plan.layouts[shard].chunk_of
+            for piece, (index, _, _) in enumerate(pieces):
+                self._chunks_of[index].append((shard, chunk_of[piece]))
+                self._sizes[shard][chunk_of[piece]] += 1
+        self._missing: list[list[int]] = []
+        self._next: list[int] = []  # per remote shard: its next chunk to send
+        self._handed: list[bool] = []  # per local chunk
+
+    @property
+    def incomplete(self) -> bool:
+        return self._message is not None and any(self._next[shard] for shard in self._link.remote_shards)
+
+    def _start(self) -> None:
+        self._missing = [list(sizes) for sizes in self._sizes]
+        self._next = [0] * len(self._sizes)
+        self._handed = [False] * len(self._local_chunks)
+        for shard in self._link.remote_shards:
+            self._link.remote_link(shard).post_chunk_answers()
+
+    def _count(self, index: int) -> None:
+        for shard, chunk in self._chunks_of[index]:
+            self._missing[shard][chunk] -= 1
+
+    def _sent(self, index: int) -> bool:
+        return any(
+            self._handed[chunk] if shard == self._rank else chunk < self._next[shard]
+            for shard, chunk in self._chunks_of[index]
+        )
+
+    def _send_ready(self) -> None:
+        assert self._message is not None
+        version, flags, threshold, work = self._message
+        for shard in self._link.remote_shards:
+            link, missing = self._link.remote_link(shard), self._missing[shard]
+            while self._next[shard] < len(missing) and missing[self._next[shard]] == 0:
+                if self._next[shard] == 0:
+                    link.start_push(self._link.versions[0], flags | Flag.VERDICT, threshold, work)
+                link.send_chunk(self._wire[shard][self._next[shard]])
+                self._next[shard] += 1
+        for chunk, missing in enumerate(self._missing[self._rank]):
+            if missing == 0 and not self._handed[chunk]:
+                self._local_chunks[chunk].copy_(self._wire[self._rank][chunk])
+                self._handed[chunk] = True
+                self._hand_local(chunk)
+
+    def _finish(self) -> Reply:
+        assert self._message is not None
+        _, flags, threshold, work = self._message
+        self._send_ready()  # everything is packed now
+        if not all(all_finite(g) for g in self._gradient):
+            flags |= Flag.NONFINITE
+        unused = frozenset(self._unused)
+        for shard in self._link.remote_shards:
+            self._link.send_trailer(shard, bool(flags & Flag.NONFINITE), unused)
         return self._link.push_local(flags, threshold, work, unused)

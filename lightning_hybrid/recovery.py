@@ -215,12 +215,13 @@ def recovery_checkpoint(
     why: str,
     sharded: bool = False,
     shard_weights: Optional[Sequence[float]] = None,
+    stripe_elements: Optional[int] = None,
 ) -> dict[str, Any]:
     """Lightning's checkpoint of the server's rank (its loops, callbacks, ...) made a recovery checkpoint: the
     model's parameters become the server's master weights (``optimizer``'s parameters, the server's order, name
     them), every other tensor a copy, and the server's counters and absorbed batches join it. ``sharded``: the
     snapshot is shard 0's, and the checkpoint is global rank 0's part of a recovery point (see :func:`join_parts`;
-    ``shard_weights``: the server's, which placed the parts' slices).
+    ``shard_weights`` and ``stripe_elements``: the server's plan, which placed the parts' pieces).
 
     ``resumed``: batches of each epoch trained before this fit resumed (not in this server's ledger); ``taken``:
     batches of ``epoch`` that all ranks took in this fit, of which those not absorbed will be trained again."""
@@ -247,6 +248,7 @@ def recovery_checkpoint(
         "shapes": [p.shape for p in parameters],
         "dtypes": [p.dtype for p in parameters],
         "shard_weights": shard_weights,
+        "stripe_elements": stripe_elements,
         "param_groups": [
             {**{k: v for k, v in group.items() if k != "params"}, "params": list(range(len(group["params"])))}
             for group in optimizer.param_groups
@@ -278,7 +280,9 @@ def join_parts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     meta = hybrid.pop("shard_set")
     shard_parts = [part[PART_KEY] for part in parts]
     del checkpoint[PART_KEY]
-    plan = ShardPlan(FlatLayout(meta["shapes"], meta["dtypes"]), len(parts), meta.get("shard_weights"))
+    plan = ShardPlan(
+        FlatLayout(meta["shapes"], meta["dtypes"]), len(parts), meta.get("shard_weights"), meta.get("stripe_elements")
+    )
     whole = [torch.empty(shape, dtype=dtype) for shape, dtype in zip(meta["shapes"], meta["dtypes"])]
     for pieces, part in zip(plan.pieces, shard_parts):
         for (index, start, end), piece in zip(pieces, part["master"]):

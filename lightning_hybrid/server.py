@@ -22,6 +22,7 @@ and one :class:`FollowerServer` per other shard (which applies the same groups a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -30,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +41,9 @@ from lightning_hybrid.errors import ProtocolError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.group_scaling import GroupScaling, apply_scales
 from lightning_hybrid.staleness import StalenessStats
+
+if TYPE_CHECKING:
+    from lightning_hybrid.chunkwise import ChunkStepper
 
 # The "version" of a decision that drops the listed worker's gradient (updates produce versions from 1 on).
 DROPPED = 0
@@ -198,6 +202,7 @@ class ParameterServer:
         group_scaling: str = "none",
         max_staleness: Optional[int] = None,
         early_pushes: bool = False,
+        layout: Optional[FlatLayout] = None,
     ) -> None:
         """``hyperparameters`` returns param groups whose values (e.g. a scheduled ``lr``) the server copies
         into its own optimizer before every step. ``staleness_scaling`` weighs each gradient by
@@ -207,12 +212,17 @@ class ParameterServer:
         ``group_scaling`` names the rule that sizes an update to its group of gradients
         (:mod:`lightning_hybrid.group_scaling`). A gradient staler than ``max_staleness`` updates is dropped (its
         staleness is known at arrival, for the same reason). ``early_pushes``: a worker may push once more while
-        its gradient is pending (see :meth:`push`)."""
+        its gradient is pending (see :meth:`push`). ``layout``: the layout of ``params`` where its wire chunks are
+        given (a striped shard's, see :class:`ShardPlan`)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         check_max_staleness(max_staleness)
         device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
         self.layout = FlatLayout.of(params)
+        if layout is not None:
+            if (layout.slots, layout.sizes) != (self.layout.slots, self.layout.sizes):
+                raise ValueError("the given layout does not describe the server's parameters")
+            self.layout = layout
         self.num_workers = num_workers
         self._master = self.layout.allocate(device)
         with torch.no_grad():
@@ -255,16 +265,20 @@ class ParameterServer:
         self.momentum_total = 0.0
         self.update_sizes: Counter = Counter()
         self.flushed_updates = 0  # updates of fewer than K gradients: nobody else would push before a drain
+        self.updates_stepped_ahead = 0  # with a chunk stepper: updates it had stepped exactly (the rest: put back)
         self.update_seconds = 0.0  # server compute: arrival checks and sums, mean, clipping, step, snapshots
         self.stop_flags = 0
         self._on_decision: Optional[Callable[[int, tuple[int, ...]], None]] = None  # see connect()
         self._answers_in_place: frozenset[int] = frozenset()  # see connect()
+        self._chunk_stepper: Optional[ChunkStepper] = None  # see connect()
+        self._unsummed: dict[int, tuple[Sequence[Tensor], float]] = {}  # with a chunk stepper: see _take_gradient
 
     def connect(
         self,
         *,
         answers_in_place: Collection[int] = (),
         on_decision: Optional[Callable[[int, tuple[int, ...]], None]] = None,
+        chunk_stepper: Optional[ChunkStepper] = None,
     ) -> None:
         """Wire the server to the runtime that delivers its answers (``ServerEndpoint``), before it serves.
 
@@ -272,9 +286,12 @@ class ParameterServer:
         buffer): an answer to one of them alone is written into its last gradient buffer (see ``_release``).
         ``on_decision(version, workers)`` is called under the lock just before an update of those workers'
         gradients is applied, and with version :data:`DROPPED` when the one worker's gradient is dropped: shard 0
-        of a sharded server tells the other shards, which then step in parallel with it."""
+        of a sharded server tells the other shards, which then step in parallel with it. ``chunk_stepper``
+        steps updates chunk by chunk ahead of the server (``overlap_answers``, :mod:`lightning_hybrid.chunkwise`);
+        the server then sums a group's gradients only when the chunks stepped turn out not to be its update."""
         self._answers_in_place = frozenset(answers_in_place)
         self._on_decision = on_decision
+        self._chunk_stepper = chunk_stepper
 
     # ------------------------------------------------------------------ queries
     @property
@@ -300,6 +317,30 @@ class ParameterServer:
     @property
     def pending_workers(self) -> frozenset[int]:
         return frozenset(self._pending)
+
+    @property
+    def master(self) -> list[Tensor]:
+        """The master parameters' flat buffers (of :attr:`layout`)."""
+        return self._master
+
+    @property
+    def gradient_clipping(self) -> Optional[GradientClipping]:
+        return self._gradient_clipping
+
+    @property
+    def steps_whole_groups(self) -> bool:
+        """Every update takes every worker's gradient, one each (K = N, none has left, none pushes early): a chunk
+        stepper may step an update before the server applies it. Read without the lock: the server checks the
+        update when it applies it."""
+        return self._threshold == self.num_workers == len(self._active) and not self._early_pushes
+
+    def update_scales(self, count: int) -> list[Any]:
+        """Copy the user's hyperparameters into the optimizer, and return each group's scale for an update of
+        ``count`` gradients (:mod:`lightning_hybrid.group_scaling`). Takes no lock (a chunk stepper calls it)."""
+        if self._hyperparameters is not None:
+            for mine, theirs in zip(self.optimizer.param_groups, self._hyperparameters()):
+                mine.update({k: v for k, v in theirs.items() if k != "params"})
+        return self._scaling.scales(self.optimizer.param_groups, count)
 
     # ------------------------------------------------------------------ events
     def push(
@@ -350,11 +391,13 @@ class ParameterServer:
             # not even its drain counts: the worker pushes the batch again, with the drain, on the answer's
             # parameters (while the others drain nothing moves, so that push is fresh)
             self.dropped[worker] += 1
+            self._withdraw(worker)
             return [self._release((worker,), dropped=(worker,), answers_drain=drain)]
         if drain:
             self._draining.add(worker)
         if not finite:
             self.rejected[worker] += 1
+            self._withdraw(worker)
             if work is not None:
                 self.absorbed.add(work)
             if drain:  # the worker hears of it when the drain completes
@@ -409,11 +452,14 @@ class ParameterServer:
             return self._snapshot()
 
     def _snapshot(self) -> ServerSnapshot:
+        stepper = self._chunk_stepper
+        with stepper.idle() if stepper is not None else contextlib.nullcontext():
+            master = [p.detach().clone() for p in self.parameters]
+            state = copy.deepcopy(self.optimizer.state_dict())
+            if stepper is not None:  # chunks of the coming update may be stepped already
+                stepper.before_update(master, state)
         return ServerSnapshot(
-            master=[p.detach().clone() for p in self.parameters],
-            optimizer_state=copy.deepcopy(self.optimizer.state_dict()),
-            progress=self.progress_state(),
-            absorbed=frozenset(self.absorbed),
+            master=master, optimizer_state=state, progress=self.progress_state(), absorbed=frozenset(self.absorbed)
         )
 
     def forget_absorbed(self, below: int) -> None:
@@ -434,6 +480,7 @@ class ParameterServer:
                 "momentum_total": self.momentum_total,
                 "update_sizes": dict(self.update_sizes),
                 "flushed_updates": self.flushed_updates,
+                "updates_stepped_ahead": self.updates_stepped_ahead,
                 "update_seconds": self.update_seconds,
             }
 
@@ -452,6 +499,7 @@ class ParameterServer:
             self.momentum_total = float(state.get("momentum_total", 0.0))
             self.update_sizes = Counter({int(k): v for k, v in state.get("update_sizes", {}).items()})
             self.flushed_updates = int(state.get("flushed_updates", 0))
+            self.updates_stepped_ahead = int(state.get("updates_stepped_ahead", 0))
             self.update_seconds = float(state.get("update_seconds", 0.0))
 
     # ------------------------------------------------------------------ internals
@@ -491,8 +539,33 @@ class ParameterServer:
 
     def _arrive(self, worker: int, gradient: Sequence[Tensor], version: int) -> None:
         """A finite gradient joins the pending set; it is summed at once (overlapping the wait for the others)."""
-        self._accumulate(gradient, self._weight(version))
+        self._take_gradient(worker, gradient, self._weight(version))
         self._pending[worker] = version
+
+    def _take_gradient(self, worker: int, gradient: Sequence[Tensor], weight: float) -> None:
+        """Sum a pending gradient; with a chunk stepper, hold it until its update is applied (see _settle_chunks)."""
+        if self._chunk_stepper is None:
+            self._accumulate(gradient, weight)
+        else:
+            self._unsummed[worker] = (gradient, weight)
+
+    def _withdraw(self, worker: int) -> None:
+        """The worker's pending gradient will not be applied: chunks stepped with it are put back."""
+        if self._chunk_stepper is not None:
+            self._chunk_stepper.withdraw(worker)
+
+    def _settle_chunks(self, group: tuple[int, ...], unused: frozenset[int]) -> bool:
+        """Whether a chunk stepper already stepped exactly this update; if not (or without one) the group's
+        gradients are in the pending sum when this returns."""
+        if self._chunk_stepper is None:
+            return False
+        held = [self._unsummed.pop(worker) for worker in group]
+        if self._chunk_stepper.settle(group, unused, all(weight == 1.0 for _, weight in held)):
+            self.updates_stepped_ahead += 1
+            return True
+        for gradient, weight in held:
+            self._accumulate(gradient, weight)
+        return False
 
     def _drops(self, worker: int, version: int) -> bool:
         """Whether the gradient is staler than the bound; followers hear of it before the answer leaves."""
@@ -574,14 +647,30 @@ class ParameterServer:
             self._on_decision(self._version + 1, tuple(sorted(group)))
         started = time.perf_counter()
         count = len(group)
-        assert self._sum is not None
-        if self._hyperparameters is not None:
-            for mine, theirs in zip(self.optimizer.param_groups, self._hyperparameters()):
-                mine.update({k: v for k, v in theirs.items() if k != "params"})
-        scales = self._scaling.scales(self.optimizer.param_groups, count)
+        unused = frozenset.intersection(*(self._pending_unused.pop(worker, frozenset()) for worker in group))
+        stepped = self._settle_chunks(group, unused)
+        scales = self.update_scales(count)
         weights = sum(self._weight(self._pending[worker]) for worker in group)  # as when they arrived: see _arrive
         self.step_scale_total += scales[0].step * weights / count
         self.momentum_total += scales[0].momentum or 0.0
+        if not stepped:
+            self._step_sum(count, scales, unused)
+        staleness = {worker: self._version - self._pending.pop(worker) for worker in group}
+        self.absorbed.update(self._pending_work.pop(worker) for worker in group if worker in self._pending_work)
+        for worker, value in staleness.items():
+            self.stats.record(worker, value)
+        self.update_sizes[count] += 1
+        self._record_movement(scales[0].step)
+        self._version += 1
+        answered = tuple(w for w in sorted(group) if w not in self._draining and w in self._active)
+        release = self._release(answered, staleness=staleness, snapshot=not stepped)
+        self.update_seconds += time.perf_counter() - started
+        return release
+
+    def _step_sum(self, count: int, scales: list[Any], unused: frozenset[int]) -> None:
+        """One optimizer step with the pending sum of ``count`` gradients: their mean, clipped, then sized to the
+        group; tensors in ``unused`` get no gradient."""
+        assert self._sum is not None
         # without clipping, one gradient factor shared by every group joins the mean's division (one pass)
         folded = (
             scales[0].gradient if self._gradient_clipping is None and len({s.gradient for s in scales}) == 1 else 1.0
@@ -593,7 +682,6 @@ class ParameterServer:
         elif count > 1:
             for total in self._sum:
                 total.div_(count)
-        unused = frozenset.intersection(*(self._pending_unused.pop(worker, frozenset()) for worker in group))
         for index, (param, grad) in enumerate(zip(self.parameters, self.layout.views(self._sum))):
             param.grad = None if index in unused else grad
         if self._gradient_clipping is not None:
@@ -604,20 +692,10 @@ class ParameterServer:
         for param in self.parameters:
             param.grad = None  # the sum's buffers go back to their worker with its answer
         self._sum = None
-        staleness = {worker: self._version - self._pending.pop(worker) for worker in group}
-        self.absorbed.update(self._pending_work.pop(worker) for worker in group if worker in self._pending_work)
-        for worker, value in staleness.items():
-            self.stats.record(worker, value)
-        self.update_sizes[count] += 1
-        self._record_movement(scales[0].step)
-        self._version += 1
-        answered = tuple(w for w in sorted(group) if w not in self._draining and w in self._active)
-        release = self._release(answered, staleness=staleness)
-        self.update_seconds += time.perf_counter() - started
-        return release
 
-    def _release(self, workers: tuple[int, ...], **kwargs: Any) -> Release:
-        """A snapshot of the master for ``workers``: later updates may happen while it is being sent.
+    def _release(self, workers: tuple[int, ...], snapshot: bool = True, **kwargs: Any) -> Release:
+        """A snapshot of the master for ``workers``: later updates may happen while it is being sent (none where a
+        chunk stepper already sent every chunk: ``snapshot=False``).
 
         An answer to one worker in ``answers_in_place`` (see :meth:`connect`) is written into that worker's last
         gradient buffer: it is idle (applied, rejected or summed) and the worker pushes into it again only after it has
@@ -626,7 +704,9 @@ class ParameterServer:
         4 ms)."""
         params: list[Tensor] = []
         in_place = len(workers) == 1 and workers[0] in self._own_buffers
-        if in_place:
+        if not snapshot:
+            in_place = False
+        elif in_place:
             params = list(self._own_buffers[workers[0]])
         elif workers:
             params = self._spare_snapshots.pop() if self._spare_snapshots else self.layout.allocate(self.device)
@@ -725,6 +805,7 @@ class FollowerServer(ParameterServer):
         drain = worker in self._draining
         self._draining.discard(worker)  # a drain comes again with the batch
         self.dropped[worker] += 1
+        self._withdraw(worker)
         return [self._release((worker,), dropped=(worker,), answers_drain=drain)] + self._settle()
 
     def _settle(self) -> list[Release]:
@@ -735,7 +816,7 @@ class FollowerServer(ParameterServer):
             del self._decisions[self._version + 1]
             started = time.perf_counter()
             for worker in group:  # weights as at shard 0, where no update happened while these were pending
-                self._accumulate(self._arrived.pop(worker), self._weight(self._pending[worker]))
+                self._take_gradient(worker, self._arrived.pop(worker), self._weight(self._pending[worker]))
             self.update_seconds += time.perf_counter() - started
             releases.append(self._apply(group))
             self._take_recovery_point()

@@ -11,6 +11,7 @@ still answer once ``fit`` returns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -25,11 +26,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_hybrid.chunkwise import ChunkStepper
 from lightning_hybrid.endpoint import ServerEndpoint
 from lightning_hybrid.errors import NONFINITE_FIX, HybridSGDError, NonFiniteGradientError
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.links import AnyServerLink, LocalServerLink, RemoteServerLink, ServerLink, ShardedServerLink
-from lightning_hybrid.overlap import GradientStream, ShardedGradientStream
+from lightning_hybrid.overlap import GradientStream, ShardedGradientStream, StripedGradientStream
 from lightning_hybrid.server import (
     FollowerServer,
     GradientClipping,
@@ -40,7 +42,7 @@ from lightning_hybrid.server import (
     optimizer_parameters,
     steps_exactly,
 )
-from lightning_hybrid.shards import ShardPlan
+from lightning_hybrid.shards import ShardPlan, stripe_elements_for
 from lightning_hybrid.staleness import StalenessStats
 from lightning_hybrid.wire import SERVER_RANK, STOP_FLAGS, AbortCode, Flag, Reply
 
@@ -118,6 +120,7 @@ class SessionOptions:
     shard_weights: Optional[tuple[float, ...]]
     peer_timeout: float
     pipeline_pushes: bool = False
+    overlap_answers: bool = False
     answer_dtype: Optional[torch.dtype] = None
     push_dtype: Optional[torch.dtype] = None
 
@@ -149,7 +152,7 @@ class WorkerSession:
         self._endpoint: Optional[ServerEndpoint] = None  # this rank's server (rank 0's, or every rank's shard)
         self._link: Optional[AnyServerLink] = None
         self._plan: Optional[ShardPlan] = None  # with shard_server
-        self._stream: Optional[GradientStream | ShardedGradientStream] = None
+        self._stream: Optional[GradientStream | ShardedGradientStream | StripedGradientStream] = None
         self._options: Optional[SessionOptions] = None
         self._optimizer: Optional[Optimizer] = None  # the user's: hyperparameters come from it, its state goes back
         self._rank, self._world_size = 0, 1
@@ -207,16 +210,34 @@ class WorkerSession:
         self._flat_params = self._layout.allocate(device)
         self._layout.bind(self._params, self._flat_params, keep="params")
         self._threshold = options.threshold
+        # overlap_answers: each shard holds stripes of the model, and steps and answers them one by one
+        striped = options.shard_server and options.overlap_answers and device.type == "cpu"
+        if striped and len(self._layout.dtypes) > 1:
+            raise HybridSGDError(
+                "hybrid_sgd: overlap_answers stripes the model over the shards and needs every parameter in one dtype, "
+                f"this model has {[str(d) for d in self._layout.dtypes]}: cast it to one, or set overlap_answers=False"
+            )
+        plan = (
+            ShardPlan(
+                self._layout,
+                world_size,
+                options.shard_weights,
+                stripe_elements=stripe_elements_for(self._layout, world_size) if striped else None,
+            )
+            if options.shard_server
+            else None
+        )
 
         def start_server(
             params: list[Tensor],
             buffer_layout: FlatLayout,
-            local_params: list[Tensor],
+            local_params: Optional[list[Tensor]],
             group_sizes: Optional[list[int]] = None,
             shards: int = 1,
         ) -> ServerEndpoint:
             """This rank's server over ``params`` (the whole model, or this rank's shard of it); of a sharded
-            server, shard 0 decides every update's group, the others follow."""
+            server, shard 0 decides every update's group, the others follow; striped, a chunk stepper steps and
+            answers each stripe as its gradients complete."""
             follower = shards > 1 and rank != 0
             server = (FollowerServer if follower else ParameterServer)(
                 params,
@@ -230,9 +251,17 @@ class WorkerSession:
                 group_scaling=options.group_scaling,
                 max_staleness=options.max_staleness,
                 early_pushes=options.pipeline_pushes,
+                layout=plan.layouts[rank] if striped and plan is not None else None,
             )
             if isinstance(server, FollowerServer):
                 server.on_recovery_point = on_recovery_point
+            stepper = (
+                ChunkStepper(
+                    server, rank, plan.wire_views(rank, self._flat_params), channels.as_worker, options.peer_timeout
+                )
+                if striped and plan is not None
+                else None
+            )
             endpoint = ServerEndpoint(
                 server,
                 channels.as_server,
@@ -245,14 +274,16 @@ class WorkerSession:
                 answers=channels.answers_out or None,
                 answer_dtype=options.answer_dtype,
                 push_dtype=options.push_dtype,
+                chunk_stepper=stepper,
             )
             endpoint.start()
             return endpoint
 
         def remote_link(
-            server_rank: int, layout: FlatLayout, buffer_layout: FlatLayout, params: list[Tensor]
+            server_rank: int, layout: FlatLayout, buffer_layout: FlatLayout, params: Optional[list[Tensor]]
         ) -> RemoteServerLink:
-            """A link to the server on ``server_rank``; a CPU model's flat ``params`` receive the answers directly."""
+            """A link to the server on ``server_rank``; a CPU model's flat ``params`` receive the answers directly
+            (striped: each answer chunk lands in its place in the model, over the group the shard pushes on)."""
             return RemoteServerLink(
                 rank,
                 channels.as_worker[server_rank],
@@ -265,16 +296,18 @@ class WorkerSession:
                 answers=channels.answers_in.get(server_rank),
                 answer_dtype=options.answer_dtype,
                 push_dtype=options.push_dtype,
+                chunk_answers=(plan.wire_views(server_rank, self._flat_params), channels.as_server[server_rank])
+                if striped and plan is not None
+                else None,
             )
 
-        if options.shard_server:  # every rank serves its shard of the model and talks to every shard
-            plan = ShardPlan(self._layout, world_size, options.shard_weights)
+        if plan is not None:  # every rank serves its shard of the model and talks to every shard
             no_buffers = FlatLayout.of([])  # rank 0's module buffers travel with shard 0's answers only
-            param_slices = [plan.views(shard, self._flat_params) for shard in range(plan.shards)]
+            param_slices = None if striped else [plan.views(shard, self._flat_params) for shard in range(plan.shards)]
             self._endpoint = start_server(
                 plan.piece_tensors(rank, self._params),
                 self._buffer_layout if rank == 0 else no_buffers,
-                param_slices[rank],
+                None if param_slices is None else param_slices[rank],
                 plan.group_sizes(rank, optimizer),
                 shards=plan.shards,
             )
@@ -282,13 +315,36 @@ class WorkerSession:
                 LocalServerLink(self._endpoint)
                 if shard == rank
                 else remote_link(
-                    shard, plan.layouts[shard], self._buffer_layout if shard == 0 else no_buffers, param_slices[shard]
+                    shard,
+                    plan.layouts[shard],
+                    self._buffer_layout if shard == 0 else no_buffers,
+                    None if param_slices is None else param_slices[shard],
                 )
                 for shard in range(plan.shards)
             ]
-            self._link = ShardedServerLink(rank, links, plan, self._gradient, self._flat_params, param_slices)
+            stepper = self._endpoint.chunk_stepper
+            self._link = ShardedServerLink(
+                rank,
+                links,
+                plan,
+                self._gradient,
+                self._flat_params,
+                param_slices,
+                local_gradient=None if stepper is None else stepper.buffers[rank],
+            )
             self._plan = plan
-            if options.overlap_push and device.type == "cpu":
+            if stepper is not None:
+                self._stream = StripedGradientStream(
+                    self._params,
+                    self._layout,
+                    self._gradient,
+                    self._link,
+                    plan,
+                    rank,
+                    stepper.buffers[rank],
+                    functools.partial(stepper.arrived, rank),
+                )
+            elif options.overlap_push and device.type == "cpu":
                 self._stream = ShardedGradientStream(self._params, self._layout, self._gradient, self._link, plan)
         elif rank == SERVER_RANK:
             self._endpoint = start_server(self._params, self._buffer_layout, self._flat_params)
@@ -297,6 +353,11 @@ class WorkerSession:
             link = self._link = remote_link(SERVER_RANK, self._layout, self._buffer_layout, self._flat_params)
             if options.overlap_push and device.type == "cpu":
                 self._stream = GradientStream(self._params, self._layout, self._gradient, link)
+
+    @property
+    def stripe_elements(self) -> Optional[int]:
+        """The stripe size of a striped sharded server (``overlap_answers``), else ``None``."""
+        return None if self._plan is None else self._plan.stripe_elements
 
     @property
     def live(self) -> bool:

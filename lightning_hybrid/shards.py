@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_hybrid.flat import FlatLayout
+from lightning_hybrid.flat import CHUNK_BYTES, FlatLayout
+
+STRIPES_PER_SHARD = 4  # at least, where stripes of CHUNK_BYTES would be fewer (a small model)
 
 # optimizers whose update of an element depends only on that element's gradient, state and scalar step count
 ELEMENTWISE_OPTIMIZERS = (
@@ -52,46 +54,97 @@ def check_shard_weights(weights: Sequence[float], shards: int | None) -> Sequenc
     return weights
 
 
+def stripe_elements_for(layout: FlatLayout, shards: int) -> int:
+    """Stripes of ``CHUNK_BYTES`` (a wire chunk's size), or smaller where the model holds fewer than
+    ``STRIPES_PER_SHARD`` of them per shard: each shard steps and answers a few stripes in turn."""
+    largest = CHUNK_BYTES // max(dtype.itemsize for dtype in layout.dtypes)
+    return max(1, min(largest, -(-layout.numel // (shards * STRIPES_PER_SHARD))))
+
+
 def _per_element(value: Any) -> bool:
     """Optimizer state with one value per parameter element (a momentum buffer), not a scalar (a step count)."""
     return isinstance(value, Tensor) and value.dim() > 0
 
 
 class ShardPlan:
-    """Which piece of which parameter each of ``shards`` server ranks holds (in shares of ``weights``, if given)."""
+    """Which piece of which parameter each of ``shards`` server ranks holds (in shares of ``weights``, if given).
 
-    def __init__(self, layout: FlatLayout, shards: int, weights: Sequence[float] | None = None) -> None:
+    By default shard ``s`` holds one contiguous slice of each flat buffer. With ``stripe_elements`` the buffers
+    are cut into stripes of that many elements, dealt to the shards in turn (in proportion to ``weights``): the
+    gradients backward produces at one moment then go to every shard, not all to the last one (see
+    ``docs/cluster-chunkwise-prototype.txt``), and each stripe is one wire chunk of its shard's layout."""
+
+    def __init__(
+        self,
+        layout: FlatLayout,
+        shards: int,
+        weights: Sequence[float] | None = None,
+        stripe_elements: int | None = None,
+    ) -> None:
         if not 1 <= shards <= layout.numel:
             raise ValueError(f"cannot split {layout.numel} parameter elements into {shards} shards")
+        if stripe_elements is not None and stripe_elements < 1:
+            raise ValueError(f"stripe_elements must be a positive number of elements, got {stripe_elements}")
         self.layout = layout
         self.shards = shards
         self.weights = None if weights is None else tuple(float(w) for w in check_shard_weights(weights, shards))
-        bounds = [self._bounds(n) for n in layout.sizes]  # per flat buffer
-        self.ranges = [[(b[s], b[s + 1]) for b in bounds] for s in range(shards)]
-        empty = [s for s, ranges in enumerate(self.ranges) if all(end == start for start, end in ranges)]
+        self.stripe_elements = stripe_elements
+        self.striped = stripe_elements is not None
+        # stripes[s]: (flat buffer, first element, end) of every range shard s holds, in buffer and element order
+        self.stripes = self._striped(stripe_elements) if stripe_elements is not None else self._contiguous()
+        empty = [s for s, stripes in enumerate(self.stripes) if not stripes]
         if empty:
             shares = "equal slices" if weights is None else f"shard_weights={list(weights)}"
             raise ValueError(
                 f"shard {empty[0]} of {shards} would hold no parameter element with {shares} of {layout.numel} "
                 "elements: raise its weight, or shard over fewer ranks"
             )
-        # pieces[s]: (tensor index, first element, end) of every tensor slice shard s holds, in tensor order
+        # pieces[s]: (tensor index, first element, end) of every tensor slice shard s holds: in tensor order for
+        # contiguous slices (as checkpoints of earlier runs number them), stripe by stripe when striped
         self.pieces: list[list[tuple[int, int, int]]] = []
         self.layouts: list[FlatLayout] = []
-        for ranges in self.ranges:
-            pieces = []
-            for index, slot in enumerate(layout.slots):
-                start, end = ranges[slot.bucket]
-                low, high = max(slot.offset, start), min(slot.offset + slot.numel, end)
-                if high > low:
-                    pieces.append((index, low - slot.offset, high - slot.offset))
+        for stripes in self.stripes:
+            per_stripe = [self._pieces_of(bucket, start, end) for bucket, start, end in stripes]
+            pieces = [p for group in per_stripe for p in group]
+            if not self.striped:
+                pieces.sort()
             self.pieces.append(pieces)
             self.layouts.append(
                 FlatLayout(
                     [torch.Size([end - start]) for _, start, end in pieces],
                     [layout.dtypes[layout.slots[index].bucket] for index, _, _ in pieces],
+                    chunk_groups=[len(group) for group in per_stripe] if self.striped else None,
                 )
             )
+
+    def _contiguous(self) -> list[list[tuple[int, int, int]]]:
+        bounds = [self._bounds(n) for n in self.layout.sizes]
+        return [
+            [(bucket, b[s], b[s + 1]) for bucket, b in enumerate(bounds) if b[s + 1] > b[s]] for s in range(self.shards)
+        ]
+
+    def _striped(self, elements: int) -> list[list[tuple[int, int, int]]]:
+        """Stripes dealt by smooth weighted round robin: each goes to the shard furthest behind its share."""
+        weights = self.weights or (1.0,) * self.shards
+        total, credit = sum(weights), [0.0] * self.shards
+        stripes: list[list[tuple[int, int, int]]] = [[] for _ in range(self.shards)]
+        for bucket, n in enumerate(self.layout.sizes):
+            for start in range(0, n, elements):
+                credit = [c + w for c, w in zip(credit, weights)]
+                shard = max(range(self.shards), key=lambda s: (credit[s], -s))
+                credit[shard] -= total
+                stripes[shard].append((bucket, start, min(start + elements, n)))
+        return stripes
+
+    def _pieces_of(self, bucket: int, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(tensor index, first element, end) of each tensor slice in elements ``[start, end)`` of a flat buffer."""
+        pieces = []
+        for index, slot in enumerate(self.layout.slots):
+            if slot.bucket == bucket:
+                low, high = max(slot.offset, start), min(slot.offset + slot.numel, end)
+                if high > low:
+                    pieces.append((index, low - slot.offset, high - slot.offset))
+        return pieces
 
     def _bounds(self, n: int) -> list[int]:
         """Where each shard's slice of a flat buffer of ``n`` elements starts, and the end: ``shards + 1`` values."""
@@ -105,10 +158,20 @@ class ShardPlan:
         return bounds + [n]
 
     def views(self, shard: int, buffers: Sequence[Tensor]) -> list[Tensor]:
-        """Shard ``shard``'s flat buffers (in its own layout's dtype order) as views of the whole model's."""
-        ranges = self.ranges[shard]
+        """Shard ``shard``'s flat buffers (in its own layout's dtype order) as views of the whole model's: one
+        contiguous slice per dtype, so not for a striped plan (see :meth:`wire_views`)."""
+        if self.striped:
+            raise ValueError("a striped shard's buffers are no views of the model's: use wire_views")
+        ranges = {bucket: (start, end) for bucket, start, end in self.stripes[shard]}
         buckets = [self.layout.dtypes.index(dtype) for dtype in self.layouts[shard].dtypes]
         return [buffers[b][ranges[b][0] : ranges[b][1]] for b in buckets]
+
+    def wire_views(self, shard: int, buffers: Sequence[Tensor]) -> list[Tensor]:
+        """A striped shard's wire chunks (``layouts[shard].chunk_views``: last stripe first) as views of the whole
+        model's ``buffers``: chunk i of a message to or from the shard is view i on a worker."""
+        if not self.striped:
+            raise ValueError("a contiguous shard's wire chunks are its layout's: use views, then chunk_views")
+        return [buffers[bucket][start:end] for bucket, start, end in reversed(self.stripes[shard])]
 
     def piece_indices(self, shard: int, tensors: Collection[int]) -> frozenset[int]:
         """Which of shard ``shard``'s pieces cut the tensors numbered ``tensors`` (in the whole model's order)."""
@@ -161,6 +224,8 @@ class ShardPlan:
         for shard, pieces in enumerate(self.pieces):
             for piece, (index, _, _) in enumerate(pieces):
                 owners.setdefault(index, []).append((shard, piece))
+        for parts in owners.values():  # in element order (striped: a tensor's pieces alternate between shards)
+            parts.sort(key=lambda part: self.pieces[part[0]][part[1]][1])
         state: dict[int, dict[str, Any]] = {}
         for index, slot in enumerate(self.layout.slots):
             parts = [shard_states[shard]["state"].get(piece) for shard, piece in owners[index]]

@@ -153,6 +153,14 @@ class HybridSGDStrategy(DDPStrategy):
             gradient staler by one step's updates: one at K = N, which is then no longer exactly DDP), and a
             worker's link carries both directions at once. For links, not cores: see README, *Pipelined pushes*. Not
             with ``max_staleness`` or ``overlap_push``. Off by default.
+        overlap_answers: with ``shard_server`` and ``overlap_push``, each shard holds stripes of 1 MiB dealt in
+            turn instead of one slice, steps each stripe as soon as every worker's gradient of it is in, and sends
+            it to every worker at once, while later stripes are still coming (``lightning_hybrid.chunkwise``): at
+            K = N the answer then overlaps the pushes, as DDP's ring overlaps its buckets. A stripe's step is
+            checked when the server applies the whole update (a NaN/Inf verdict, a worker that left, a tensor no
+            gradient used, a lowered K) and put back if it was not that update. CPU models with one parameter
+            dtype; not with ``pipeline_pushes``, ``answer_dtype`` or ``push_dtype``. Off by default (README,
+            *Measured on an emulated cluster*).
         answer_dtype: the dtype in which the server sends parameters to remote workers, e.g. ``"bfloat16"``:
             each answer takes half the bytes, a worker's traffic a quarter less (README, *Answers in bfloat16*), and
             each worker then computes its gradients on weights rounded to it, as bf16 autocast rounds them, while
@@ -203,6 +211,7 @@ class HybridSGDStrategy(DDPStrategy):
         shard_server: bool = False,
         shard_weights: Optional[Sequence[float]] = None,
         pipeline_pushes: bool = False,
+        overlap_answers: bool = False,
         answer_dtype: Union[str, torch.dtype, None] = None,
         push_dtype: Union[str, torch.dtype, None] = None,
         nonfinite: Literal["skip", "stop"] = "skip",
@@ -233,6 +242,7 @@ class HybridSGDStrategy(DDPStrategy):
             threshold, pull_work, group_scaling, max_staleness, overlap_push, nonfinite, peer_timeout, pipeline_pushes
         )
         checks.check_recovery(recovery_every)
+        checks.check_overlap_answers(overlap_answers, shard_server, overlap_push, answer_dtype, push_dtype)
         checks.check_shard_weights(shard_weights, shard_server)
         self._threshold_spec = threshold
         self._pull_work = pull_work
@@ -243,6 +253,7 @@ class HybridSGDStrategy(DDPStrategy):
         self._shard_server = bool(shard_server)
         self._shard_weights = None if shard_weights is None else tuple(float(w) for w in shard_weights)
         self._pipeline_pushes = bool(pipeline_pushes)
+        self._overlap_answers = bool(overlap_answers)
         self._answer_dtype = checks.wire_dtype_of("answer_dtype", answer_dtype)
         self._push_dtype = checks.wire_dtype_of("push_dtype", push_dtype, float32_range=True)
         self._nonfinite = nonfinite
@@ -452,6 +463,7 @@ class HybridSGDStrategy(DDPStrategy):
             "shard_server": self._shard_server,
             "shard_weights": self._shard_weights,
             "pipeline_pushes": self._pipeline_pushes,
+            "overlap_answers": self._overlap_answers,
             "answer_dtype": self._answer_dtype,
             "push_dtype": self._push_dtype,
         }
@@ -510,6 +522,7 @@ class HybridSGDStrategy(DDPStrategy):
                 shard_weights=self._shard_weights,
                 peer_timeout=self._peer_timeout,
                 pipeline_pushes=self._pipeline_pushes,
+                overlap_answers=self._overlap_answers,
                 answer_dtype=self._answer_dtype,
                 push_dtype=self._push_dtype,
             ),
@@ -597,6 +610,7 @@ class HybridSGDStrategy(DDPStrategy):
             why,
             sharded=self._shard_server,
             shard_weights=self._shard_weights,
+            stripe_elements=self._session.stripe_elements,
         )
         recovery.write(checkpoint, snapshot.progress["version"], why, wait)
 

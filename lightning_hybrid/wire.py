@@ -34,6 +34,8 @@ DECISION_TAG = 3
 END_OF_DECISIONS = -1
 # Nothing is ever sent on it: a receive on it that times out closes its channel (ServerEndpoint.end_blocked_threads)
 CUT_TAG = 5
+# With overlap_answers, chunk c of a shard's answer travels on tag CHUNK_TAGS + c (see lightning_hybrid.chunkwise)
+CHUNK_TAGS = 1 << 16
 
 
 class Kind(enum.IntEnum):
@@ -57,6 +59,7 @@ class Flag(enum.IntFlag):
     DROPPED = 128  # on REPLY: the pushed gradient was staler than max_staleness: compute the batch again
     VERDICT = 256  # on PUSH: a Trailer follows the payload (a gradient streamed during backward leaves before the
     # rest of it exists; an ordinary push carries one when some tensor got no gradient)
+    CHUNKED = 512  # on REPLY (overlap_answers): the parameters came chunk by chunk before it; no payload follows
 
 
 STOP_FLAGS = Flag.SIGTERM | Flag.STOP

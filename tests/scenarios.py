@@ -426,6 +426,7 @@ class DdpEquivalence(OneGpu, Batches):
     weight_decay: float = 0.0
     batch_norm: bool = False
     overlap_push: bool = False
+    overlap_answers: bool = False
     shard_server: bool = False
     shard_weights: Annotated[tuple[float, ...], floats] | None = option(None, "each rank's share, e.g. 1,2,0.5")
     frozen_first_layer: bool = option(False, "its requires_grad off, still in the optimizer (weight decay skips it)")
@@ -461,6 +462,7 @@ def ddp_equivalence(args: DdpEquivalence) -> None:
             else lightning_hybrid.HybridSGDStrategy(
                 threshold="sync",
                 overlap_push=args.overlap_push,
+                overlap_answers=args.overlap_answers,
                 shard_server=args.shard_server,
                 shard_weights=args.shard_weights,
                 process_group_backend=args.process_group_backend,
@@ -482,6 +484,7 @@ def ddp_equivalence(args: DdpEquivalence) -> None:
         if name == "hybrid_sgd":
             results["version"] = strategy.version
             results["update_sizes"] = dict(strategy.update_sizes)
+            results["updates_stepped_ahead"] = strategy.progress.get("updates_stepped_ahead")
     save(args.out, run.global_rank, **results)
 
 
@@ -494,6 +497,7 @@ class Straggler(OneGpu, Slowed, Batches):
     nonfinite: Literal["skip", "stop"] = "skip"
     shard_server: bool = False
     overlap_push: bool = False
+    overlap_answers: bool = False
     pipeline_pushes: bool = False
     answer_dtype: str | None = option(None, "HybridSGDStrategy(answer_dtype=...), e.g. bfloat16")
     push_dtype: str | None = option(None, "HybridSGDStrategy(push_dtype=...), e.g. bfloat16")
@@ -517,6 +521,7 @@ def straggler(args: Straggler) -> None:
         peer_timeout=60,
         shard_server=args.shard_server,
         overlap_push=args.overlap_push,
+        overlap_answers=args.overlap_answers,
         pipeline_pushes=args.pipeline_pushes,
         answer_dtype=args.answer_dtype,
         push_dtype=args.push_dtype,
@@ -561,6 +566,7 @@ class Resume(Batches):
     threshold: Threshold = "sync"
     optimizer: str = "sgd"
     shard_server: bool = False
+    overlap_answers: bool = option(False, "with overlap_push: a striped sharded server")
 
 
 @scenario
@@ -568,7 +574,12 @@ def resume(args: Resume) -> None:
     """Checkpoints: ``--phase full`` trains straight through; ``first`` trains and saves; ``second`` resumes
     and trains on; ``restore`` only restores (its epochs are done) and saves again."""
     pl.seed_everything(args.seed)
-    strategy = lightning_hybrid.HybridSGDStrategy(threshold=args.threshold, shard_server=args.shard_server)
+    strategy = lightning_hybrid.HybridSGDStrategy(
+        threshold=args.threshold,
+        shard_server=args.shard_server,
+        overlap_push=args.overlap_answers,
+        overlap_answers=args.overlap_answers,
+    )
     run = trainer(strategy, args, max_epochs=args.epochs, limit_train_batches=args.batches)
     model = MLPClassifier(optimizer=args.optimizer, lr=args.lr, lr_step=1, batch_norm=True)
     ckpt = args.out / "epoch1.ckpt"
@@ -941,6 +952,7 @@ class Soak(Seeded):
     max_time: str = option(help="Trainer(max_time), DD:HH:MM:SS: how long it trains")
     shard_server: bool = False
     pipeline_pushes: bool = False
+    overlap_answers: bool = option(False, "with overlap_push: stripes stepped ahead whenever K = N")
 
 
 @scenario
@@ -954,6 +966,8 @@ def soak(args: Soak) -> None:
         peer_timeout=60,
         shard_server=args.shard_server,
         pipeline_pushes=args.pipeline_pushes,
+        overlap_push=args.overlap_answers,
+        overlap_answers=args.overlap_answers,
     )
     delays = InjectDelays(
         ranks=[args.devices - 1], slowdown=2.0, extra=DelayDistribution("pareto", 0.002, 1.5), seed=args.seed

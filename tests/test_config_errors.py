@@ -245,6 +245,12 @@ def test_threshold_scheduler_shows_k_and_staleness_in_the_progress_bar() -> None
         (dict(max_staleness=4, overlap_push=True), "overlap_push has sent it during backward"),
         (dict(max_staleness=4, pipeline_pushes=True), "with pipeline_pushes the answer that drops it"),
         (dict(overlap_push=True, pipeline_pushes=True), "pipeline_pushes and overlap_push cannot be combined"),
+        (dict(overlap_answers=True, overlap_push=True), "set shard_server=True and overlap_push=True with it"),
+        (dict(overlap_answers=True, shard_server=True), "set shard_server=True and overlap_push=True with it"),
+        (
+            dict(overlap_answers=True, shard_server=True, overlap_push=True, answer_dtype="bfloat16"),
+            "remove answer_dtype and push_dtype, or overlap_answers",
+        ),
         (dict(answer_dtype="int8"), "answer_dtype must be a floating-point dtype, e.g. 'bfloat16'"),
         (dict(answer_dtype="bf16x"), "answer_dtype must be a floating-point dtype, e.g. 'bfloat16'"),
         (dict(push_dtype="int8"), "push_dtype must be a floating-point dtype, e.g. 'bfloat16'"),

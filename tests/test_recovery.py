@@ -66,11 +66,11 @@ def test_recovery_every_must_be_a_positive_number_of_seconds() -> None:
             HybridSGDStrategy(recovery_every=every)
 
 
-@pytest.mark.parametrize("shard_weights", [None, (1.0, 3.0, 0.5)])
-def test_a_recovery_point_joins_the_shards_parts_exactly(tmp_path, shard_weights) -> None:
+@pytest.mark.parametrize("shard_weights, stripes", [(None, None), ((1.0, 3.0, 0.5), None), ((1.0, 3.0, 0.5), 4)])
+def test_a_recovery_point_joins_the_shards_parts_exactly(tmp_path, shard_weights, stripes) -> None:
     # a model's master weights and Adam state, split into 3 shards as a sharded server holds them (a piece may cut a
-    # tensor), written as the shards write their parts; the joined checkpoint holds them whole, and each shard's
-    # own counters and step counts
+    # tensor; striped, as overlap_answers holds them: stripes of 4 elements dealt in turn), written as the shards
+    # write their parts; the joined checkpoint holds them whole, and each shard's own counters and step counts
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 2))
     optimizer = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.5}])
@@ -78,7 +78,7 @@ def test_a_recovery_point_joins_the_shards_parts_exactly(tmp_path, shard_weights
     optimizer.step()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     full_state = optimizer.state_dict()
-    plan = ShardPlan(FlatLayout.of(params), 3, shard_weights)
+    plan = ShardPlan(FlatLayout.of(params), 3, shard_weights, stripes)
     names = {id(p): name for name, p in model.named_parameters()}
     folder, io = RecoveryDir(tmp_path / "r"), TorchCheckpointIO()
     for shard in (2, 0, 1):
@@ -93,7 +93,17 @@ def test_a_recovery_point_joins_the_shards_parts_exactly(tmp_path, shard_weights
             stale = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}
             lightning = {"state_dict": {"buffer": torch.ones(1), **stale}, "epoch": 0}
             part = recovery_checkpoint(
-                lightning, snapshot, model, optimizer, 0, {}, 5, "periodic", sharded=True, shard_weights=shard_weights
+                lightning,
+                snapshot,
+                model,
+                optimizer,
+                0,
+                {},
+                5,
+                "periodic",
+                sharded=True,
+                shard_weights=shard_weights,
+                stripe_elements=stripes,
             )
         folder.save(part, io, version=7, shard=Shard(shard, 3))
         folder.join_newest_parts(io)

@@ -46,22 +46,53 @@ def test_shards_cover_every_element_once_as_views_of_the_flat_buffers(shards: in
         packed = plan.layouts[shard].allocate()
         plan.layouts[shard].pack(pieces, packed)
         assert all(torch.equal(a, b) for a, b in zip(packed, views))
-        for bucket, (start, end) in enumerate(plan.ranges[shard]):
+        for bucket, start, end in plan.stripes[shard]:
             seen[bucket][start:end] += 1
     assert all(bool((count == 1).all()) for count in seen)
-    shares = [sum(end - start for start, end in ranges) for ranges in plan.ranges]
+    shares = [sum(end - start for _, start, end in stripes) for stripes in plan.stripes]
     expected = [layout.numel * w / sum(weights or [1] * shards) for w in weights or [1] * shards]
     assert all(abs(share - e) <= len(layout.sizes) for share, e in zip(shares, expected)), (shares, expected)
 
 
-def test_optimizer_state_round_trips_through_shards_with_each_shards_step_count() -> None:
+@pytest.mark.parametrize("shards, weights", [(2, None), (3, None), (3, (1.0, 2.0, 0.5))])
+def test_striped_shards_cover_every_element_once_and_their_wire_chunks_are_views_of_the_flat_buffers(
+    shards: int, weights
+) -> None:
+    params = model_params()  # 15 + 5 float32 elements, then 10 float64, then 7 float32
+    layout = FlatLayout.of(params)
+    plan = ShardPlan(layout, shards, weights, stripe_elements=4)
+    flat = layout.allocate()
+    layout.pack(params, flat)
+    seen = [torch.zeros(n, dtype=torch.int64) for n in layout.sizes]
+    for shard in range(shards):
+        wire = plan.wire_views(shard, flat)
+        packed = plan.layouts[shard].allocate()
+        plan.layouts[shard].pack(plan.piece_tensors(shard, params), packed)
+        # chunk i of a message to the shard, cut from its own buffers, is view i of the worker's, last stripe first
+        chunks = plan.layouts[shard].chunk_views(packed)
+        assert len(chunks) == len(wire) == len(plan.stripes[shard])
+        assert all(torch.equal(chunk, view) for chunk, view in zip(chunks, wire))
+        for bucket, start, end in plan.stripes[shard]:
+            assert end - start <= 4
+            seen[bucket][start:end] += 1
+    assert all(bool((count == 1).all()) for count in seen)
+    # stripes are dealt in proportion to the weights: each shard within one stripe of its share of all stripes
+    counts = [len(stripes) for stripes in plan.stripes]
+    share = [sum(counts) * w / sum(weights or [1] * shards) for w in weights or [1] * shards]
+    assert all(abs(c - e) <= 1 for c, e in zip(counts, share)), (counts, share)
+    with pytest.raises(ValueError, match="wire_views"):
+        plan.views(0, flat)
+
+
+@pytest.mark.parametrize("stripe_elements", [None, 4])
+def test_optimizer_state_round_trips_through_shards_with_each_shards_step_count(stripe_elements) -> None:
     params = [torch.nn.Parameter(p.float()) for p in model_params()]
     reference = torch.optim.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}], lr=0.01)
     for p in params:
         p.grad = torch.randn_like(p)
     reference.step()
     full = reference.state_dict()
-    plan = ShardPlan(FlatLayout.of(params), 3)
+    plan = ShardPlan(FlatLayout.of(params), 3, stripe_elements=stripe_elements)
     shard_states = []
     for shard in range(3):
         pieces = [torch.nn.Parameter(t.clone()) for t in plan.piece_tensors(shard, params)]
@@ -261,13 +292,16 @@ def test_sharded_sync_matches_ddp_with_three_uneven_shards(tmp_path) -> None:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("overlap", [False, True], ids=["at-the-step", "streamed"])
-def test_async_shards_reject_the_same_nan_gradient_and_never_wait(tmp_path, overlap: bool) -> None:
+@pytest.mark.parametrize(
+    "streaming", ["", "--overlap-push", "--overlap-push --overlap-answers"], ids=["at-the-step", "streamed", "striped"]
+)
+def test_async_shards_reject_the_same_nan_gradient_and_never_wait(tmp_path, streaming: str) -> None:
     # K = 1; rank 2 sleeps 0.1 s per step; rank 1's gradient at its step 2 holds NaN (in one shard's slice only).
     # Streamed (overlap_push): the clean slices leave during backward, before the NaN is known; the verdict after
-    # them makes every shard reject the gradient alike.
+    # them makes every shard reject the gradient alike. Striped (overlap_answers): at K = 1 no stripe is stepped
+    # ahead, every answer comes stripe by stripe from the update's snapshot.
     args = "--devices 3 --threshold 1 --epochs 2 --slow-rank 2 --delay 0.1 --nan-rank 1 --nan-step 2 --shard-server"
-    launch("straggler", tmp_path, args + (" --overlap-push" if overlap else ""))
+    launch("straggler", tmp_path, args, streaming)
     ranks = results(tmp_path, 3)
     steps = sum(r["global_step"] for r in ranks)
     for rank in ranks:  # each rank reports its own shard: all applied the same gradients, one update each
@@ -283,9 +317,13 @@ def test_async_shards_reject_the_same_nan_gradient_and_never_wait(tmp_path, over
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("optimizer, threshold", [("sgd", "sync"), ("adam", "1")])
-def test_sharded_checkpoint_restores_every_shard(tmp_path, optimizer: str, threshold: str) -> None:
+@pytest.mark.parametrize(
+    "optimizer, threshold, striped", [("sgd", "sync", False), ("adam", "1", False), ("adam", "sync", True)]
+)
+def test_sharded_checkpoint_restores_every_shard(tmp_path, optimizer: str, threshold: str, striped: bool) -> None:
+    # striped: overlap_answers, whose shards hold stripes (a tensor's pieces alternate between shards)
     common = f"--devices 3 --batches 6 --threshold {threshold} --optimizer {optimizer} --lr 0.01 --shard-server"
+    common += " --overlap-answers" if striped else ""
     launch("resume", tmp_path, "--phase first --epochs 1", common)
     launch("resume", tmp_path, "--phase restore --epochs 1", common)
     saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=False)

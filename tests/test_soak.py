@@ -1,6 +1,7 @@
 """Soak: minutes of training with heavy-tailed delays and K changed at random every 3 steps, with one server
-(2 minutes), sharded (1 minute; this found the deadlock of shards that chose their own groups) and sharded with
-pipelined pushes (1 minute: held pushes while K moves). Memory does
+(2 minutes), sharded (1 minute; this found the deadlock of shards that chose their own groups), sharded with
+pipelined pushes (1 minute: held pushes while K moves) and striped with overlap_answers (1 minute: stripes stepped
+ahead whenever K = N, put back when K moves mid-update). Memory does
 not grow, no update is lost, the run ends cleanly. Marked ``soak``: not in the default selection, run by
 ``make test`` (and CI) after the rest."""
 
@@ -14,13 +15,12 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.soak]
 
 
 @pytest.mark.parametrize(
-    "sharded, pipelined, minutes",
-    [(False, False, 2), (True, False, 1), (True, True, 1)],
-    ids=["one", "sharded", "piped"],
+    "sharded, variant, minutes",
+    [(False, "", 2), (True, "", 1), (True, "--pipeline-pushes", 1), (True, "--overlap-answers", 1)],
+    ids=["one", "sharded", "piped", "striped"],
 )
-def test_minutes_of_random_delays_and_threshold_changes(tmp_path, sharded: bool, pipelined: bool, minutes: int) -> None:
-    flags = f"--devices 3 --max-time 00:00:0{minutes}:00" + " --shard-server" * sharded
-    flags += " --pipeline-pushes" * pipelined
+def test_minutes_of_random_delays_and_threshold_changes(tmp_path, sharded: bool, variant: str, minutes: int) -> None:
+    flags = f"--devices 3 --max-time 00:00:0{minutes}:00 {variant}" + " --shard-server" * sharded
     launch("soak", tmp_path, flags, timeout=400)  # exit 0: it ended cleanly
     ranks = results(tmp_path, 3)
     pushes = sum(rank["pushes"] for rank in ranks)

@@ -29,6 +29,7 @@ class StrategyConfig:
     shard_server: bool = False  # every rank serves a slice of the model (element-wise optimizers)
     shard_weights: Optional[list[float]] = None  # each rank's share of a sharded model (e.g. its link's rate)
     pipeline_pushes: bool = False  # send the next gradient while the last answer comes in (staler)
+    overlap_answers: bool = False  # with shard_server and overlap_push: stripes stepped and answered as they complete
     answer_dtype: Optional[str] = None  # e.g. bfloat16: the server's answers in it (half their bytes)
     push_dtype: Optional[str] = None  # e.g. bfloat16: the workers' gradients in it (half their bytes)
     nonfinite: str = "skip"  # skip | stop

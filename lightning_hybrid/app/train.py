@@ -64,6 +64,7 @@ def build_strategy(config: TrainConfig) -> pl.strategies.Strategy:
         shard_server=strategy.shard_server,
         shard_weights=strategy.shard_weights,
         pipeline_pushes=strategy.pipeline_pushes,
+        overlap_answers=strategy.overlap_answers,
         answer_dtype=strategy.answer_dtype,
         push_dtype=strategy.push_dtype,
         nonfinite=strategy.nonfinite,
