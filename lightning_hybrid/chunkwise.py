@@ -15,9 +15,9 @@ On the wire every push is answered by each shard with exactly one message per ch
 ``c`` on tag ``CHUNK_TAGS + c``, then the usual header. The chunks travel over the group on which the shard's rank
 pushes its own gradients to the worker's rank: in the same direction, they queue behind that rank's pushes, where
 over a group of their own they shared its link with them as one more TCP stream and every chunk came late
-(measured at 10M parameters and 250 Mbit/s: 0.73-0.78x DDP there, 0.91x here). The header is flagged ``Flag.CHUNKED`` when the chunks are the answer;
-when some went out before they were put back, it comes without the flag and the whole slice follows it, as an
-ordinary answer does.
+(measured at 10M parameters and 250 Mbit/s: 0.73-0.78x DDP there, 0.91x here). The header is flagged
+``Flag.CHUNKED`` when the chunks are the answer; when some went out before they were put back, it comes without the
+flag and the whole slice follows it, as an ordinary answer does.
 """
 
 from __future__ import annotations
@@ -168,8 +168,8 @@ class ChunkStepper:
     # ------------------------------------------------------------------ internals
     @contextlib.contextmanager
     def idle(self) -> Iterator[None]:
-        """Hold the stepper's lock once no chunk is queued or being stepped (all of an update's chunks are queued before the
-        server applies it: each worker's trailer comes after its chunks)."""
+        """Hold the stepper's lock once no chunk is queued or being stepped (all of an update's chunks are queued
+        before the server applies it: each worker's trailer comes after its chunks)."""
         with self._lock:
             while self._busy and self.failure is None:
                 self._lock.wait(self._timeout.total_seconds())
