@@ -6,10 +6,11 @@ DDP's samples/s on the emulated cluster; chunk by chunk it keeps up (README, *Me
 The step of a chunk is speculative: what only the whole update settles comes after its first chunks went out.
 The group of gradients (shard 0 decides it; a worker that leaves or a lowered K shrinks it), a NaN/Inf verdict
 (each worker's trailer), the tensors that no gradient of the group used, the staleness weights. So chunks are
-stepped only while K = N and every worker is active, each with a copy of its parameters and optimizer state; the
-server checks, when it applies the update, that it is the update the chunks assumed (:meth:`ChunkStepper.settle`),
-and otherwise puts every stepped chunk back and steps the update as it would without this option. A rejected or
-dropped gradient puts them back at once (:meth:`ChunkStepper.withdraw`).
+stepped only while K = N and every worker is active, leaving alone the tensors the last update left unused (frozen
+ones stay frozen), each with a copy of its parameters and optimizer state; the server checks, when it applies the
+update, that it is the update the chunks assumed (:meth:`ChunkStepper.settle`), and otherwise puts every stepped
+chunk back and steps the update as it would without this option. A rejected or dropped gradient puts them back at
+once (:meth:`ChunkStepper.withdraw`).
 
 On the wire every push is answered by each shard with exactly one message per chunk of the shard's layout, chunk
 ``c`` on tag ``CHUNK_TAGS + c``, then the usual header. The chunks travel over the group on which the shard's rank
@@ -77,6 +78,7 @@ class ChunkStepper:
         self._sent: dict[int, set[int]] = {worker: set() for worker in self._workers}  # per worker's current push
         self._stale: set[int] = set()  # workers that got chunks which were put back since
         self._void = False  # the coming update is not the one chunks assumed: step no more of it
+        self._expected_unused: frozenset[int] = frozenset()  # pieces the last update left unused: frozen ones
         self._scales: Optional[list[Any]] = None  # the coming update's group scales, taken at its first chunk
         self._sends: list[dist.Work] = []
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
@@ -97,13 +99,14 @@ class ChunkStepper:
     def settle(self, group: Collection[int], unused: frozenset[int], unweighted: bool) -> bool:
         """The server applies the update of ``group`` (``unused``: tensors no gradient of it used; ``unweighted``:
         every staleness weight is 1): whether the stepped chunks are exactly that update. If not, they are put
-        back and the server steps it whole. Either way the next update starts from nothing stepped."""
+        back and the server steps it whole. Either way the next update starts from nothing stepped, and assumes
+        this one's unused tensors."""
         with self.idle():
             exact = (
                 not self._void
                 and set(group) == self._workers
                 and len(self._backups) == self.chunks
-                and not unused
+                and unused == self._expected_unused
                 and unweighted
             )
             if not exact:
@@ -111,7 +114,7 @@ class ChunkStepper:
             for arrived in self._arrived:
                 arrived.difference_update(group)
             self._backups.clear()
-            self._void, self._scales = False, None
+            self._void, self._scales, self._expected_unused = False, None, unused
             return exact
 
     def withdraw(self, worker: int) -> None:
@@ -207,7 +210,8 @@ class ChunkStepper:
 
     def _step(self, chunk: int) -> None:
         """One chunk of the coming update: the mean of every worker's gradient of it, then the optimizer's step on
-        its pieces alone (the others have no ``.grad``, which torch's optimizers skip), then out to every worker."""
+        its pieces alone (the others, and those the last update left unused, have no ``.grad``, which torch's
+        optimizers skip), then out to every worker."""
         server, optimizer = self._server, self._server.optimizer
         with self._lock:
             if self._void or chunk in self._backups:
@@ -230,7 +234,7 @@ class ChunkStepper:
             total.add_(gradient)
         total.div_(len(inputs))
         for piece, param in zip(self._pieces[chunk], params):
-            param.grad = self._total_pieces[piece]
+            param.grad = None if piece in self._expected_unused else self._total_pieces[piece]
         if server.gradient_clipping is not None:  # by value (a sharded server refuses clipping by norm)
             server.gradient_clipping.apply(params)
         assert self._scales is not None

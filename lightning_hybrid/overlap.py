@@ -17,12 +17,13 @@ from __future__ import annotations
 import abc
 import functools
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Optional
 
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_hybrid.chunkwise import ChunkStepper
 from lightning_hybrid.flat import FlatLayout
 from lightning_hybrid.links import RemoteServerLink, ShardedServerLink
 from lightning_hybrid.server import all_finite
@@ -132,6 +133,15 @@ class _Stream(abc.ABC):
     def _finish(self) -> Reply:
         """Everything is packed: send the rest and wait for the answer."""
 
+    def _verdict(self) -> tuple[Flag, Optional[int], Optional[int], frozenset[int]]:
+        """A sharded push's flags (``Flag.NONFINITE`` for NaN/Inf anywhere in the whole gradient: every shard
+        rejects it alike), K request, work id and unused tensors, once everything is packed."""
+        assert self._message is not None
+        _, flags, threshold, work = self._message
+        if not all(all_finite(g) for g in self._gradient):
+            flags |= Flag.NONFINITE
+        return flags, threshold, work, frozenset(self._unused)
+
 
 class GradientStream(_Stream):
     """Sends one worker's gradient to one server chunk by chunk, in wire order, while backward runs."""
@@ -220,11 +230,7 @@ class ShardedGradientStream(_Stream):
                 self._streamed.append(shard)
 
     def _finish(self) -> Reply:
-        assert self._message is not None
-        _, flags, threshold, work = self._message
-        if not all(all_finite(g) for g in self._gradient):
-            flags |= Flag.NONFINITE
-        unused = frozenset(self._unused)
+        flags, threshold, work, unused = self._verdict()
         for shard in self._streamed:
             self._link.send_trailer(shard, bool(flags & Flag.NONFINITE), unused)
         for shard in self._link.remote_shards:
@@ -236,7 +242,7 @@ class ShardedGradientStream(_Stream):
 class StripedGradientStream(_Stream):
     """With ``overlap_answers``: sends each remote shard its stripes (the wire chunks of its layout, see
     :class:`ShardPlan`) in wire order as backward produces them, and hands this rank's own shard each of its
-    stripes as soon as it is packed (``hand_local(chunk)``, after copying it into ``local_gradient``): each shard
+    stripes as soon as it is packed (copied into the shard's ``stepper``'s buffer, and counted there): each shard
     steps a chunk once every worker's gradient of it is in. Before backward, the receives of every remote shard's
     answer chunks are posted (:meth:`RemoteServerLink.post_chunk_answers`); at the step a verdict follows every
     remote push, as with :class:`ShardedGradientStream`."""
@@ -249,15 +255,14 @@ class StripedGradientStream(_Stream):
         link: ShardedServerLink,
         plan: ShardPlan,
         rank: int,
-        local_gradient: list[Tensor],
-        hand_local: Callable[[int], None],
+        stepper: ChunkStepper,
     ) -> None:
         super().__init__(params, layout, gradient)
         self._link = link
         self._rank = rank
         self._wire = [plan.wire_views(shard, gradient) for shard in range(plan.shards)]
-        self._local_chunks = plan.layouts[rank].chunk_views(local_gradient)
-        self._hand_local = hand_local
+        self._local_chunks = plan.layouts[rank].chunk_views(stepper.buffers[rank])
+        self._stepper = stepper
         self._chunks_of: list[list[tuple[int, int]]] = [[] for _ in self._params]  # (shard, chunk) per tensor
         self._sizes = [[0] * len(plan.layouts[shard].chunks) for shard in range(plan.shards)]
         for shard, pieces in enumerate(plan.pieces):
@@ -304,15 +309,11 @@ class StripedGradientStream(_Stream):
             if missing == 0 and not self._handed[chunk]:
                 self._local_chunks[chunk].copy_(self._wire[self._rank][chunk])
                 self._handed[chunk] = True
-                self._hand_local(chunk)
+                self._stepper.arrived(self._rank, chunk)
 
     def _finish(self) -> Reply:
-        assert self._message is not None
-        _, flags, threshold, work = self._message
         self._send_ready()  # everything is packed now
-        if not all(all_finite(g) for g in self._gradient):
-            flags |= Flag.NONFINITE
-        unused = frozenset(self._unused)
+        flags, threshold, work, unused = self._verdict()
         for shard in self._link.remote_shards:
             self._link.send_trailer(shard, bool(flags & Flag.NONFINITE), unused)
         return self._link.push_local(flags, threshold, work, unused)

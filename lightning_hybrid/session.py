@@ -11,7 +11,6 @@ still answer once ``fit`` returns.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import time
@@ -335,14 +334,7 @@ class WorkerSession:
             self._plan = plan
             if stepper is not None:
                 self._stream = StripedGradientStream(
-                    self._params,
-                    self._layout,
-                    self._gradient,
-                    self._link,
-                    plan,
-                    rank,
-                    stepper.buffers[rank],
-                    functools.partial(stepper.arrived, rank),
+                    self._params, self._layout, self._gradient, self._link, plan, rank, stepper
                 )
             elif options.overlap_push and device.type == "cpu":
                 self._stream = ShardedGradientStream(self._params, self._layout, self._gradient, self._link, plan)

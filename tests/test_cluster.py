@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-import torch
 from conftest import BENCHMARKS, benchmark
 
 pytestmark = pytest.mark.multiprocess
@@ -112,32 +111,3 @@ def test_the_exchange_benchmark_measures_every_pattern_on_shaped_links(make_clus
     (row,) = [line for line in finished.stdout.splitlines() if "Mbit/s" in line and "share" not in line]
     shares = [float(value) for value in row.split("Mbit/s")[1].replace("/", " ").split()]
     assert len(shares) == 8 and all(0.2 < share <= 1.1 for share in shares), finished.stdout
-
-
-def test_the_chunkwise_prototype_trains_exactly_as_ddp(make_cluster, tmp_path, monkeypatch) -> None:
-    """``benchmarks/chunkwise_prototype.py``, whose figures stand for a design not built yet: on 2 nodes, each of
-    its exchanges (whole slices; contiguous chunks answered one by one; striped chunks, answered one by one or after
-    the shard's last) ends every rank with DDP's parameters, and the parameters moved."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    prototype = importlib.import_module("chunkwise_prototype")
-    cluster = make_cluster(2, 1000)
-    configs = {
-        "ddp": ["--mode", "ddp"],
-        "whole": ["--chunk-mb", "0"],
-        "chunks": ["--chunk-mb", "0.25", "--answers", "rotate"],
-        "striped": ["--stripe", "--chunk-mb", "0.25"],
-        "striped-at-end": ["--stripe", "--chunk-mb", "0.25", "--answer-at-end"],
-    }
-    for name, config in configs.items():
-        command = [prototype.__file__, "--worker", "--model", "1m", "--steps", "3", *config]
-        outputs = netns_cluster.run_torchrun(
-            cluster, [*command, "--save", str(tmp_path / name)], timeout=180, logs=tmp_path / f"{name}-logs", port=29512
-        )
-        assert [code for code, _ in outputs] == [0, 0], "\n-----\n".join(output[-3000:] for _, output in outputs)
-    final = {(name, rank): torch.load(tmp_path / f"{name}-rank{rank}.pt") for name in configs for rank in (0, 1)}
-    torch.manual_seed(0)  # the prototype's model before training (every rank seeds 0)
-    model = importlib.import_module("throughput").BenchmarkMLP(prototype.MODELS["1m"]).net
-    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    assert (final["ddp", 0] - start).abs().max() > 1e-4
-    for (name, rank), params in final.items():
-        assert torch.allclose(params, final["ddp", 0], atol=1e-6), (name, rank, (params - final["ddp", 0]).abs().max())
