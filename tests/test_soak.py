@@ -3,7 +3,7 @@
 pipelined pushes (1 minute: held pushes while K moves) and striped with overlap_answers (1 minute: stripes stepped
 ahead whenever K = N, put back when K moves mid-update). Memory does
 not grow, no update is lost, the run ends cleanly. Marked ``soak``: not in the default selection, run by
-``make test`` (and CI) after the rest."""
+``make test`` (and CI) beside the rest."""
 
 import statistics
 
