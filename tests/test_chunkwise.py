@@ -115,12 +115,14 @@ def test_a_tensor_no_gradient_used_is_left_alone_as_the_server_leaves_it() -> No
     # the stepper assumes the last update's unused tensors (a frozen layer stays frozen): the first update with
     # tensor 1 unused is put back, the next two are stepped ahead; one that uses it again is put back
     striped, plain, stepper = servers(2)
+    put_back = []
     for unused in [{1}, {1}, {1}, set()]:
         for worker in range(WORKERS):
             push(striped, plain, stepper, worker, gradient(striped.layout), unused=frozenset(unused))
         assert_same_master(striped, plain)
+        put_back.append(stepper.answer(0)[1])  # the local worker's answer: its chunks were put back, or not
+    assert put_back == [True, False, False, True]
     assert striped.updates_stepped_ahead == 2
-    assert stepper.answer(0)[1]  # the last update's chunks were put back: the local worker gets the whole slice
 
 
 def test_a_threshold_lowered_mid_update_puts_the_chunks_back() -> None:
