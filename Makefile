@@ -20,7 +20,7 @@ demo: $(BIN)/.installed
 # 2 cores well (measured: 28 min against 38 one at a time); 1 runs them one by one.
 TEST_WORKERS ?= 2
 
-# The soak tests (5 min, left out of a plain `pytest`) run beside the rest: alone they did 96 epochs a minute where
+# The soak tests (4 min, left out of a plain `pytest`) run beside the rest: alone they did 96 epochs a minute where
 # they ask for 10.
 test: $(BIN)/.installed
 	WANDB_MODE=offline $(BIN)/python -m pytest -n $(TEST_WORKERS) -m "soak or not soak" --durations=25
