@@ -359,6 +359,13 @@ def main() -> None:
     parser.add_argument("--slow-factor", type=float, default=3.0)
     parser.add_argument("--queue-ms", type=float, default=QUEUE_MS, help="tbf's queue on each link end, in ms")
     parser.add_argument(
+        "--frame-bytes",
+        type=int,
+        default=None,
+        help="the links' MTU, every packet segmented to it (e.g. 9000, jumbo frames); default: the veths' 64 KiB "
+        "GSO packets, which tbf queues and drops whole (see netns_cluster.EmulatedCluster)",
+    )
+    parser.add_argument(
         "--overlap",
         action="store_true",
         help="also the sharded server at K = N with overlap_push, and with overlap_answers",
@@ -412,7 +419,8 @@ def main() -> None:
     report(
         f"hybrid_sgd on an emulated cluster, {datetime.date.today()}: {CORES} CPU cores shared by all nodes, "
         f"Linux {platform.release()}, Python {platform.python_version()}; batch {args.batch} per node; about "
-        f"{args.window:g} s timed per configuration; expected to take about {expected / 60:.0f} min"
+        f"{args.window:g} s timed per configuration; frames of {args.frame_bytes or '64 KiB (GSO)'} bytes, tbf queues of "
+        f"{args.queue_ms:g} ms; expected to take about {expected / 60:.0f} min"
     )
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     results: dict[str, Any] = {"date": str(datetime.date.today()), "cpus": CORES, "settings": settings}
@@ -423,7 +431,7 @@ def main() -> None:
             logs = args.keep_logs or Path(tmp)
             for rate in args.rates:
                 for n in args.nodes:
-                    with EmulatedCluster(n, rate, latency_ms=args.queue_ms) as cluster:
+                    with EmulatedCluster(n, rate, None, args.queue_ms, args.frame_bytes) as cluster:
                         report(f"\n{n} nodes, every link {rate:g} Mbit/s each way")
                         results["link_checks"].append({"nodes": n, **saturation(cluster, 1, 0, report)})
                         for model in args.models:
@@ -442,7 +450,7 @@ def main() -> None:
                     f"{rate:g} Mbit/s but one of {rate / f:.1f} ({f:g}x slower); pulled work shares the batches out"
                 )
                 for slow, place in ((n - 1, f"node {n - 1} (a worker)"), (0, "node 0 (one server's rank; shard 0)")):
-                    with EmulatedCluster(n, rate, {slow: f}, args.queue_ms) as cluster:
+                    with EmulatedCluster(n, rate, {slow: f}, args.queue_ms, args.frame_bytes) as cluster:
                         report(f"\n  slow link on {place}")
                         check = saturation(cluster, slow, 1 if slow == 0 else 0, report)
                         results["link_checks"].append({"nodes": n, "slow": slow, **check})

@@ -116,11 +116,27 @@ class EmulatedCluster:
     (:class:`ClusterUnavailable` if it cannot be), removed with every process in it on exit."""
 
     def __init__(
-        self, nodes: int, rate_mbit: float, slow: dict[int, float] | None = None, latency_ms: float = 5.0
+        self,
+        nodes: int,
+        rate_mbit: float,
+        slow: dict[int, float] | None = None,
+        latency_ms: float = 5.0,
+        frame_bytes: int | None = None,
     ) -> None:
+        """``frame_bytes``: the largest frame on the wire, as a cluster's MTU (e.g. 9000, jumbo frames). Left
+        ``None``, a veth passes TCP's 64 KiB GSO packets whole, and tbf queues and drops them whole: a 5 ms
+        queue at 250 Mbit/s holds 2.4 of them, and one drop loses 45 segments at once, a burst that no switch of
+        1500- or 9000-byte frames makes (TCP then often waits for a retransmission timeout). Set, every veth end
+        and the bridge get that MTU and segment every packet (``gso_max_segs 1``): more packets for the cores
+        to carry (measured: 1500 bytes made 4 nodes at 250 Mbit/s CPU-bound on 2 cores, 9000 did not)."""
         if not 1 <= nodes <= 200:
             raise ValueError(f"nodes must be 1 to 200, got {nodes}")
+        if frame_bytes is not None and not 576 <= frame_bytes <= 65535:
+            raise ValueError(
+                f"frame_bytes is a link's MTU, 576 to 65535 (e.g. 1500, or 9000 for jumbo frames), got {frame_bytes}"
+            )
         self.rate_mbit, self.slow, self.latency_ms = rate_mbit, dict(slow or {}), latency_ms
+        self.frame_bytes = frame_bytes
         self.tag = f"{PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.switch = f"{self.tag}-sw"
         self.nodes = [
@@ -170,6 +186,12 @@ class EmulatedCluster:
                 _ip("-n", ns, "addr", "add", f"{node.address}/24", "dev", node.device)
                 _ip("-n", ns, "link", "set", node.device, "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
+                if self.frame_bytes is not None:
+                    for namespace, device in ((ns, node.device), (sw, node.port)):
+                        frames = ("mtu", str(self.frame_bytes), "gso_max_segs", "1")
+                        _ip("-n", namespace, "link", "set", "dev", device, *frames)
+            if self.frame_bytes is not None:
+                _ip("-n", sw, "link", "set", "dev", "br0", "mtu", str(self.frame_bytes))
         except subprocess.CalledProcessError as err:
             raise ClusterUnavailable(f"cannot make the bridge and veth pairs: {err.stderr.strip()}") from err
         for node in self.nodes:

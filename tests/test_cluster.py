@@ -26,12 +26,12 @@ def root_links() -> set[str]:
 
 @pytest.fixture
 def make_cluster():
-    """``make_cluster(nodes, rate_mbit, slow)`` starts a cluster (or skips the test, saying why); all are closed
+    """``make_cluster(nodes, rate_mbit, slow, frame_bytes)`` starts a cluster (or skips the test, saying why); all are closed
     at the end."""
     made = []
 
-    def make(nodes: int, rate_mbit: float, slow: dict[int, float] | None = None):
-        cluster = netns_cluster.EmulatedCluster(nodes, rate_mbit, slow)
+    def make(nodes: int, rate_mbit: float, slow: dict[int, float] | None = None, frame_bytes: int | None = None):
+        cluster = netns_cluster.EmulatedCluster(nodes, rate_mbit, slow, frame_bytes=frame_bytes)
         try:
             cluster.start()
         except netns_cluster.ClusterUnavailable as err:
@@ -60,6 +60,22 @@ def test_shaped_links_measure_near_their_rate_in_both_directions(make_cluster) -
     )
     cluster.close()
     assert cluster.leftovers() == [] and root_links() == before
+
+
+def test_frames_of_a_chosen_size_are_all_the_wire_carries(make_cluster) -> None:
+    """With ``frame_bytes`` every link end and the switch have that MTU and send no GSO packet larger, and the
+    link still reaches its rate; without, a veth's packets may be 64 KiB (what tbf would queue and drop whole)."""
+    cluster = make_cluster(2, 200, frame_bytes=9000)
+    node = cluster.nodes[0]
+    for namespace, device in ((node.namespace, node.device), (cluster.switch, node.port), (cluster.switch, "br0")):
+        details = subprocess.run(
+            ["ip", "-d", "-n", namespace, "link", "show", device], capture_output=True, text=True, check=True
+        ).stdout
+        assert " mtu 9000 " in details, details
+        assert device == "br0" or "gso_max_segs 1 " in details, details
+    assert 0.70 <= cluster.blast(0, 1)["fraction"] <= 1.05
+    with pytest.raises(ValueError, match="jumbo frames"):
+        netns_cluster.EmulatedCluster(2, 200, frame_bytes=100_000)
 
 
 def test_nothing_is_left_behind_after_an_exception_inside_the_cluster(make_cluster) -> None:
