@@ -362,8 +362,8 @@ def main() -> None:
         "--frame-bytes",
         type=int,
         default=None,
-        help="the links' MTU, every packet segmented to it (e.g. 9000, jumbo frames); default: the veths' 64 KiB "
-        "GSO packets, which tbf queues and drops whole (see netns_cluster.EmulatedCluster)",
+        help="the links' MTU, every packet segmented to it (e.g. 9000, jumbo frames); default: MTU 1500 with 64 KiB "
+        "GSO packets (see netns_cluster.EmulatedCluster)",
     )
     parser.add_argument(
         "--overlap",
