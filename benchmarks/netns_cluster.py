@@ -93,8 +93,12 @@ def remove_stale(prefix: str = PREFIX) -> list[str]:
 
 
 def tbf_options(rate_mbit: float, latency_ms: float) -> list[str]:
-    """``tc ... tbf`` options for ``rate_mbit``: a bucket of 2 ms at the rate, at least 64 KiB (a veth passes
-    64 KiB GSO packets: a smaller bucket would make tbf split them), and a queue of ``latency_ms``."""
+    """``tc ... tbf`` options for ``rate_mbit``: a bucket of 2 ms at the rate, at least 64 KiB, and a queue of
+    ``latency_ms``. A veth passes 64 KiB GSO packets, which tbf counts with every segment's headers (about
+    67 KiB): where that exceeds the bucket (below about 270 Mbit/s) tbf splits them into 1500-byte frames in
+    software. Measured at 4 nodes and 250 Mbit/s: a 128 KiB bucket, which passes them whole, cut DDP's CPU per node
+    from 0.33 to 0.12 of a core but left the sharded server's ratio to DDP as it was (0.93x); the tables in the
+    README were measured with this bucket (README, *Frames on the emulated links*)."""
     burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 * 0.002))
     return ["rate", f"{rate_mbit:g}mbit", "burst", str(burst), "latency", f"{latency_ms:g}ms"]
 
@@ -125,7 +129,7 @@ class EmulatedCluster:
     ) -> None:
         """``frame_bytes``: the links' MTU (e.g. 9000, a cluster's jumbo frames): every veth end and the bridge
         get it, and every packet is segmented to it (``gso_max_segs 1``). Left ``None``, the veths keep an MTU of
-        1500 and TCP hands them 64 KiB GSO packets. The 2 cores carry every packet: at 4 nodes and 250 Mbit/s,
+        1500 and TCP hands them 64 KiB GSO packets (see :func:`tbf_options`). The 2 cores carry every packet: at 4 nodes and 250 Mbit/s,
         9000-byte frames halved DDP's CPU per node against ``None``, while 1500-byte frames without GSO made the
         run CPU-bound, and so did 9000-byte frames at 1 Gbit/s (README, *Frames on the emulated links*)."""
         if not 1 <= nodes <= 200:
