@@ -419,8 +419,8 @@ def main() -> None:
     report(
         f"hybrid_sgd on an emulated cluster, {datetime.date.today()}: {CORES} CPU cores shared by all nodes, "
         f"Linux {platform.release()}, Python {platform.python_version()}; batch {args.batch} per node; about "
-        f"{args.window:g} s timed per configuration; frames of {args.frame_bytes or '64 KiB (GSO)'} bytes, tbf queues of "
-        f"{args.queue_ms:g} ms; expected to take about {expected / 60:.0f} min"
+        f"{args.window:g} s timed per configuration; links of MTU {args.frame_bytes or '1500, 64 KiB GSO packets'},"
+        f" tbf queues of {args.queue_ms:g} ms; expected to take about {expected / 60:.0f} min"
     )
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     results: dict[str, Any] = {"date": str(datetime.date.today()), "cpus": CORES, "settings": settings}

@@ -1,6 +1,7 @@
 """The emulated cluster of ``benchmarks/cluster.py`` (``benchmarks/netns_cluster.py``): shaped links measure near
-their rate in both directions, nothing is left behind (also after an exception inside the cluster), and one tiny
-training configuration runs through the harness with the bytes a single server's nodes should move.
+their rate in both directions, links of a chosen MTU carry frames no larger, nothing is left behind (also after an
+exception inside the cluster), and one tiny training configuration runs through the harness with the bytes a single
+server's nodes should move.
 
 Needs root, iproute2 and tc's tbf (CI runs as root); skipped, saying why, where a cluster cannot be made."""
 
@@ -26,8 +27,8 @@ def root_links() -> set[str]:
 
 @pytest.fixture
 def make_cluster():
-    """``make_cluster(nodes, rate_mbit, slow, frame_bytes)`` starts a cluster (or skips the test, saying why); all are closed
-    at the end."""
+    """``make_cluster(nodes, rate_mbit, slow, frame_bytes)`` starts a cluster (or skips the test, saying why);
+    all are closed at the end."""
     made = []
 
     def make(nodes: int, rate_mbit: float, slow: dict[int, float] | None = None, frame_bytes: int | None = None):
@@ -62,18 +63,29 @@ def test_shaped_links_measure_near_their_rate_in_both_directions(make_cluster) -
     assert cluster.leftovers() == [] and root_links() == before
 
 
+def link_details(namespace: str, device: str) -> str:
+    return subprocess.run(
+        ["ip", "-d", "-n", namespace, "link", "show", device], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def test_frames_of_a_chosen_size_are_all_the_wire_carries(make_cluster) -> None:
-    """With ``frame_bytes`` every link end and the switch have that MTU and send no GSO packet larger, and the
-    link still reaches its rate; without, a veth's packets may be 64 KiB (what tbf would queue and drop whole)."""
+    """With ``frame_bytes`` both ends of every link have that MTU and segment every packet to it (the bridge
+    follows its ports), and the link still reaches its rate; by default the veths keep MTU 1500 and pass GSO
+    packets of many segments."""
     cluster = make_cluster(2, 200, frame_bytes=9000)
     node = cluster.nodes[0]
-    for namespace, device in ((node.namespace, node.device), (cluster.switch, node.port), (cluster.switch, "br0")):
-        details = subprocess.run(
-            ["ip", "-d", "-n", namespace, "link", "show", device], capture_output=True, text=True, check=True
-        ).stdout
-        assert " mtu 9000 " in details, details
-        assert device == "br0" or "gso_max_segs 1 " in details, details
+    for namespace, device in ((node.namespace, node.device), (cluster.switch, node.port)):
+        details = link_details(namespace, device)
+        assert " mtu 9000 " in details and "gso_max_segs 1 " in details, details
+    assert " mtu 9000 " in link_details(cluster.switch, "br0")
     assert 0.70 <= cluster.blast(0, 1)["fraction"] <= 1.05
+    default = make_cluster(1, 200).nodes[0]
+    details = link_details(default.namespace, default.device)
+    assert " mtu 1500 " in details and "gso_max_segs 1 " not in details, details
+
+
+def test_a_frame_larger_than_a_link_carries_is_refused() -> None:
     with pytest.raises(ValueError, match="jumbo frames"):
         netns_cluster.EmulatedCluster(2, 200, frame_bytes=100_000)
 

@@ -1,8 +1,8 @@
-"""Soak: a minute each of training with heavy-tailed delays and K changed at random every 3 steps, with one server,
-sharded (this found the deadlock of shards that chose their own groups), sharded with pipelined pushes (held pushes
-while K moves) and striped with overlap_answers (stripes stepped ahead whenever K = N, put back when K moves
-mid-update). Memory does not grow, no update is lost, the run ends cleanly. Marked ``soak``: not in the default selection, run by
-``make test`` (and CI) beside the rest."""
+"""Soak: a minute each of training with heavy-tailed delays and K changed at random every 3 steps, with one
+server, sharded (this found the deadlock of shards that chose their own groups), sharded with pipelined pushes
+(held pushes while K moves) and striped with overlap_answers (stripes stepped ahead whenever K = N, put back when
+K moves mid-update). Memory does not grow, no update is lost, the run ends cleanly. Marked ``soak``: not in the
+default selection, run by ``make test`` (and CI) beside the rest."""
 
 import statistics
 
