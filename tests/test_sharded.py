@@ -296,11 +296,12 @@ def test_sharded_sync_matches_ddp_with_three_uneven_shards(tmp_path) -> None:
     "streaming", ["", "--overlap-push", "--overlap-push --overlap-answers"], ids=["at-the-step", "streamed", "striped"]
 )
 def test_async_shards_reject_the_same_nan_gradient_and_never_wait(tmp_path, streaming: str) -> None:
-    # K = 1; rank 2 sleeps 0.1 s per step; rank 1's gradient at its step 2 holds NaN (in one shard's slice only).
+    # K = 1; rank 2 sleeps 0.3 s per step (0.1 s left fast ranks under 2x on a loaded CI machine: 35 against 20);
+    # rank 1's gradient at its step 2 holds NaN (in one shard's slice only).
     # Streamed (overlap_push): the clean slices leave during backward, before the NaN is known; the verdict after
     # them makes every shard reject the gradient alike. Striped (overlap_answers): at K = 1 no stripe is stepped
     # ahead, every answer comes stripe by stripe from the update's snapshot.
-    args = "--devices 3 --threshold 1 --epochs 2 --slow-rank 2 --delay 0.1 --nan-rank 1 --nan-step 2 --shard-server"
+    args = "--devices 3 --threshold 1 --epochs 2 --slow-rank 2 --delay 0.3 --nan-rank 1 --nan-step 2 --shard-server"
     launch("straggler", tmp_path, args, streaming)
     ranks = results(tmp_path, 3)
     steps = sum(r["global_step"] for r in ranks)
