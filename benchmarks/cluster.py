@@ -5,7 +5,9 @@ shaped like a cluster's, where the link and not this machine's cores is the bott
     sudo .venv/bin/python benchmarks/cluster.py --quick       # 2 nodes, 1M parameters, one rate: about a minute
 
 Every node is a network namespace on one bridge, its veth shaped to the rate in both directions with tc's tbf
-(``netns_cluster.py``); one torchrun node of one process per namespace, gloo bound to the node's interface. Each
+(``netns_cluster.py``), with 9000-byte frames on links below about 270 Mbit/s and the veths' 64 KiB GSO packets
+above (``netns_cluster.frames_for``: below that rate tbf would split every GSO packet into 1500-byte frames on
+the cores; ``--frame-bytes``); one torchrun node of one process per namespace, gloo bound to the node's interface. Each
 configuration is a real run of ``throughput.py --configuration`` (its MLPs, batch 64), one epoch of
 ``steps * nodes`` batches; ``steps`` per node is sized per configuration by a rough model of its rate (compute
 on the shared cores, model sizes through the links; with one server and K = 1 the server's own worker, which
@@ -341,7 +343,17 @@ def saturation(cluster: EmulatedCluster, source: int, destination: int, report: 
         f"interface ({measured['payload_mbit']:.1f} of payload) against {measured['shaped_mbit']:.1f} shaped: "
         f"{100 * measured['fraction']:.0f} %"
     )
-    return {"source": source, "destination": destination, **measured}
+    return {"source": source, "destination": destination, "frame_bytes": cluster.frame_bytes, **measured}
+
+
+def frames_argument(value: str) -> int | str | None:
+    """``--frame-bytes``: "auto", "gso" (None: the veths' own GSO packets) or an MTU."""
+    if value in ("auto", "gso"):
+        return None if value == "gso" else value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, gso or an MTU in bytes (e.g. 9000), got {value!r}") from None
 
 
 def main() -> None:
@@ -360,10 +372,11 @@ def main() -> None:
     parser.add_argument("--queue-ms", type=float, default=QUEUE_MS, help="tbf's queue on each link end, in ms")
     parser.add_argument(
         "--frame-bytes",
-        type=int,
-        default=None,
-        help="the links' MTU, every packet segmented to it (e.g. 9000, jumbo frames); default: MTU 1500 with 64 KiB "
-        "GSO packets (see netns_cluster.EmulatedCluster)",
+        type=frames_argument,
+        default="auto",
+        help="the links' MTU, every packet segmented to it (e.g. 9000, jumbo frames); 'gso': MTU 1500 with 64 KiB "
+        "GSO packets; default 'auto': 9000 where tbf would split GSO packets (below about 270 Mbit/s), else 'gso' "
+        "(netns_cluster.frames_for)",
     )
     parser.add_argument(
         "--overlap",
@@ -419,8 +432,8 @@ def main() -> None:
     report(
         f"hybrid_sgd on an emulated cluster, {datetime.date.today()}: {CORES} CPU cores shared by all nodes, "
         f"Linux {platform.release()}, Python {platform.python_version()}; batch {args.batch} per node; about "
-        f"{args.window:g} s timed per configuration; links of MTU {args.frame_bytes or '1500, 64 KiB GSO packets'},"
-        f" tbf queues of {args.queue_ms:g} ms; expected to take about {expected / 60:.0f} min"
+        f"{args.window:g} s timed per configuration; links' frames: {args.frame_bytes or 'gso'}, tbf queues of "
+        f"{args.queue_ms:g} ms; expected to take about {expected / 60:.0f} min"
     )
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     results: dict[str, Any] = {"date": str(datetime.date.today()), "cpus": CORES, "settings": settings}
@@ -432,7 +445,7 @@ def main() -> None:
             for rate in args.rates:
                 for n in args.nodes:
                     with EmulatedCluster(n, rate, None, args.queue_ms, args.frame_bytes) as cluster:
-                        report(f"\n{n} nodes, every link {rate:g} Mbit/s each way")
+                        report(f"\n{n} nodes, every link {rate:g} Mbit/s each way, {cluster.frames}")
                         results["link_checks"].append({"nodes": n, **saturation(cluster, 1, 0, report)})
                         for model in args.models:
                             numel = numels[model]
@@ -451,7 +464,7 @@ def main() -> None:
                 )
                 for slow, place in ((n - 1, f"node {n - 1} (a worker)"), (0, "node 0 (one server's rank; shard 0)")):
                     with EmulatedCluster(n, rate, {slow: f}, args.queue_ms, args.frame_bytes) as cluster:
-                        report(f"\n  slow link on {place}")
+                        report(f"\n  slow link on {place}, {cluster.frames}")
                         check = saturation(cluster, slow, 1 if slow == 0 else 0, report)
                         results["link_checks"].append({"nodes": n, "slow": slow, **check})
                         rates = [node.rate_mbit for node in cluster.nodes]

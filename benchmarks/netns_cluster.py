@@ -92,15 +92,30 @@ def remove_stale(prefix: str = PREFIX) -> list[str]:
     return removed
 
 
+JUMBO_FRAME_BYTES = 9000  # a data-centre link's MTU
+GSO_PACKET_ON_TBF = 67 * 1024  # a veth's 64 KiB GSO packet as tbf counts it: with every 1500-byte segment's headers
+
+
+def bucket_bytes(rate_mbit: float) -> int:
+    """tbf's bucket on a link of ``rate_mbit``: 2 ms at the rate, at least 64 KiB."""
+    return max(64 * 1024, int(rate_mbit * 1e6 / 8 * 0.002))
+
+
 def tbf_options(rate_mbit: float, latency_ms: float) -> list[str]:
-    """``tc ... tbf`` options for ``rate_mbit``: a bucket of 2 ms at the rate, at least 64 KiB, and a queue of
-    ``latency_ms``. A veth passes 64 KiB GSO packets, which tbf counts with every segment's headers (about
-    67 KiB): where that exceeds the bucket (below about 270 Mbit/s) tbf splits them into 1500-byte frames in
-    software. Measured at 4 nodes and 250 Mbit/s: a 128 KiB bucket, which passes them whole, cut DDP's CPU per node
-    from 0.33 to 0.12 of a core but left the sharded server's ratio to DDP as it was (0.93x); the tables in the
-    README were measured with this bucket (README, *Frames on the emulated links*)."""
-    burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 * 0.002))
+    """``tc ... tbf`` options for ``rate_mbit``: the bucket of :func:`bucket_bytes` and a queue of ``latency_ms``."""
+    burst = bucket_bytes(rate_mbit)
     return ["rate", f"{rate_mbit:g}mbit", "burst", str(burst), "latency", f"{latency_ms:g}ms"]
+
+
+def frames_for(slowest_mbit: float) -> int | None:
+    """The links' frames where none are asked for: ``None`` (the veths' MTU of 1500 with 64 KiB GSO packets, as a
+    NIC's segmentation offload hands them over) wherever tbf's bucket holds a GSO packet, else 9000-byte jumbo
+    frames. Below about 270 Mbit/s a GSO packet exceeds the bucket and tbf splits it into 1500-byte frames in
+    software, work a cluster's NICs do in hardware: at 4 nodes and 250 Mbit/s it took DDP 1.3 of the 2 cores, and
+    9000-byte frames half that. A larger bucket would pass GSO packets whole, but then the link serializes 64 KiB
+    units (2 ms each at 250 Mbit/s; a switch port sends one frame at a time); 9000-byte frames at 1 Gbit/s made
+    the 2 cores, not the link, the bottleneck (README, *Frames on the emulated links*)."""
+    return JUMBO_FRAME_BYTES if bucket_bytes(slowest_mbit) < GSO_PACKET_ON_TBF else None
 
 
 @dataclass(frozen=True)
@@ -125,28 +140,29 @@ class EmulatedCluster:
         rate_mbit: float,
         slow: dict[int, float] | None = None,
         latency_ms: float = 5.0,
-        frame_bytes: int | None = None,
+        frame_bytes: int | str | None = "auto",
     ) -> None:
         """``frame_bytes``: the links' MTU (e.g. 9000, a cluster's jumbo frames): every veth end gets it (the
-        bridge follows its ports), and every packet is segmented to it (``gso_max_segs 1``). Left ``None``, the
-        veths keep an MTU of 1500 and TCP hands them 64 KiB GSO packets (see :func:`tbf_options`). The 2 cores
-        carry every packet: at 4 nodes and 250 Mbit/s, 9000-byte frames halved DDP's CPU per node against
-        ``None``, while 1500-byte frames without GSO made the run CPU-bound, and so did 9000-byte frames at
-        1 Gbit/s (README, *Frames on the emulated links*)."""
+        bridge follows its ports), and every packet is segmented to it (``gso_max_segs 1``). ``None``: the veths
+        keep an MTU of 1500 and TCP hands them 64 KiB GSO packets. ``"auto"``: :func:`frames_for` the slowest
+        link."""
         if not 1 <= nodes <= 200:
             raise ValueError(f"nodes must be 1 to 200, got {nodes}")
-        if frame_bytes is not None and not 576 <= frame_bytes <= 16384:
-            raise ValueError(  # tbf drops a frame larger than its bucket (64 KiB at the lowest rates)
-                f"frame_bytes is a link's MTU, 576 to 16384 (e.g. 1500, or 9000 for jumbo frames), got {frame_bytes}"
-            )
         self.rate_mbit, self.slow, self.latency_ms = rate_mbit, dict(slow or {}), latency_ms
-        self.frame_bytes = frame_bytes
         self.tag = f"{PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.switch = f"{self.tag}-sw"
         self.nodes = [
             Node(i, f"{self.tag}-n{i}", f"{SUBNET}.{i + 1}", rate_mbit / self.slow.get(i, 1.0), f"p{i}")
             for i in range(nodes)
         ]
+        if frame_bytes == "auto":
+            frame_bytes = frames_for(min(node.rate_mbit for node in self.nodes))
+        if frame_bytes is not None and not (isinstance(frame_bytes, int) and 576 <= frame_bytes <= 16384):
+            raise ValueError(  # tbf drops a frame larger than its bucket (64 KiB at the lowest rates)
+                f"frame_bytes is a link's MTU, 576 to 16384 (e.g. 1500, or 9000 for jumbo frames), None (MTU 1500 "
+                f"with 64 KiB GSO packets) or 'auto', got {frame_bytes!r}"
+            )
+        self.frame_bytes: int | None = frame_bytes
         self._made: list[str] = []
 
     # ------------------------------------------------------------------ making and removing
@@ -213,6 +229,11 @@ class EmulatedCluster:
     def leftovers(self) -> list[str]:
         """This cluster's namespaces that still exist (none after :meth:`close`)."""
         return [namespace for namespace in namespaces() if namespace.startswith(self.tag)]
+
+    @property
+    def frames(self) -> str:
+        """The links' frames in words, for reports."""
+        return "MTU 1500, 64 KiB GSO packets" if self.frame_bytes is None else f"{self.frame_bytes}-byte frames"
 
     # ------------------------------------------------------------------ using it
     def command(self, node: int, argv: Sequence[str]) -> list[str]:

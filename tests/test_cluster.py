@@ -31,7 +31,9 @@ def make_cluster():
     all are closed at the end."""
     made = []
 
-    def make(nodes: int, rate_mbit: float, slow: dict[int, float] | None = None, frame_bytes: int | None = None):
+    def make(
+        nodes: int, rate_mbit: float, slow: dict[int, float] | None = None, frame_bytes: int | str | None = "auto"
+    ):
         cluster = netns_cluster.EmulatedCluster(nodes, rate_mbit, slow, frame_bytes=frame_bytes)
         try:
             cluster.start()
@@ -71,23 +73,37 @@ def link_details(namespace: str, device: str) -> str:
 
 def test_frames_of_a_chosen_size_are_all_the_wire_carries(make_cluster) -> None:
     """With ``frame_bytes`` both ends of every link have that MTU and segment every packet to it (the bridge
-    follows its ports), and the link still reaches its rate; by default the veths keep MTU 1500 and pass GSO
-    packets of many segments."""
-    cluster = make_cluster(2, 200, frame_bytes=9000)
+    follows its ports), and the link still reaches its rate; with ``None`` the veths keep MTU 1500 and pass GSO
+    packets of many segments; by default a link slower than about 270 Mbit/s gets 9000-byte frames."""
+    cluster = make_cluster(2, 200, frame_bytes=4000)
     node = cluster.nodes[0]
     for namespace, device in ((node.namespace, node.device), (cluster.switch, node.port)):
         details = link_details(namespace, device)
-        assert " mtu 9000 " in details and "gso_max_segs 1 " in details, details
-    assert " mtu 9000 " in link_details(cluster.switch, "br0")
+        assert " mtu 4000 " in details and "gso_max_segs 1 " in details, details
+    assert " mtu 4000 " in link_details(cluster.switch, "br0")
     assert 0.70 <= cluster.blast(0, 1)["fraction"] <= 1.05
-    default = make_cluster(1, 200).nodes[0]
-    details = link_details(default.namespace, default.device)
+    gso = make_cluster(1, 200, frame_bytes=None).nodes[0]
+    details = link_details(gso.namespace, gso.device)
     assert " mtu 1500 " in details and "gso_max_segs 1 " not in details, details
+    by_default = make_cluster(1, 200).nodes[0]
+    assert " mtu 9000 " in link_details(by_default.namespace, by_default.device)
+
+
+def test_links_get_jumbo_frames_where_tbf_would_split_gso_packets() -> None:
+    """``frames_for``: 9000-byte frames wherever a 64 KiB GSO packet (about 67 KiB with its segments' headers)
+    exceeds tbf's bucket of 2 ms at the rate, chosen by the slowest link of the cluster."""
+    assert netns_cluster.frames_for(250) == 9000 and netns_cluster.frames_for(270) == 9000
+    assert netns_cluster.frames_for(280) is None and netns_cluster.frames_for(1000) is None
+    assert netns_cluster.EmulatedCluster(4, 1000, {3: 3.0}).frame_bytes is None  # 333 Mbit/s
+    assert netns_cluster.EmulatedCluster(4, 1000, {3: 10.0}).frame_bytes == 9000  # 100 Mbit/s
+    assert netns_cluster.EmulatedCluster(2, 100, frame_bytes=None).frame_bytes is None
 
 
 def test_a_frame_larger_than_a_link_carries_is_refused() -> None:
     with pytest.raises(ValueError, match="jumbo frames"):
         netns_cluster.EmulatedCluster(2, 200, frame_bytes=100_000)
+    with pytest.raises(ValueError, match="'auto'"):
+        netns_cluster.EmulatedCluster(2, 200, frame_bytes="jumbo")
 
 
 def test_nothing_is_left_behind_after_an_exception_inside_the_cluster(make_cluster) -> None:
