@@ -1,18 +1,18 @@
 """Throughput on an emulated cluster: Lightning DDP against hybrid_sgd's single and sharded server, on links
 shaped like a cluster's, where the link and not this machine's cores is the bottleneck. Needs root and iproute2.
 
-    sudo .venv/bin/python benchmarks/cluster.py --out docs/cluster.json   # the whole table: about 45 min, 2 cores
+    sudo .venv/bin/python benchmarks/cluster.py --out docs/cluster.json   # the whole table: about an hour, 2 cores
     sudo .venv/bin/python benchmarks/cluster.py --quick       # 2 nodes, 1M parameters, one rate: about a minute
 
 Every node is a network namespace on one bridge, its veth shaped to the rate in both directions with tc's tbf
 (``netns_cluster.py``), with 9000-byte frames on links below about 270 Mbit/s and the veths' 64 KiB GSO packets
 above (``netns_cluster.frames_for``: below that rate tbf would split every GSO packet into 1500-byte frames on
-the cores; ``--frame-bytes``); one torchrun node of one process per namespace, gloo bound to the node's interface. Each
-configuration is a real run of ``throughput.py --configuration`` (its MLPs, batch 64), one epoch of
+the cores; ``--frame-bytes``); one torchrun node of one process per namespace, gloo bound to the node's
+interface. Each configuration is a real run of ``throughput.py --configuration`` (its MLPs, batch 64), one epoch of
 ``steps * nodes`` batches; ``steps`` per node is sized per configuration by a rough model of its rate (compute
 on the shared cores, model sizes through the links; with one server and K = 1 the server's own worker, which
 reaches it in memory, at compute speed) so that its timed window takes about ``--window`` seconds, at least
-``--min-steps`` per node. The script prints its expected time first (70 runs by default, each with 8-20 s of
+``--min-steps`` per node. The script prints its expected time first (74 runs by default, each with 8-20 s of
 start-up: every process imports torch and Lightning). Measured in one run, side by side, per configuration:
 
 * samples/s of all nodes together: every step end of every rank on one clock (CLOCK_MONOTONIC), from the moment
