@@ -5,13 +5,13 @@ shaped like a cluster's, where the link and not this machine's cores is the bott
     sudo .venv/bin/python benchmarks/cluster.py --quick       # 2 nodes, 1M parameters, one rate: about a minute
 
 Every node is a network namespace on one bridge, its veth shaped to the rate in both directions with tc's tbf
-(``netns_cluster.py``), with 9000-byte frames on links below about 270 Mbit/s and the veths' 64 KiB GSO packets
-above (``netns_cluster.frames_for``: below that rate tbf would split every GSO packet into 1500-byte frames on
-the cores; ``--frame-bytes``); one torchrun node of one process per namespace, gloo bound to the node's
-interface. Each configuration is a real run of ``throughput.py --configuration`` (its MLPs, batch 64), one epoch of
-``steps * nodes`` batches; ``steps`` per node is sized per configuration by a rough model of its rate (compute
-on the shared cores, model sizes through the links; with one server and K = 1 the server's own worker, which
-reaches it in memory, at compute speed) so that its timed window takes about ``--window`` seconds, at least
+(``netns_cluster.py``), with 9000-byte frames where the slowest link is below about 270 Mbit/s and the veths'
+64 KiB GSO packets elsewhere (``netns_cluster.frames_for``: below that rate tbf would split every GSO packet
+into 1500-byte frames on the cores; ``--frame-bytes``); one torchrun node of one process per namespace, gloo bound to
+the node's interface. Each configuration is a real run of ``throughput.py --configuration`` (its MLPs, batch 64),
+one epoch of ``steps * nodes`` batches; ``steps`` per node is sized per configuration by a rough model of its rate
+(compute on the shared cores, model sizes through the links; with one server and K = 1 the server's own worker,
+which reaches it in memory, at compute speed) so that its timed window takes about ``--window`` seconds, at least
 ``--min-steps`` per node. The script prints its expected time first (74 runs by default, each with 8-20 s of
 start-up: every process imports torch and Lightning). Measured in one run, side by side, per configuration:
 
@@ -57,9 +57,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from netns_cluster import ClusterUnavailable, CpuMeter, EmulatedCluster, run_torchrun
+from netns_cluster import (
+    ClusterUnavailable,
+    CpuMeter,
+    EmulatedCluster,
+    checked_frame_bytes,
+    frames_in_words,
+    run_torchrun,
+)
 from throughput import BATCH, MODELS, BenchmarkMLP
 
 from lightning_hybrid.launcher import environment_for_a_new_launch
@@ -346,14 +353,14 @@ def saturation(cluster: EmulatedCluster, source: int, destination: int, report: 
     return {"source": source, "destination": destination, "frame_bytes": cluster.frame_bytes, **measured}
 
 
-def frames_argument(value: str) -> int | str | None:
+def frames_argument(value: str) -> int | Literal["auto"] | None:
     """``--frame-bytes``: "auto", "gso" (None: the veths' own GSO packets) or an MTU."""
-    if value in ("auto", "gso"):
-        return None if value == "gso" else value
+    if value.lower() in ("auto", "gso"):
+        return None if value.lower() == "gso" else "auto"
     try:
-        return int(value)
+        return checked_frame_bytes(int(value))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, gso or an MTU in bytes (e.g. 9000), got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected auto, gso or an MTU of 576 to 16384 bytes, got {value!r}") from None
 
 
 def main() -> None:
@@ -375,7 +382,8 @@ def main() -> None:
         type=frames_argument,
         default="auto",
         help="the links' MTU, every packet segmented to it (e.g. 9000, jumbo frames); 'gso': MTU 1500 with 64 KiB "
-        "GSO packets; default 'auto': 9000 where tbf would split GSO packets (below about 270 Mbit/s), else 'gso' "
+        "GSO packets; default 'auto': 9000 where the slowest link is below about 270 Mbit/s (tbf would split GSO "
+        "packets there), else 'gso' "
         "(netns_cluster.frames_for)",
     )
     parser.add_argument(
@@ -432,7 +440,7 @@ def main() -> None:
     report(
         f"hybrid_sgd on an emulated cluster, {datetime.date.today()}: {CORES} CPU cores shared by all nodes, "
         f"Linux {platform.release()}, Python {platform.python_version()}; batch {args.batch} per node; about "
-        f"{args.window:g} s timed per configuration; links' frames: {args.frame_bytes or 'gso'}, tbf queues of "
+        f"{args.window:g} s timed per configuration; links: {frames_in_words(args.frame_bytes)}; tbf queues of "
         f"{args.queue_ms:g} ms; expected to take about {expected / 60:.0f} min"
     )
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}

@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 PREFIX = "lhc"
 SUBNET = "10.78.0"
@@ -108,14 +108,34 @@ def tbf_options(rate_mbit: float, latency_ms: float) -> list[str]:
 
 
 def frames_for(slowest_mbit: float) -> int | None:
-    """The links' frames where none are asked for: ``None`` (the veths' MTU of 1500 with 64 KiB GSO packets, as a
-    NIC's segmentation offload hands them over) wherever tbf's bucket holds a GSO packet, else 9000-byte jumbo
-    frames. Below about 270 Mbit/s a GSO packet exceeds the bucket and tbf splits it into 1500-byte frames in
-    software, work a cluster's NICs do in hardware: at 4 nodes and 250 Mbit/s it took DDP 1.3 of the 2 cores, and
-    9000-byte frames half that. A larger bucket would pass GSO packets whole, but then the link serializes 64 KiB
-    units (2 ms each at 250 Mbit/s; a switch port sends one frame at a time); 9000-byte frames at 1 Gbit/s made
-    the 2 cores, not the link, the bottleneck (README, *Frames on the emulated links*)."""
+    """The links' frames where none are asked for, judged by the cluster's slowest link (every link gets the same
+    frames): ``None`` (the veths' MTU of 1500 with 64 KiB GSO packets, as a NIC's segmentation offload takes
+    them) wherever tbf's bucket holds a GSO packet, else 9000-byte jumbo frames. Below about 270 Mbit/s a GSO
+    packet exceeds the bucket and tbf splits it into 1500-byte frames in software, work a cluster's NICs do in
+    hardware: at 4 nodes and 250 Mbit/s it took DDP 1.3 of the 2 cores, and 9000-byte frames half that. A larger
+    bucket would pass GSO packets whole, but then the link serializes 64 KiB units (2 ms each at 250 Mbit/s; a
+    switch port sends one frame at a time); 9000-byte frames at 1 Gbit/s made the 2 cores, not the link, the
+    bottleneck (README, *Frames on the emulated links*)."""
     return JUMBO_FRAME_BYTES if bucket_bytes(slowest_mbit) < GSO_PACKET_ON_TBF else None
+
+
+def frames_in_words(frame_bytes: int | Literal["auto"] | None) -> str:
+    """The links' frames in words, for reports."""
+    if frame_bytes == "auto":
+        return "9000-byte frames where the slowest link is below about 270 Mbit/s, else 64 KiB GSO packets"
+    return "MTU 1500, 64 KiB GSO packets" if frame_bytes is None else f"{frame_bytes}-byte frames"
+
+
+def checked_frame_bytes(frame_bytes: int | Literal["auto"] | None) -> int | Literal["auto"] | None:
+    """``frame_bytes`` as :class:`EmulatedCluster` takes it, or a ValueError that says what it takes."""
+    if frame_bytes is None or frame_bytes == "auto":
+        return frame_bytes
+    if isinstance(frame_bytes, int) and 576 <= frame_bytes <= 16384:  # tbf drops a frame larger than its bucket
+        return frame_bytes
+    raise ValueError(
+        f"frame_bytes is a link's MTU, 576 to 16384 (e.g. 1500, or 9000 for jumbo frames), None (MTU 1500 with "
+        f"64 KiB GSO packets) or 'auto', got {frame_bytes!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -140,12 +160,13 @@ class EmulatedCluster:
         rate_mbit: float,
         slow: dict[int, float] | None = None,
         latency_ms: float = 5.0,
-        frame_bytes: int | str | None = "auto",
+        frame_bytes: int | Literal["auto"] | None = "auto",
     ) -> None:
         """``frame_bytes``: the links' MTU (e.g. 9000, a cluster's jumbo frames): every veth end gets it (the
         bridge follows its ports), and every packet is segmented to it (``gso_max_segs 1``). ``None``: the veths
         keep an MTU of 1500 and TCP hands them 64 KiB GSO packets. ``"auto"``: :func:`frames_for` the slowest
-        link."""
+        link, for every link (a slow link below about 270 Mbit/s gives 1 Gbit/s links jumbo frames too, which cost
+        this machine's cores at that rate)."""
         if not 1 <= nodes <= 200:
             raise ValueError(f"nodes must be 1 to 200, got {nodes}")
         self.rate_mbit, self.slow, self.latency_ms = rate_mbit, dict(slow or {}), latency_ms
@@ -155,13 +176,8 @@ class EmulatedCluster:
             Node(i, f"{self.tag}-n{i}", f"{SUBNET}.{i + 1}", rate_mbit / self.slow.get(i, 1.0), f"p{i}")
             for i in range(nodes)
         ]
-        if frame_bytes == "auto":
+        if checked_frame_bytes(frame_bytes) == "auto":
             frame_bytes = frames_for(min(node.rate_mbit for node in self.nodes))
-        if frame_bytes is not None and not (isinstance(frame_bytes, int) and 576 <= frame_bytes <= 16384):
-            raise ValueError(  # tbf drops a frame larger than its bucket (64 KiB at the lowest rates)
-                f"frame_bytes is a link's MTU, 576 to 16384 (e.g. 1500, or 9000 for jumbo frames), None (MTU 1500 "
-                f"with 64 KiB GSO packets) or 'auto', got {frame_bytes!r}"
-            )
         self.frame_bytes: int | None = frame_bytes
         self._made: list[str] = []
 
@@ -232,8 +248,7 @@ class EmulatedCluster:
 
     @property
     def frames(self) -> str:
-        """The links' frames in words, for reports."""
-        return "MTU 1500, 64 KiB GSO packets" if self.frame_bytes is None else f"{self.frame_bytes}-byte frames"
+        return frames_in_words(self.frame_bytes)
 
     # ------------------------------------------------------------------ using it
     def command(self, node: int, argv: Sequence[str]) -> list[str]:

@@ -86,7 +86,8 @@ def test_frames_of_a_chosen_size_are_all_the_wire_carries(make_cluster) -> None:
     details = link_details(gso.namespace, gso.device)
     assert " mtu 1500 " in details and "gso_max_segs 1 " not in details, details
     by_default = make_cluster(1, 200).nodes[0]
-    assert " mtu 9000 " in link_details(by_default.namespace, by_default.device)
+    details = link_details(by_default.namespace, by_default.device)
+    assert " mtu 9000 " in details and "gso_max_segs 1 " in details, details
 
 
 def test_links_get_jumbo_frames_where_tbf_would_split_gso_packets() -> None:
@@ -99,11 +100,17 @@ def test_links_get_jumbo_frames_where_tbf_would_split_gso_packets() -> None:
     assert netns_cluster.EmulatedCluster(2, 100, frame_bytes=None).frame_bytes is None
 
 
-def test_a_frame_larger_than_a_link_carries_is_refused() -> None:
+def test_a_frame_larger_than_a_link_carries_is_refused(monkeypatch) -> None:
     with pytest.raises(ValueError, match="jumbo frames"):
         netns_cluster.EmulatedCluster(2, 200, frame_bytes=100_000)
     with pytest.raises(ValueError, match="'auto'"):
         netns_cluster.EmulatedCluster(2, 200, frame_bytes="jumbo")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # cluster.py imports throughput.py, which imports launch.py
+    frames_argument = importlib.import_module("cluster").frames_argument
+    assert frames_argument("GSO") is None and frames_argument("auto") == "auto" and frames_argument("9000") == 9000
+    for wrong in ("100000", "0", "jumbo"):
+        with pytest.raises(argparse.ArgumentTypeError, match="576 to 16384"):
+            frames_argument(wrong)
 
 
 def test_nothing_is_left_behind_after_an_exception_inside_the_cluster(make_cluster) -> None:
