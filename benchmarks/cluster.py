@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from netns_cluster import (
+    FRAME_BYTES_RANGE,
     ClusterUnavailable,
     CpuMeter,
     EmulatedCluster,
@@ -355,12 +356,16 @@ def saturation(cluster: EmulatedCluster, source: int, destination: int, report: 
 
 def frames_argument(value: str) -> int | Literal["auto"] | None:
     """``--frame-bytes``: "auto", "gso" (None: the veths' own GSO packets) or an MTU."""
-    if value.lower() in ("auto", "gso"):
-        return None if value.lower() == "gso" else "auto"
+    word = value.lower()
+    if word in ("auto", "gso"):
+        return None if word == "gso" else "auto"
     try:
         return checked_frame_bytes(int(value))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, gso or an MTU of 576 to 16384 bytes, got {value!r}") from None
+        least, most = FRAME_BYTES_RANGE
+        raise argparse.ArgumentTypeError(
+            f"expected auto, gso or an MTU of {least} to {most} bytes, got {value!r}"
+        ) from None
 
 
 def main() -> None:

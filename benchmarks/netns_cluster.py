@@ -93,6 +93,7 @@ def remove_stale(prefix: str = PREFIX) -> list[str]:
 
 
 JUMBO_FRAME_BYTES = 9000  # a data-centre link's MTU
+FRAME_BYTES_RANGE = (576, 16384)  # IPv4's least MTU; tbf drops a frame larger than its bucket (64 KiB at least)
 GSO_PACKET_ON_TBF = 67 * 1024  # a veth's 64 KiB GSO packet as tbf counts it: with every 1500-byte segment's headers
 
 
@@ -130,11 +131,12 @@ def checked_frame_bytes(frame_bytes: int | Literal["auto"] | None) -> int | Lite
     """``frame_bytes`` as :class:`EmulatedCluster` takes it, or a ValueError that says what it takes."""
     if frame_bytes is None or frame_bytes == "auto":
         return frame_bytes
-    if isinstance(frame_bytes, int) and 576 <= frame_bytes <= 16384:  # tbf drops a frame larger than its bucket
+    least, most = FRAME_BYTES_RANGE
+    if isinstance(frame_bytes, int) and least <= frame_bytes <= most:
         return frame_bytes
     raise ValueError(
-        f"frame_bytes is a link's MTU, 576 to 16384 (e.g. 1500, or 9000 for jumbo frames), None (MTU 1500 with "
-        f"64 KiB GSO packets) or 'auto', got {frame_bytes!r}"
+        f"frame_bytes is a link's MTU, {least} to {most} (e.g. 1500, or 9000 for jumbo frames), None (MTU 1500 "
+        f"with 64 KiB GSO packets) or 'auto', got {frame_bytes!r}"
     )
 
 
